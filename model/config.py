@@ -1,0 +1,216 @@
+"""Model configuration: the `model`, `attention` and `moe` sections of a job.
+
+Each field carries its documentation as the string literal below it; `sparsetron
+config --doc` prints them and a test checks that none is missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the key and what is allowed."""
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise ConfigError about `key` unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the decoder-only transformer."""
+
+    vocab_size: int = 0
+    """Embedding rows. 0 = the tokenizer's vocabulary, rounded up to a multiple of 64."""
+    dim: int = 256
+    """Width of the residual stream."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    ffn_hidden: int = 768
+    """Hidden size of a dense SwiGLU FFN (and the base an expert's size is cut from)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every RMSNorm."""
+    tie_embeddings: bool = False
+    """Share the input embedding with the output head."""
+    init_std: float = 0.02
+    """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2 n_layers)."""
+    max_seq_len: int = 4096
+    """Longest sequence the rotary tables are built for."""
+
+    def validate(self, prefix: str = "model") -> None:
+        check(self.vocab_size >= 0, f"{prefix}.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
+        for name in ("dim", "n_layers", "ffn_hidden", "max_seq_len"):
+            value = getattr(self, name)
+            check(value > 0, f"{prefix}.{name}", f"must be a positive integer, got {value}")
+        check(self.norm_eps > 0, f"{prefix}.norm_eps", f"must be > 0, got {self.norm_eps}")
+        check(self.init_std > 0, f"{prefix}.init_std", f"must be > 0, got {self.init_std}")
+
+
+@dataclass
+class AttentionConfig:
+    """Grouped-query attention with rotary positions."""
+
+    n_heads: int = 4
+    """Query heads."""
+    n_kv_heads: int = 0
+    """Key/value heads (grouped-query attention). 0 = n_heads; must divide n_heads."""
+    head_dim: int = 0
+    """Width of one head. 0 = model.dim // n_heads."""
+    rope_theta: float = 10000.0
+    """Base of the rotary position frequencies."""
+    qk_norm: bool = False
+    """RMSNorm on queries and keys per head before rotary (as in Qwen3)."""
+    document_masking: bool = True
+    """When several documents are packed into one sequence, positions restart at each and no token attends across documents."""
+    backend: Literal["sdpa"] = "sdpa"
+    """Attention implementation: torch scaled_dot_product_attention."""
+
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def head_size(self, dim: int) -> int:
+        return self.head_dim or dim // self.n_heads
+
+    def validate(self, model: ModelConfig, prefix: str = "attention") -> None:
+        check(self.n_heads > 0, f"{prefix}.n_heads", f"must be positive, got {self.n_heads}")
+        check(self.n_kv_heads >= 0, f"{prefix}.n_kv_heads", f"must be >= 0, got {self.n_kv_heads}")
+        check(
+            self.n_heads % self.kv_heads() == 0,
+            f"{prefix}.n_kv_heads",
+            f"{self.kv_heads()} must divide n_heads={self.n_heads}",
+        )
+        if self.head_dim == 0:
+            check(
+                model.dim % self.n_heads == 0,
+                f"{prefix}.n_heads",
+                f"{self.n_heads} must divide model.dim={model.dim} (or set attention.head_dim)",
+            )
+        head = self.head_size(model.dim)
+        check(head > 0 and head % 2 == 0, f"{prefix}.head_dim", f"must be a positive even number for rotary, got {head}")
+        check(self.rope_theta > 0, f"{prefix}.rope_theta", f"must be > 0, got {self.rope_theta}")
+
+
+@dataclass
+class MoEConfig:
+    """Fine-grained Mixture of Experts (see shared/specs/moe.md).
+
+    `num_experts` and `top_k` are given at granularity 1; granularity G multiplies both
+    and divides the expert's hidden size, so active compute stays the same.
+    """
+
+    num_experts: int = 0
+    """Routed experts at granularity 1. 0 = a dense model (every layer a SwiGLU FFN)."""
+    top_k: int = 2
+    """Experts each token is sent to, at granularity 1."""
+    granularity: int = 1
+    """G: experts and top_k are multiplied by G, the expert hidden size divided by G."""
+    expert_hidden: int = 0
+    """Hidden size of one routed expert. 0 = model.ffn_hidden // granularity."""
+    n_shared_experts: int = 0
+    """Always-active shared experts (each of expert_hidden), computed as one SwiGLU of n_shared x expert_hidden."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by a learned per-token sigmoid gate (Qwen2-MoE)."""
+    first_k_dense: int = 0
+    """The first k blocks use a dense FFN instead of MoE."""
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    """Router score function."""
+    route_order: Literal["softmax_then_topk", "topk_then_softmax"] = "softmax_then_topk"
+    """softmax_then_topk: scores over all experts, then select. topk_then_softmax: select on logits, softmax over the selected."""
+    norm_topk_prob: bool = False
+    """Renormalise the selected weights to sum to 1 (required for sigmoid scores)."""
+    route_scale: float = 1.0
+    """Multiply the routing weights by this constant."""
+    n_groups: int = 1
+    """Group-limited routing: experts split into n groups (1 = off)."""
+    topk_groups: int = 1
+    """Tokens choose experts only from their best m groups (a group's score is the sum of its top-2 expert scores)."""
+    aux_loss_coeff: float = 0.0
+    """Weight of the load-balancing loss E * sum_i f_i P_i (0 = off)."""
+    aux_loss_level: Literal["micro_batch", "sequence", "global"] = "micro_batch"
+    """Where f and P are counted: over the micro-batch, per sequence (averaged), or over the data-parallel group."""
+    z_loss_coeff: float = 0.0
+    """Weight of the router z-loss mean(logsumexp(logits)^2) (0 = off)."""
+    bias_update_rate: float = 0.0
+    """Auxiliary-loss-free balancing: after each optimizer step, bias_i += rate * sign(mean load - load_i) (0 = off)."""
+    capacity_factor: float = 0.0
+    """Each expert takes at most ceil(factor * tokens * top_k / experts) tokens; the rest are dropped. 0 = dropless."""
+    drop_policy: Literal["probability", "position"] = "probability"
+    """Over capacity, keep the highest-weight assignments (probability) or the earliest tokens (position)."""
+    dispatcher: Literal["local"] = "local"
+    """How tokens reach experts: local = sort-based permute on this device."""
+    expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
+    """Expert GEMMs: torch grouped_mm, a per-expert loop, or auto (grouped_mm on CUDA GPUs with compute capability >= 9.0)."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def routed_experts(self) -> int:
+        return self.num_experts * self.granularity
+
+    @property
+    def experts_per_token(self) -> int:
+        return self.top_k * self.granularity
+
+    def hidden_size(self, model: ModelConfig) -> int:
+        return self.expert_hidden or model.ffn_hidden // self.granularity
+
+    def validate(self, model: ModelConfig, prefix: str = "moe") -> None:
+        check(self.num_experts >= 0, f"{prefix}.num_experts", f"must be >= 0, got {self.num_experts}")
+        if not self.enabled:
+            return
+        check(self.granularity >= 1, f"{prefix}.granularity", f"must be >= 1, got {self.granularity}")
+        check(self.top_k >= 1, f"{prefix}.top_k", f"must be >= 1, got {self.top_k}")
+        experts, k = self.routed_experts, self.experts_per_token
+        check(
+            k <= experts,
+            f"{prefix}.top_k",
+            f"top_k x granularity = {k} exceeds num_experts x granularity = {experts}",
+        )
+        check(
+            self.hidden_size(model) > 0,
+            f"{prefix}.expert_hidden",
+            f"model.ffn_hidden={model.ffn_hidden} // granularity={self.granularity} leaves no hidden units",
+        )
+        check(self.n_shared_experts >= 0, f"{prefix}.n_shared_experts", "must be >= 0")
+        check(
+            0 <= self.first_k_dense <= model.n_layers,
+            f"{prefix}.first_k_dense",
+            f"must be in [0, model.n_layers={model.n_layers}], got {self.first_k_dense}",
+        )
+        check(
+            self.score_func != "sigmoid" or self.norm_topk_prob,
+            f"{prefix}.norm_topk_prob",
+            "must be true when score_func is sigmoid (sigmoid scores do not sum to 1)",
+        )
+        check(self.route_scale > 0, f"{prefix}.route_scale", f"must be > 0, got {self.route_scale}")
+        check(
+            self.n_groups >= 1 and experts % self.n_groups == 0,
+            f"{prefix}.n_groups",
+            f"{self.n_groups} must be >= 1 and divide the {experts} routed experts",
+        )
+        check(
+            1 <= self.topk_groups <= self.n_groups,
+            f"{prefix}.topk_groups",
+            f"must be in [1, n_groups={self.n_groups}], got {self.topk_groups}",
+        )
+        if self.n_groups > 1:
+            reachable = self.topk_groups * (experts // self.n_groups)
+            check(
+                k <= reachable,
+                f"{prefix}.topk_groups",
+                f"the best {self.topk_groups} groups hold {reachable} experts, fewer than top_k x granularity = {k}",
+            )
+            check(
+                experts // self.n_groups >= 2,
+                f"{prefix}.n_groups",
+                "each group needs at least 2 experts (a group is scored by its top-2)",
+            )
+        for name in ("aux_loss_coeff", "z_loss_coeff", "bias_update_rate", "capacity_factor"):
+            value = getattr(self, name)
+            check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")

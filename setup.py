@@ -1,0 +1,31 @@
+"""sparsetron: the repository root is the package (see DESIGN.md, Layout)."""
+
+from setuptools import find_packages, setup
+
+SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"])
+
+setup(
+    name="sparsetron",
+    version="0.1.0",
+    description="Distributed training of sparse Mixture-of-Experts and long-context language models",
+    python_requires=">=3.10",
+    package_dir={"sparsetron": "."},
+    packages=["sparsetron"] + [f"sparsetron.{p}" for p in SUBPACKAGES],
+    package_data={"sparsetron": ["configs/*.yaml"]},
+    install_requires=[
+        "torch>=2.8",
+        "triton; platform_system == 'Linux'",
+        "numpy",
+        "pyyaml",
+        "tensorboard",
+        "datasets",
+        "megatron-core",
+        "tokenizers",
+        "rich",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "ruff", "transformers"],
+        "gpu": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["sparsetron = sparsetron.launch.cli:main"]},
+)

@@ -1,0 +1,246 @@
+"""The job configuration: one typed section per component.
+
+A YAML recipe mirrors these sections. Loading, overrides and dumping live in
+`train/config_io.py`; cross-section checks live in `JobConfig.validate`, which runs
+once, after every override has been applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check
+from sparsetron.parallel.config import ParallelConfig
+
+__all__ = [
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "JobConfig",
+    "MetricsConfig",
+    "OptimizerConfig",
+    "ScheduleConfig",
+    "TrainerConfig",
+]
+
+FILE_SOURCES = ("text", "jsonl", "parquet", "megatron")
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and how they are packed."""
+
+    source: Literal["stdlib", "text", "jsonl", "parquet", "megatron"] = "stdlib"
+    """stdlib: the source of Python's standard library (no download). text/jsonl/parquet: local files read with `datasets`. megatron: an indexed .bin/.idx pair."""
+    paths: list[str] = field(default_factory=list)
+    """Files or glob patterns for text/jsonl/parquet; path prefixes (without .bin/.idx) for megatron."""
+    text_key: str = "text"
+    """Column holding the document text in jsonl and parquet files."""
+    tokenizer: str = "byte"
+    """byte: UTF-8 bytes plus an end-of-document token. Otherwise a local tokenizer.json file (or a folder holding one) for Hugging Face `tokenizers`."""
+    seq_len: int = 256
+    """Tokens per training sequence; documents are packed into sequences of this length."""
+    val_fraction: float = 0.01
+    """Fraction of documents held out for validation (the last ones, after the source's own order)."""
+    max_documents: int = 0
+    """Use at most this many documents of the source (0 = all)."""
+    seed: int = 1234
+    """Seed of the document order (stdlib) and of each epoch's sequence order."""
+
+    def validate(self, prefix: str = "data") -> None:
+        if self.source in FILE_SOURCES:
+            check(bool(self.paths), f"{prefix}.paths", f"source '{self.source}' needs at least one path")
+        check(self.seq_len >= 2, f"{prefix}.seq_len", f"must be >= 2, got {self.seq_len}")
+        check(
+            0.0 < self.val_fraction < 1.0,
+            f"{prefix}.val_fraction",
+            f"must be strictly between 0 and 1, got {self.val_fraction}",
+        )
+        check(self.max_documents >= 0, f"{prefix}.max_documents", f"must be >= 0, got {self.max_documents}")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with decoupled weight decay on matrices only."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam's (beta1, beta2)."""
+    eps: float = 1e-8
+    """Adam's epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay for weight matrices and experts; norms, biases and embeddings get none."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 = no clipping, the norm is still reported)."""
+
+    def validate(self, prefix: str = "optimizer") -> None:
+        check(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        check(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"{prefix}.betas",
+            f"must be two numbers in [0, 1), got {self.betas}",
+        )
+        check(self.eps > 0, f"{prefix}.eps", f"must be > 0, got {self.eps}")
+        check(self.weight_decay >= 0, f"{prefix}.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        check(self.grad_clip >= 0, f"{prefix}.grad_clip", f"must be >= 0, got {self.grad_clip}")
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, as a multiple of optimizer.lr per step."""
+
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    """cosine: warmup then cosine decay to min_lr_ratio. wsd: warmup, stable, then linear decay over the last decay_fraction of steps. constant: warmup then flat."""
+    warmup_steps: int = 20
+    """Steps of linear warmup from 0."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """wsd only: fraction of all steps spent decaying."""
+
+    def validate(self, steps: int, prefix: str = "schedule") -> None:
+        check(
+            0 <= self.warmup_steps <= steps,
+            f"{prefix}.warmup_steps",
+            f"must be in [0, trainer.steps={steps}], got {self.warmup_steps}",
+        )
+        check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        check(
+            0 < self.decay_fraction <= 1,
+            f"{prefix}.decay_fraction",
+            f"must be in (0, 1], got {self.decay_fraction}",
+        )
+
+
+@dataclass
+class CheckpointConfig:
+    """When and where checkpoints are written."""
+
+    interval: int = 100
+    """Save every this many steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted after a newer one is committed (0 = keep all)."""
+    folder: str = ""
+    """Where step folders go. Empty = <trainer.run_dir>/checkpoints."""
+    save_final: bool = True
+    """Save when training ends (or stops at trainer.stop_at / on SIGTERM)."""
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        check(self.interval >= 0, f"{prefix}.interval", f"must be >= 0, got {self.interval}")
+        check(self.keep_last >= 0, f"{prefix}.keep_last", f"must be >= 0, got {self.keep_last}")
+
+
+@dataclass
+class MetricsConfig:
+    """What is logged, where, and how often."""
+
+    log_interval: int = 10
+    """Steps between logged metrics."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars to <trainer.run_dir>/tensorboard."""
+    jsonl: bool = True
+    """Write one JSON object per logged step to <trainer.run_dir>/metrics.jsonl."""
+    console: Literal["auto", "live", "plain", "none"] = "auto"
+    """live: a progress line redrawn in place. plain: one line per log interval. auto: live on a terminal, plain otherwise."""
+    peak_tflops: float = 0.0
+    """Peak dense bf16 TFLOP/s of one accelerator for MFU (0 = look the device up; MFU is not reported on CPUs)."""
+
+    def validate(self, prefix: str = "metrics") -> None:
+        check(self.log_interval >= 1, f"{prefix}.log_interval", f"must be >= 1, got {self.log_interval}")
+        check(self.peak_tflops >= 0, f"{prefix}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    run_dir: str = "runs/default"
+    """Folder for checkpoints, TensorBoard logs and metrics.jsonl."""
+    steps: int = 100
+    """Optimizer steps in the whole run (the schedule's length)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches accumulated into one optimizer step."""
+    seed: int = 0
+    """Seed of the weight initialisation and of torch's random state."""
+    eval_interval: int = 50
+    """Evaluate on the validation split every this many steps, and at steps 0 and the last (0 = only at 0 and the last)."""
+    eval_batches: int = 8
+    """Micro-batches in one evaluation."""
+    stop_at: int = 0
+    """Stop (after saving) at this step without changing the schedule, as a preemption would (0 = run all steps)."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradient norm is NaN/inf is skipped and counted; stop after this many in a row."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto = cuda when available, else cpu."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype of the forward: auto = bf16 on GPUs, fp32 on CPUs. Parameters stay fp32."""
+
+    def validate(self, prefix: str = "trainer") -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "max_nonfinite_steps"):
+            value = getattr(self, name)
+            check(value >= 1, f"{prefix}.{name}", f"must be >= 1, got {value}")
+        for name in ("eval_interval", "eval_batches", "stop_at"):
+            value = getattr(self, name)
+            check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")
+        check(
+            self.stop_at <= self.steps,
+            f"{prefix}.stop_at",
+            f"must be <= trainer.steps={self.steps}, got {self.stop_at}",
+        )
+        check(bool(self.run_dir), f"{prefix}.run_dir", "must not be empty")
+
+
+@dataclass
+class JobConfig:
+    """A whole training job: one field per YAML section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Transformer shape."""
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    """Attention heads and positions."""
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    """Mixture of Experts (num_experts 0 = dense)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training and validation data."""
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpointing."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Logging."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Training loop."""
+
+    def validate(self) -> None:
+        """Check every section and the rules that tie sections together."""
+        self.model.validate()
+        self.attention.validate(self.model)
+        self.moe.validate(self.model)
+        self.data.validate()
+        self.optimizer.validate()
+        self.schedule.validate(self.trainer.steps)
+        self.checkpoint.validate()
+        self.metrics.validate()
+        self.parallel.validate()
+        self.trainer.validate()
+        check(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"{self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}",
+        )
+
+    def checkpoint_folder(self) -> str:
+        return self.checkpoint.folder or f"{self.trainer.run_dir}/checkpoints"
+
+
+def model_sections(job: JobConfig) -> dict:
+    """The sections that fix the model's parameter shapes (compared when resuming)."""
+    return {"model": job.model, "attention": job.attention, "moe": job.moe}
