@@ -78,19 +78,21 @@ class AttentionConfig:
     def validate(self, model: ModelConfig, prefix: str = "attention") -> None:
         check(self.n_heads > 0, f"{prefix}.n_heads", f"must be positive, got {self.n_heads}")
         check(self.n_kv_heads >= 0, f"{prefix}.n_kv_heads", f"must be >= 0, got {self.n_kv_heads}")
-        check(
-            self.n_heads % self.kv_heads() == 0,
-            f"{prefix}.n_kv_heads",
-            f"{self.kv_heads()} must divide n_heads={self.n_heads}",
-        )
         if self.head_dim == 0:
             check(
                 model.dim % self.n_heads == 0,
                 f"{prefix}.n_heads",
                 f"{self.n_heads} must divide model.dim={model.dim} (or set attention.head_dim)",
             )
+        check(
+            self.n_heads % self.kv_heads() == 0,
+            f"{prefix}.n_kv_heads",
+            f"{self.kv_heads()} must divide n_heads={self.n_heads}",
+        )
         head = self.head_size(model.dim)
-        check(head > 0 and head % 2 == 0, f"{prefix}.head_dim", f"must be a positive even number for rotary, got {head}")
+        check(
+            head > 0 and head % 2 == 0, f"{prefix}.head_dim", f"must be a positive even number for rotary, got {head}"
+        )
         check(self.rope_theta > 0, f"{prefix}.rope_theta", f"must be > 0, got {self.rope_theta}")
 
 

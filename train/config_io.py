@@ -13,6 +13,7 @@ import inspect
 import textwrap
 import types
 import typing
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -131,6 +132,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):
+            value = _yaml11_float(value, key)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -139,6 +142,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"{key}: config type {hint!r} is not supported")
+
+
+def _yaml11_float(text: str, key: str) -> float:
+    """YAML 1.1 reads `1e-3` (no dot) as a string; a float field takes it as the number it spells."""
+    try:
+        return float(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected a number, got {text!r}") from None
 
 
 def to_dict(job: Any) -> dict:
@@ -156,7 +167,7 @@ def field_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
