@@ -31,11 +31,6 @@ class ParallelConfig:
     compile: bool = False
     """Compile each transformer block with torch.compile."""
 
-    def world_size(self) -> int:
-        return (
-            self.data_parallel_replicate * self.data_parallel_shard * self.context * self.tensor * self.pipeline
-        )
-
     def validate(self, prefix: str = "parallel") -> None:
         for axis in AXES:
             value = getattr(self, axis)

@@ -1,0 +1,119 @@
+"""The `sparsetron` command line, run as a user would."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sparsetron.launch.cli import main
+
+FAST = [
+    "--set",
+    "trainer.steps=6",
+    "--set",
+    "schedule.warmup_steps=1",
+    "--set",
+    "checkpoint.interval=3",
+    "--set",
+    "metrics.log_interval=2",
+]
+
+
+def cli(*args, **kwargs):
+    return subprocess.run(
+        [sys.executable, "-m", "sparsetron.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def test_help_lists_commands_and_options():
+    out = cli("--help").stdout
+    for command in ("train", "config", "recipes"):
+        assert command in out
+    train_help = cli("train", "--help").stdout
+    assert "--resume" in train_help and "--set" in train_help and "tiny" in train_help
+
+
+def test_recipes_and_config(capsys):
+    assert main(["recipes"]) == 0
+    assert "tiny" in capsys.readouterr().out.split()
+    assert main(["config", "tiny", "--set", "moe.top_k=2"]) == 0
+    assert "top_k: 2" in capsys.readouterr().out
+    assert main(["config", "--doc"]) == 0
+    assert "moe.capacity_factor" in capsys.readouterr().out
+
+
+def test_bad_key_is_one_clear_error(tmp_path):
+    run = cli("train", "tiny", "--set", "moe.topk=2", "--set", f"trainer.run_dir={tmp_path}")
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("error: unknown key moe.topk")
+    assert "Traceback" not in run.stderr
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_train_prints_progress_and_writes_outputs(tmp_path):
+    run = cli("train", "debug-deepseek", *FAST, "--set", f"trainer.run_dir={tmp_path}")
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stdout.splitlines() if line.lstrip().startswith("step")]
+    assert any("loss" in line and "tok/s" in line for line in lines), run.stdout
+    assert "done: step 6" in run.stdout
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"] for r in records if "loss" in r}
+    assert logged == {2, 4, 6}
+    assert any(key.startswith("moe/") for key in records[-1]) or any(
+        key.startswith("moe/") for r in records for key in r
+    )
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM")
+def test_sigterm_saves_and_resume_continues(tmp_path):
+    args = [
+        sys.executable,
+        "-m",
+        "sparsetron.launch.cli",
+        "train",
+        "debug-dense",
+        "--set",
+        "trainer.steps=100000",
+        "--set",
+        "metrics.log_interval=1",
+        "--set",
+        "checkpoint.interval=0",
+        "--set",
+        f"trainer.run_dir={tmp_path}",
+    ]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in proc.stdout:
+        if line.lstrip().startswith("step") and "loss" in line:
+            break
+        assert time.monotonic() < deadline
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert len(saved) == 1
+    step = int(saved[0].split("_")[1])
+    assert step >= 1 and "resume with --resume auto" in out
+    resumed = cli(
+        "train",
+        "debug-dense",
+        "--set",
+        "trainer.steps=100000",
+        "--set",
+        f"trainer.stop_at={step + 2}",
+        "--set",
+        f"trainer.run_dir={tmp_path}",
+        "--resume",
+        "auto",
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from" in resumed.stdout and f"done: step {step + 2}" in resumed.stdout
