@@ -1,0 +1,103 @@
+"""Grouped-query self-attention with rotary positions and document masking.
+
+Shape legend: B batch, S sequence, D model dim, H query heads, K key/value heads, d head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetron.model.config import AttentionConfig, ModelConfig
+from sparsetron.model.layers import RMSNorm, apply_rope, rope_tables
+
+
+def document_causal_mask(doc_ids_BS: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, S, S]: query i may see key j iff j <= i and both lie in the same document.
+
+    Every document in a row needs its own id (a later document must not reuse an earlier one's).
+    The diagonal is always allowed, so no query row is empty and softmax never sees all -inf.
+    """
+    S = doc_ids_BS.shape[1]
+    causal_SS = torch.ones(S, S, dtype=torch.bool, device=doc_ids_BS.device).tril()
+    same_doc_BSS = doc_ids_BS.unsqueeze(2) == doc_ids_BS.unsqueeze(1)
+    return (same_doc_BSS & causal_SS).unsqueeze(1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with H query heads sharing K key/value heads (H % K == 0)."""
+
+    def __init__(self, dim: int, attn_cfg: AttentionConfig, model_cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = attn_cfg.n_heads
+        self.n_kv_heads = attn_cfg.kv_heads()
+        self.head_dim = attn_cfg.head_size(dim)
+        self.rope_theta = attn_cfg.rope_theta
+        self.max_seq_len = model_cfg.max_seq_len
+        self.document_masking = attn_cfg.document_masking
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
+
+        # Non-persistent: derived from the config, so checkpoints need not carry them.
+        cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        positions_BS: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BSHd = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim)
+        k_BSKd = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        v_BSKd = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q_BSHd = self.q_norm(q_BSHd)
+            k_BSKd = self.k_norm(k_BSKd)
+        q_BSHd = apply_rope(q_BSHd, self.rope_cos, self.rope_sin, positions_BS)
+        k_BSKd = apply_rope(k_BSKd, self.rope_cos, self.rope_sin, positions_BS)
+
+        q_BHSd = q_BSHd.transpose(1, 2)
+        k_BKSd = k_BSKd.transpose(1, 2)
+        v_BKSd = v_BSKd.transpose(1, 2)
+        if doc_ids_BS is None or not self.document_masking:
+            # enable_gqa lets the flash kernel read shared K/V heads without copying them.
+            o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BKSd, v_BKSd, is_causal=True, enable_gqa=True)
+        else:
+            # The kernels that take a mask (memory-efficient, cuDNN) reject enable_gqa and would
+            # fall back to the O(S^2)-memory math path, so the K/V heads are repeated instead.
+            groups = self.n_heads // self.n_kv_heads
+            if groups > 1:
+                k_BKSd = k_BKSd.repeat_interleave(groups, dim=1)
+                v_BKSd = v_BKSd.repeat_interleave(groups, dim=1)
+            mask_B1SS = document_causal_mask(doc_ids_BS)
+            o_BHSd = F.scaled_dot_product_attention(q_BHSd, k_BKSd, v_BKSd, attn_mask=mask_B1SS)
+        return self.wo(o_BHSd.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        for linear in (self.wq, self.wk, self.wv):
+            nn.init.normal_(linear.weight, std=std)
+        # wo writes into the residual stream; see FeedForward.init_weights.
+        nn.init.normal_(self.wo.weight, std=out_std)
+        if self.q_norm is not None:
+            self.q_norm.init_weights()
+            self.k_norm.init_weights()
+        self.reset_rope()
+
+    @torch.no_grad()
+    def reset_rope(self) -> None:
+        """Recompute the rotary tables in place (after `to_empty` they hold garbage)."""
+        cos, sin = rope_tables(self.head_dim, self.max_seq_len, self.rope_theta, device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)

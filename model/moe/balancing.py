@@ -1,0 +1,227 @@
+"""Load balancing: auxiliary loss, router z-loss, and the auxiliary-loss-free expert bias.
+
+Shape legend: T tokens, B sequences, S tokens per sequence, E routed experts, k experts per
+token, L MoE layers.
+
+Losses here are functions of the router's output; the MoE layer attaches them to the graph.
+The model-level helpers at the bottom are what the trainer calls, in this order:
+
+    set_aux_loss_scale(model, 1 / grad_accum_steps)    # once, or whenever it changes
+    for each micro-batch:
+        loss.backward(); accumulate_load(model)
+    optimizer.step(); update_expert_bias(model, all_reduce=sum_over_dp)   # every step
+    metrics = moe_metrics(model)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from sparsetron.model.moe.layer import MoE
+
+Reducer = Callable[[torch.Tensor], torch.Tensor]
+"""Returns its argument summed over a process group (an all-reduce SUM; may work in place)."""
+
+
+def expert_counts(indices_BN: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many of each row's entries name each expert: [B, N] indices -> [B, E] int64.
+
+    Integer scatter-add is exact, so its result does not depend on the order atomics land in;
+    unlike bincount it needs no device-to-host sync to size the output.
+    """
+    counts_BE = torch.zeros(indices_BN.shape[0], num_experts, dtype=torch.int64, device=indices_BN.device)
+    return counts_BE.scatter_add_(1, indices_BN, torch.ones_like(indices_BN, dtype=torch.int64))
+
+
+def load_balancing_loss(
+    scores_TE: torch.Tensor,
+    indices_Tk: torch.Tensor,
+    coeff: float,
+    *,
+    score_func: str = "softmax",
+    level: str = "micro_batch",
+    seq_len: int | None = None,
+    count_reducer: Reducer | None = None,
+) -> torch.Tensor:
+    """coeff * E * sum_i f_i * P_i (Switch Transformer, generalised to top-k).
+
+    f_i = (assignments to expert i) / (T * k): the share of all (token, slot) pairs, so the
+        f_i sum to 1. Counted, hence not differentiable.
+    P_i = mean over tokens of the probability of expert i: the softmax scores, or for sigmoid
+        scores each token's scores divided by their sum (DeepSeek-V3).
+    Perfectly uniform routing gives f_i = P_i = 1/E and a loss of exactly `coeff`.
+
+    level:
+      micro_batch: f and P over all T tokens given.
+      sequence: f and P per sequence of `seq_len` tokens, the loss averaged over sequences.
+      global: f over every rank of the data-parallel group: `count_reducer` receives the local
+        [E + 1] vector (counts, then T * k) and returns it summed over the group; P stays
+        local, so that the sum of every rank's gradient is the gradient of the global loss.
+        Without a reducer it equals micro_batch.
+    """
+    T, E = scores_TE.shape
+    k = indices_Tk.shape[1]
+    if score_func == "softmax":
+        probs_TE = scores_TE
+    else:
+        probs_TE = scores_TE / (scores_TE.sum(dim=-1, keepdim=True) + 1e-20)
+
+    if level == "sequence":
+        if seq_len is None or seq_len <= 0 or T % seq_len:
+            raise ValueError(f"sequence-level aux loss needs a seq_len dividing the {T} tokens, got {seq_len}")
+        B = T // seq_len
+        counts_BE = expert_counts(indices_Tk.reshape(B, seq_len * k), E)
+        f_BE = counts_BE.to(probs_TE.dtype) / (seq_len * k)
+        P_BE = probs_TE.view(B, seq_len, E).mean(dim=1)
+        return coeff * E * (f_BE * P_BE).sum(dim=-1).mean()
+    if level not in ("micro_batch", "global"):
+        raise ValueError(f"moe.aux_loss_level must be micro_batch, sequence or global, got {level!r}")
+
+    counts_E = expert_counts(indices_Tk.reshape(1, -1), E)[0]
+    if level == "global" and count_reducer is not None:
+        local = torch.cat([counts_E, counts_E.new_tensor([T * k])])
+        summed = count_reducer(local)
+        f_E = summed[:E].to(probs_TE.dtype) / summed[E].to(probs_TE.dtype)
+    else:
+        f_E = counts_E.to(probs_TE.dtype) / (T * k)
+    P_E = probs_TE.mean(dim=0)
+    return coeff * E * (f_E * P_E).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
+    """coeff * mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps logits from growing."""
+    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-level helpers for the trainer.
+
+
+def _moe_class():
+    # Imported late: the MoE layer imports this module for its losses.
+    from sparsetron.model.moe.layer import MoE
+
+    return MoE
+
+
+def moe_layers(model: nn.Module) -> list[MoE]:
+    """Every MoE layer of `model`, in module order."""
+    moe = _moe_class()
+    return [m for m in model.modules() if isinstance(m, moe)]
+
+
+def _numbered_moe_layers(model: nn.Module) -> list[tuple[int, MoE]]:
+    """(layer number, layer) pairs: the `layer_id` of the nearest enclosing module that has one
+    (a transformer Block), else the MoE layer's position among the model's MoE layers."""
+    moe = _moe_class()
+    named = dict(model.named_modules())
+    out = []
+    for name, module in named.items():
+        if not isinstance(module, moe):
+            continue
+        layer_id = len(out)
+        parts = name.split(".") if name else []
+        for cut in range(len(parts), -1, -1):
+            candidate = getattr(named.get(".".join(parts[:cut])), "layer_id", None)
+            if isinstance(candidate, int):
+                layer_id = candidate
+                break
+        out.append((layer_id, module))
+    return out
+
+
+def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
+    """Gradient the attached aux and z losses receive (1 / grad_accum_steps, so that they are
+    averaged over micro-batches the way the language-model loss is)."""
+    for layer in moe_layers(model):
+        layer.aux_loss_scale = float(scale)
+
+
+@torch.no_grad()
+def accumulate_load(model: nn.Module) -> None:
+    """Add each layer's latest tokens-per-expert to its step accumulator.
+
+    Call once after each micro-batch's backward. It reads the stats of the last forward and
+    adds them once: an activation-checkpoint recompute re-runs forward, which overwrites the
+    same stats rather than counting twice, and a second call without a new forward adds nothing.
+    """
+    for layer in moe_layers(model):
+        stats = layer.last_stats
+        if stats is not None and not stats.accumulated:
+            layer.tokens_per_expert_acc += stats.tokens_per_expert
+            stats.accumulated = True
+
+
+@torch.no_grad()
+def update_expert_bias(model: nn.Module, all_reduce: Reducer | None = None, apply: bool = True) -> None:
+    """Close the optimizer step: bias_i += rate * sign(mean load - load_i), then reset the counts.
+
+    Call after every optimizer step, also when no layer uses the bias: it records the step's
+    load for `moe_metrics` and zeroes the accumulators. `all_reduce` sums the counts over every
+    rank that saw a different part of the batch (data- and context-parallel); all layers'
+    counts travel in one call. apply=False (a skipped step) records and resets without moving
+    the bias.
+    """
+    layers = moe_layers(model)
+    if not layers:
+        return
+    loads = torch.cat([layer.tokens_per_expert_acc for layer in layers])
+    if all_reduce is not None:
+        loads = all_reduce(loads)
+    for layer, load_E in zip(layers, loads.split([lay.num_experts for lay in layers]), strict=True):
+        layer.step_load = load_E.clone()
+        rate = layer.moe_cfg.bias_update_rate
+        if apply and rate > 0:
+            load_f = load_E.to(torch.float32)
+            # sign() makes the step size independent of the batch size and of how skewed the load is.
+            layer.router.expert_bias += rate * torch.sign(load_f.mean() - load_f)
+        layer.tokens_per_expert_acc.zero_()
+
+
+def moe_load_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Tokens per expert of each layer (the last step's, else the last micro-batch's), for histograms."""
+    out = {}
+    for layer_id, layer in _numbered_moe_layers(model):
+        load = layer.current_load()
+        if load is not None:
+            out[f"moe/layer{layer_id}/tokens_per_expert"] = load.detach().cpu()
+    return out
+
+
+def moe_metrics(model: nn.Module) -> dict[str, float]:
+    """Per MoE layer: max, mean and min tokens per expert, load_imbalance (max / mean), aux_loss,
+    z_loss (0 when off), dropped_tokens (last micro-batch) and bias_norm.
+
+    Loads are the last step's as recorded by `update_expert_bias` (summed over micro-batches
+    and, with all_reduce, ranks); before the first step, the last micro-batch's.
+    """
+    items: list[tuple[str, torch.Tensor | float]] = []
+    for layer_id, layer in _numbered_moe_layers(model):
+        prefix = f"moe/layer{layer_id}/"
+        load = layer.current_load()
+        if load is not None:
+            load = load.detach().to(torch.float32)
+            mean = load.mean()
+            items += [
+                (prefix + "max_load", load.max()),
+                (prefix + "mean_load", mean),
+                (prefix + "min_load", load.min()),
+                (prefix + "load_imbalance", load.max() / mean.clamp_min(1e-12)),
+            ]
+        stats = layer.last_stats
+        if stats is not None:
+            items += [
+                (prefix + "aux_loss", stats.aux_loss),
+                (prefix + "z_loss", stats.z_loss),
+                (prefix + "dropped_tokens", stats.dropped_tokens),
+            ]
+        items.append((prefix + "bias_norm", layer.router.expert_bias.detach().norm()))
+    # One device-to-host transfer for all numbers, rather than a sync per number.
+    tensors = [v for _, v in items if isinstance(v, torch.Tensor)]
+    host = iter(torch.stack([t.to(torch.float64) for t in tensors]).tolist() if tensors else [])
+    return {key: next(host) if isinstance(v, torch.Tensor) else float(v) for key, v in items}

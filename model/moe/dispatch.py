@@ -1,0 +1,174 @@
+"""Dispatchers: move each (token, slot) assignment to its expert and bring the results back.
+
+Shape legend: T tokens, D model dim, E experts, k experts per token, A = T * k assignments
+(assignment a = t * k + j is token t's j-th choice), N assignments kept (N = A when dropless).
+
+A dispatcher owns all data movement of the MoE layer, so that all-to-all and overlapped
+variants can replace `LocalDispatcher` without touching the router or the experts. Both
+directions are gathers with an exact inverse, so forward and backward are free of atomics
+and bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+class Dispatcher:
+    """Interface: `dispatch` groups tokens by expert, `combine` undoes it and mixes by weight."""
+
+    def dispatch(
+        self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """Returns (x_perm [N, D] grouped by expert, tokens_per_expert [E] int64, ctx for combine)."""
+        raise NotImplementedError
+
+    def combine(self, y_perm: torch.Tensor, ctx: object) -> torch.Tensor:
+        """y_TD [T, D] = sum over kept slots j of weight[t, j] * y_perm[row of (t, j)], in y_perm's dtype."""
+        raise NotImplementedError
+
+
+@dataclass
+class LocalContext:
+    """What `LocalDispatcher.combine` needs to undo a dispatch."""
+
+    perm_N: torch.Tensor
+    """Assignment held by each row of x_perm."""
+    slot_A: torch.Tensor
+    """Row of x_perm holding each assignment; N (a zero row) for a dropped one."""
+    weights_Tk: torch.Tensor
+    """Routing weights (fp32), dropped or not: a dropped slot meets the zero row."""
+    num_tokens: int
+    top_k: int
+
+
+class _GatherTokens(torch.autograd.Function):
+    """x_perm = x[token of each kept assignment]; backward sums each token's k row gradients."""
+
+    @staticmethod
+    def forward(ctx, x_TD, perm_N, slot_A, top_k):
+        ctx.save_for_backward(slot_A)
+        ctx.top_k = top_k
+        return x_TD.index_select(0, torch.div(perm_N, top_k, rounding_mode="floor"))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ND):
+        (slot_A,) = ctx.saved_tensors
+        # The zero row N receives what dropped assignments point at.
+        padded = torch.cat([grad_ND, grad_ND.new_zeros(1, grad_ND.shape[1])])
+        grad_TkD = padded.index_select(0, slot_A).view(-1, ctx.top_k, grad_ND.shape[1])
+        return grad_TkD.sum(dim=1), None, None, None
+
+
+class _ScatterBack(torch.autograd.Function):
+    """y_A = y_perm[slot of each assignment], zero for dropped ones; backward gathers by perm."""
+
+    @staticmethod
+    def forward(ctx, y_ND, perm_N, slot_A):
+        ctx.save_for_backward(perm_N)
+        padded = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
+        return padded.index_select(0, slot_A)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_AD):
+        (perm_N,) = ctx.saved_tensors
+        return grad_AD.index_select(0, perm_N), None, None
+
+
+def _rank_within_expert(expert_A: torch.Tensor, order_A: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """For assignments visited in `order_A` (already grouped by expert), each one's position within its expert."""
+    sorted_expert_A = expert_A.index_select(0, order_A)
+    first_E = torch.searchsorted(sorted_expert_A, torch.arange(num_experts, device=expert_A.device))
+    rank_sorted_A = torch.arange(expert_A.numel(), device=expert_A.device) - first_E.index_select(0, sorted_expert_A)
+    rank_A = torch.empty_like(rank_sorted_A)
+    rank_A[order_A] = rank_sorted_A
+    return rank_A
+
+
+class LocalDispatcher(Dispatcher):
+    """Sort-based permute on one device, with an optional capacity limit.
+
+    Rows of x_perm are grouped by expert; within an expert they keep token order (stable
+    sort), so results do not depend on the sort's implementation.
+
+    capacity_factor > 0 caps every expert at ceil(factor * T * k / E) assignments. Over
+    capacity, policy "probability" keeps the highest-weight assignments (ties: earlier
+    assignment first), "position" keeps the earliest (token t before t+1, slot j before j+1).
+    A dropped assignment contributes zero to its token's output, and the token's remaining
+    weights are not renormalised (as in Switch / GShard). Dropless dispatch never synchronises
+    with the device; capacity dispatch synchronises once to size x_perm.
+    """
+
+    def __init__(self, num_experts: int, capacity_factor: float = 0.0, drop_policy: str = "probability"):
+        if drop_policy not in ("probability", "position"):
+            raise ValueError(f"moe.drop_policy must be 'probability' or 'position', got {drop_policy!r}")
+        if capacity_factor < 0:
+            raise ValueError(f"moe.capacity_factor must be >= 0, got {capacity_factor}")
+        self.num_experts = num_experts
+        self.capacity_factor = capacity_factor
+        self.drop_policy = drop_policy
+
+    def capacity(self, num_tokens: int, top_k: int) -> int:
+        """Most assignments one expert takes; only meaningful with capacity_factor > 0."""
+        return math.ceil(self.capacity_factor * num_tokens * top_k / self.num_experts)
+
+    def keep_mask(self, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor) -> torch.Tensor:
+        """Which assignments survive the capacity limit, [T, k] bool (all True when dropless)."""
+        T, k = indices_Tk.shape
+        if self.capacity_factor <= 0:
+            return torch.ones_like(indices_Tk, dtype=torch.bool)
+        expert_A = indices_Tk.reshape(-1)
+        if self.drop_policy == "probability":
+            priority_A = torch.argsort(weights_Tk.detach().reshape(-1), descending=True, stable=True)
+            order_A = priority_A.index_select(0, torch.argsort(expert_A.index_select(0, priority_A), stable=True))
+        else:
+            order_A = torch.argsort(expert_A, stable=True)
+        rank_A = _rank_within_expert(expert_A, order_A, self.num_experts)
+        return (rank_A < self.capacity(T, k)).view(T, k)
+
+    def dispatch(
+        self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
+        T, k = indices_Tk.shape
+        E = self.num_experts
+        A = T * k
+        expert_A = indices_Tk.reshape(-1)
+        if self.capacity_factor > 0:
+            keep_A = self.keep_mask(indices_Tk, weights_Tk).reshape(-1)
+            # Dropped assignments sort into a pseudo-expert E past the end and are cut off.
+            expert_A = torch.where(keep_A, expert_A, E)
+        order_A = torch.argsort(expert_A, stable=True)
+        bounds = torch.searchsorted(
+            expert_A.index_select(0, order_A), torch.arange(E + 1, device=expert_A.device, dtype=expert_A.dtype)
+        )
+        tokens_per_expert_E = bounds.diff()
+        N = int(bounds[E]) if self.capacity_factor > 0 else A
+        slot_A = torch.empty_like(order_A)
+        slot_A[order_A] = torch.arange(A, device=order_A.device)
+        # Rows N.. of the sort are the dropped assignments; send them all to the zero row N.
+        slot_A = slot_A.clamp_max(N)
+        perm_N = order_A[:N]
+        x_perm_ND = _GatherTokens.apply(x_TD, perm_N, slot_A, k)
+        ctx = LocalContext(
+            perm_N=perm_N,
+            slot_A=slot_A,
+            weights_Tk=weights_Tk,
+            num_tokens=T,
+            top_k=k,
+        )
+        return x_perm_ND, tokens_per_expert_E, ctx
+
+    def combine(self, y_perm_ND: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+        T, k, D = ctx.num_tokens, ctx.top_k, y_perm_ND.shape[1]
+        y_TkD = _ScatterBack.apply(y_perm_ND, ctx.perm_N, ctx.slot_A).view(T, k, D)
+        # Mix in fp32 (or wider) so bf16 outputs are weighted with the router's full precision;
+        # a sum over a fixed axis has a fixed order, unlike index_add_.
+        dtype = torch.promote_types(y_perm_ND.dtype, ctx.weights_Tk.dtype)
+        y_TD = (y_TkD.to(dtype) * ctx.weights_Tk.to(dtype).unsqueeze(-1)).sum(dim=1)
+        return y_TD.to(y_perm_ND.dtype)

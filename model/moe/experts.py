@@ -1,0 +1,47 @@
+"""Routed experts as stacked SwiGLU weights, computed with grouped GEMM.
+
+Shape legend: N rows (tokens sorted by expert), D model dim, E experts, H expert hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsetron.kernels.grouped_mm import grouped_mm
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts, y = (silu(x w1[e]) * (x w3[e])) w2[e] for the rows routed to e.
+
+    Weights are stacked `[E, ...]` and stored input-major (x @ w), the layout grouped GEMM
+    takes; expert parallelism shards them along dim 0.
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto"):
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden = hidden
+        self.backend = backend
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e. Returns y_ND."""
+        offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
+        h1_NH = grouped_mm(x_ND, self.w1, offsets_E, self.backend)
+        h3_NH = grouped_mm(x_ND, self.w3, offsets_E, self.backend)
+        return grouped_mm(F.silu(h1_NH) * h3_NH, self.w2, offsets_E, self.backend)
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.w1, std=std)
+        nn.init.normal_(self.w3, std=std)
+        # w2 writes into the residual stream, hence the depth-scaled std.
+        nn.init.normal_(self.w2, std=out_std)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, dim={self.dim}, hidden={self.hidden}, backend={self.backend}"

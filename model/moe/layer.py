@@ -1,0 +1,153 @@
+"""The MoE layer: route -> dispatch -> compute -> combine, plus shared experts.
+
+Shape legend: B batch, S sequence, T = B * S tokens, D model dim, E routed experts,
+k experts per token, N rows sent to the experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sparsetron.model.config import ModelConfig, MoEConfig
+from sparsetron.model.layers import FeedForward
+from sparsetron.model.moe.balancing import Reducer, expert_counts, load_balancing_loss, router_z_loss
+from sparsetron.model.moe.dispatch import Dispatcher, LocalDispatcher
+from sparsetron.model.moe.experts import GroupedExperts
+from sparsetron.model.moe.router import Router
+
+
+@dataclass
+class MoEStats:
+    """What one forward of a MoE layer saw, detached; read by the balancing helpers and metrics."""
+
+    tokens_per_expert: torch.Tensor
+    """[E] int64: assignments each expert was routed, before any capacity drop."""
+    aux_loss: torch.Tensor | float
+    """The load-balancing loss added (coefficient included); 0.0 when off."""
+    z_loss: torch.Tensor | float
+    """The router z-loss added (coefficient included); 0.0 when off."""
+    dropped_tokens: torch.Tensor
+    """Assignments dropped for capacity (0-dim int64)."""
+    accumulated: bool = False
+    """Set by `accumulate_load` once these counts are in the step accumulator."""
+
+
+class _AttachLoss(torch.autograd.Function):
+    """Returns y unchanged; in backward, gives `loss` the gradient `scale`.
+
+    This puts the balancing losses into the backward pass without changing what forward
+    returns, so no caller (trainer, pipeline schedule) has to collect and add them.
+    """
+
+    @staticmethod
+    def forward(ctx, y, loss, scale):
+        ctx.loss_dtype, ctx.loss_device, ctx.scale = loss.dtype, loss.device, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y, torch.full((), ctx.scale, dtype=ctx.loss_dtype, device=ctx.loss_device), None
+
+
+class MoE(nn.Module):
+    """Fine-grained mixture of experts with optional shared experts (see shared/specs/moe.md).
+
+    forward(x_BSD) -> y_BSD. The auxiliary and z losses are attached to the graph (their
+    gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
+    `count_reducer` (None here; set by the parallel code) sums the aux loss's expert counts
+    over the data-parallel group when aux_loss_level is "global".
+    """
+
+    def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig):
+        super().__init__()
+        if moe_cfg.dispatcher != "local":
+            raise ValueError(f"moe.dispatcher: unknown dispatcher {moe_cfg.dispatcher!r}")
+        self.moe_cfg = moe_cfg
+        self.dim = dim
+        self.num_experts = moe_cfg.routed_experts
+        self.top_k = moe_cfg.experts_per_token
+        hidden = moe_cfg.hidden_size(model_cfg)
+        self.router = Router(dim, moe_cfg)
+        self.experts = GroupedExperts(self.num_experts, dim, hidden, moe_cfg.expert_backend)
+        n_shared = moe_cfg.n_shared_experts
+        self.shared_experts = FeedForward(dim, n_shared * hidden) if n_shared > 0 else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if n_shared > 0 and moe_cfg.shared_expert_gate else None
+        self.dispatcher: Dispatcher = LocalDispatcher(self.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        # Non-persistent: a step's counts never outlive the step, so they have no place in a checkpoint.
+        self.register_buffer(
+            "tokens_per_expert_acc", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False
+        )
+        self.aux_loss_scale = 1.0
+        self.count_reducer: Reducer | None = None
+        self.last_stats: MoEStats | None = None
+        self.step_load: torch.Tensor | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        route = self.router(x_TD)
+        x_perm_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, route.indices_Tk, route.weights_Tk)
+        y_perm_ND = self.experts(x_perm_ND, tokens_per_expert_E)
+        y_TD = self.dispatcher.combine(y_perm_ND, ctx)
+        if self.shared_experts is not None:
+            shared_TD = self.shared_experts(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+            y_TD = y_TD + shared_TD
+
+        cfg = self.moe_cfg
+        aux_loss = z_loss = None
+        if cfg.aux_loss_coeff > 0:
+            aux_loss = load_balancing_loss(
+                route.scores_TE,
+                route.indices_Tk,
+                cfg.aux_loss_coeff,
+                score_func=cfg.score_func,
+                level=cfg.aux_loss_level,
+                seq_len=x_BSD.shape[-2] if x_BSD.dim() >= 3 else None,
+                count_reducer=self.count_reducer,
+            )
+        if cfg.z_loss_coeff > 0:
+            z_loss = router_z_loss(route.logits_TE, cfg.z_loss_coeff)
+        losses = [loss for loss in (aux_loss, z_loss) if loss is not None]
+        if losses and torch.is_grad_enabled():
+            y_TD = _AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale)
+
+        # Overwritten, never accumulated: an activation-checkpoint recompute re-runs this forward.
+        with torch.no_grad():
+            routed_E = expert_counts(route.indices_Tk.reshape(1, -1), self.num_experts)[0]
+            self.last_stats = MoEStats(
+                tokens_per_expert=routed_E,
+                aux_loss=aux_loss.detach() if aux_loss is not None else 0.0,
+                z_loss=z_loss.detach() if z_loss is not None else 0.0,
+                dropped_tokens=route.indices_Tk.numel() - tokens_per_expert_E.sum(),
+            )
+        return y_TD.view(x_BSD.shape)
+
+    def current_load(self) -> torch.Tensor | None:
+        """Tokens per expert of the last optimizer step, else of the last forward, else None."""
+        if self.step_load is not None:
+            return self.step_load
+        return self.last_stats.tokens_per_expert if self.last_stats is not None else None
+
+    @torch.no_grad()
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.router.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=std)
+        self.tokens_per_expert_acc.zero_()
+        self.last_stats = None
+        self.step_load = None
+
+    def extra_repr(self) -> str:
+        cfg = self.moe_cfg
+        return (
+            f"experts={self.num_experts}, top_k={self.top_k}, shared={cfg.n_shared_experts}, "
+            f"capacity_factor={cfg.capacity_factor}, aux={cfg.aux_loss_coeff}@{cfg.aux_loss_level}, "
+            f"z={cfg.z_loss_coeff}, bias_rate={cfg.bias_update_rate}"
+        )

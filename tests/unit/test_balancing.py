@@ -1,0 +1,310 @@
+"""Balancing: auxiliary loss at each level, z-loss, expert-bias updates, load accounting, metrics.
+
+Shape legend: T tokens, B sequences, S tokens per sequence, E experts, k experts per token.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sparsetron.model.config import ModelConfig, MoEConfig
+from sparsetron.model.moe import MoE
+from sparsetron.model.moe.balancing import (
+    accumulate_load,
+    expert_counts,
+    load_balancing_loss,
+    moe_layers,
+    moe_load_histograms,
+    moe_metrics,
+    router_z_loss,
+    set_aux_loss_scale,
+    update_expert_bias,
+)
+
+
+def random_routing(T, E, k, seed, score_func="softmax"):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64)
+    scores = torch.softmax(logits, -1) if score_func == "softmax" else torch.sigmoid(logits)
+    indices = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    return logits, scores, indices
+
+
+def naive_aux(scores, indices, coeff, normalise_sigmoid=False):
+    T, E = scores.shape
+    k = indices.shape[1]
+    counts = [0] * E
+    for row in indices.tolist():
+        for e in row:
+            counts[e] += 1
+    total = 0.0
+    for i in range(E):
+        P_i = sum((scores[t, i] / scores[t].sum() if normalise_sigmoid else scores[t, i]) for t in range(T)) / T
+        total += counts[i] / (T * k) * P_i
+    return coeff * E * total
+
+
+def test_expert_counts():
+    idx = torch.tensor([[0, 2, 2, 5], [1, 1, 1, 1]])
+    assert expert_counts(idx, 6).tolist() == [[1, 0, 2, 0, 0, 1], [0, 4, 0, 0, 0, 0]]
+
+
+def test_uniform_routing_gives_exactly_the_coefficient():
+    T, E = 6, 3
+    scores = torch.full((T, E), 1 / 3, dtype=torch.float64)
+    indices = torch.tensor([[0], [1], [2], [0], [1], [2]])
+    assert load_balancing_loss(scores, indices, 0.01).item() == pytest.approx(0.01, rel=1e-12)
+
+
+def test_collapsed_routing_gives_E_times_coefficient():
+    # Every token to expert 0 with probability 1: f_0 = P_0 = 1 -> loss = coeff * E.
+    scores = torch.zeros(5, 4, dtype=torch.float64)
+    scores[:, 0] = 1
+    loss = load_balancing_loss(scores, torch.zeros(5, 1, dtype=torch.long), 0.5)
+    assert loss.item() == pytest.approx(0.5 * 4)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_micro_batch_aux_matches_naive(k):
+    _, scores, indices = random_routing(24, 6, k, seed=k)
+    loss = load_balancing_loss(scores, indices, 0.03, level="micro_batch")
+    assert loss.item() == pytest.approx(naive_aux(scores, indices, 0.03), rel=1e-12)
+
+
+def test_sigmoid_aux_normalises_scores_per_token():
+    _, scores, indices = random_routing(20, 8, 2, seed=5, score_func="sigmoid")
+    loss = load_balancing_loss(scores, indices, 0.1, score_func="sigmoid")
+    assert loss.item() == pytest.approx(naive_aux(scores, indices, 0.1, normalise_sigmoid=True), rel=1e-12)
+    assert abs(loss.item() - naive_aux(scores, indices, 0.1)) > 1e-3
+
+
+def test_sequence_aux_matches_naive_per_sequence_mean():
+    B, S, E, k = 3, 8, 5, 2
+    _, scores, indices = random_routing(B * S, E, k, seed=7)
+    # Make sequences disagree so the per-sequence value differs from the batch value.
+    indices[:S] = torch.tensor([0, 1])
+    scores[:S] = torch.tensor([0.45, 0.45, 0.04, 0.03, 0.03], dtype=torch.float64)
+    loss = load_balancing_loss(scores, indices, 0.2, level="sequence", seq_len=S)
+    expected = sum(naive_aux(scores[b * S : (b + 1) * S], indices[b * S : (b + 1) * S], 0.2) for b in range(B)) / B
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert abs(loss.item() - naive_aux(scores, indices, 0.2)) > 1e-3
+    with pytest.raises(ValueError, match="seq_len"):
+        load_balancing_loss(scores, indices, 0.2, level="sequence", seq_len=7)
+
+
+def test_global_aux_uses_group_counts_and_local_probabilities():
+    T, E, k = 16, 6, 2
+    _, scores, indices = random_routing(2 * T, E, k, seed=9)
+    mine, other = slice(0, T), slice(T, 2 * T)
+    other_vec = torch.cat([expert_counts(indices[other].reshape(1, -1), E)[0], torch.tensor([T * k])])
+    seen = []
+
+    def reducer(local):
+        seen.append(local.clone())
+        return local + other_vec  # what an all-reduce SUM over two ranks returns
+
+    loss = load_balancing_loss(scores[mine], indices[mine], 0.1, level="global", count_reducer=reducer)
+    f_all = expert_counts(indices.reshape(1, -1), E)[0].double() / (2 * T * k)
+    expected = 0.1 * E * (f_all * scores[mine].mean(0)).sum()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert len(seen) == 1 and seen[0][-1].item() == T * k
+    local_only = load_balancing_loss(scores[mine], indices[mine], 0.1, level="global")
+    assert local_only.item() == pytest.approx(naive_aux(scores[mine], indices[mine], 0.1), rel=1e-12)
+    assert abs(local_only.item() - loss.item()) > 1e-4
+
+
+def test_aux_gradient_flows_through_probabilities_only():
+    # d loss / d P_i = coeff * E * f_i, and P_i is a mean over T tokens.
+    _, scores, indices = random_routing(12, 4, 2, seed=11)
+    scores.requires_grad_()
+    load_balancing_loss(scores, indices, 0.5).backward()
+    f = expert_counts(indices.reshape(1, -1), 4)[0].double() / 24
+    torch.testing.assert_close(scores.grad, (0.5 * 4 * f / 12).expand(12, 4))
+
+
+def test_z_loss_matches_naive():
+    logits, _, _ = random_routing(10, 7, 1, seed=13)
+    logits = logits * 4
+    naive = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits.tolist()) / 10
+    assert router_z_loss(logits, 1e-3).item() == pytest.approx(1e-3 * naive, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Model-level helpers.
+
+
+def build(n_layers=2, seed=0, **moe):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(**{"num_experts": 8, "top_k": 2, **moe})
+    model_cfg = ModelConfig(dim=16, ffn_hidden=24)
+    layers = nn.ModuleList(MoE(16, model_cfg, cfg) for _ in range(n_layers))
+    for layer in layers:
+        layer.init_weights(0.5, 0.1)
+    return layers
+
+
+def run_all(layers, x):
+    for layer in layers:
+        x = x + layer(x)
+    return x
+
+
+def test_moe_layers_and_aux_scale():
+    layers = build(n_layers=3)
+    assert moe_layers(layers) == list(layers)
+    set_aux_loss_scale(layers, 0.25)
+    assert all(layer.aux_loss_scale == 0.25 for layer in layers)
+
+
+def test_bias_update_direction_and_reset():
+    rate = 1e-2
+    layers = build(n_layers=2, bias_update_rate=rate)
+    with torch.no_grad():
+        layers[0].tokens_per_expert_acc.copy_(torch.tensor([10, 2, 6, 6, 6, 6, 6, 6]))  # mean 6
+        layers[1].tokens_per_expert_acc.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 0, 8]))  # mean 1
+    update_expert_bias(layers)
+    torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([-rate, rate, 0, 0, 0, 0, 0, 0]))
+    torch.testing.assert_close(layers[1].router.expert_bias, torch.tensor([rate] * 7 + [-rate]))
+    assert all(layer.tokens_per_expert_acc.sum() == 0 for layer in layers)
+    assert layers[0].step_load.tolist() == [10, 2, 6, 6, 6, 6, 6, 6]
+    # A second step with nothing counted moves nothing.
+    update_expert_bias(layers)
+    torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([-rate, rate, 0, 0, 0, 0, 0, 0]))
+
+
+def test_bias_update_uses_all_reduced_counts_in_one_call():
+    rate = 1e-3
+    layers = build(n_layers=2, bias_update_rate=rate)
+    with torch.no_grad():
+        layers[0].tokens_per_expert_acc.copy_(torch.tensor([10, 2, 6, 6, 6, 6, 6, 6]))
+        layers[1].tokens_per_expert_acc.copy_(torch.tensor([1, 1, 1, 1, 1, 1, 1, 1]))
+    other_rank = torch.tensor([0, 20, 0, 0, 0, 0, 0, 0] + [0, 0, 0, 0, 0, 0, 0, 8])
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.clone())
+        return t + other_rank
+
+    update_expert_bias(layers, all_reduce=all_reduce)
+    assert len(calls) == 1 and calls[0].shape == (16,)
+    # Layer 0 sums to [10, 22, 6, ...], mean 8.5: expert 1 is now the overloaded one.
+    torch.testing.assert_close(layers[0].router.expert_bias, rate * torch.tensor([-1.0, -1, 1, 1, 1, 1, 1, 1]))
+    torch.testing.assert_close(layers[1].router.expert_bias, rate * torch.tensor([1.0] * 7 + [-1]))
+
+
+def test_skipped_step_resets_counts_without_moving_bias():
+    layers = build(n_layers=1, bias_update_rate=0.1)
+    with torch.no_grad():
+        layers[0].tokens_per_expert_acc.copy_(torch.tensor([9, 1, 1, 1, 1, 1, 1, 1]))
+    update_expert_bias(layers, apply=False)
+    assert layers[0].router.expert_bias.abs().sum() == 0
+    assert layers[0].tokens_per_expert_acc.sum() == 0
+    assert layers[0].step_load.tolist() == [9, 1, 1, 1, 1, 1, 1, 1]
+
+
+def test_no_bias_update_without_rate_but_counts_reset():
+    layers = build(n_layers=1)
+    layers[0](torch.randn(2, 5, 16))
+    accumulate_load(layers)
+    update_expert_bias(layers)
+    assert layers[0].router.expert_bias.abs().sum() == 0
+    assert layers[0].tokens_per_expert_acc.sum() == 0
+    assert layers[0].step_load.sum() == 10 * 2
+
+
+def test_real_step_lowers_bias_of_overloaded_experts():
+    layers = build(n_layers=1, bias_update_rate=0.05, seed=3)
+    layer = layers[0]
+    x = torch.randn(4, 16, 16)
+    layer(x)
+    load = layer.last_stats.tokens_per_expert.clone()
+    accumulate_load(layers)
+    update_expert_bias(layers)
+    bias = layer.router.expert_bias
+    assert (bias[load > load.float().mean()] < 0).all() and (bias[load < load.float().mean()] > 0).all()
+    # The bias then shifts selection towards the underloaded experts.
+    layer(x)
+    new_load = layer.last_stats.tokens_per_expert
+    assert new_load.max() <= load.max()
+    assert new_load.sum() == load.sum()
+
+
+def test_accumulate_load_is_robust_to_double_forward_and_recompute():
+    layers = build(n_layers=2, seed=4)
+    x1, x2 = torch.randn(2, 6, 16, requires_grad=True), torch.randn(2, 6, 16)
+
+    run_all(layers, x1)
+    once = [layer.last_stats.tokens_per_expert.clone() for layer in layers]
+    run_all(layers, x1)  # e.g. a recompute: same input, same stats
+    accumulate_load(layers)
+    accumulate_load(layers)  # a stray second call adds nothing
+    for layer, counts in zip(layers, once, strict=True):
+        assert torch.equal(layer.tokens_per_expert_acc, counts)
+
+    # Activation checkpointing re-runs forward inside backward.
+    for layer in layers:
+        layer.tokens_per_expert_acc.zero_()
+    y = checkpoint(run_all, layers, x1, use_reentrant=False)
+    y.sum().backward()
+    accumulate_load(layers)
+    for layer, counts in zip(layers, once, strict=True):
+        assert torch.equal(layer.tokens_per_expert_acc, counts)
+
+    run_all(layers, x2)
+    second = [layer.last_stats.tokens_per_expert.clone() for layer in layers]
+    accumulate_load(layers)
+    for layer, a, b in zip(layers, once, second, strict=True):
+        assert torch.equal(layer.tokens_per_expert_acc, a + b)
+        assert layer.tokens_per_expert_acc.sum() == 2 * 2 * 2 * 6
+
+
+class _Block(nn.Module):
+    def __init__(self, layer_id, moe):
+        super().__init__()
+        self.layer_id = layer_id
+        self.feed_forward = moe
+
+
+def test_metrics_per_layer():
+    layers = build(n_layers=2, aux_loss_coeff=0.01, z_loss_coeff=1e-3, bias_update_rate=0.1, capacity_factor=1.0)
+    model = nn.ModuleDict({"3": _Block(3, layers[0]), "5": _Block(5, layers[1])})
+    x = torch.randn(2, 8, 16)
+    for layer in layers:
+        layer(x)
+    accumulate_load(model)
+    metrics = moe_metrics(model)  # before the step: the last micro-batch's loads
+    stats = layers[0].last_stats
+    load = stats.tokens_per_expert.float()
+    assert metrics["moe/layer3/max_load"] == load.max().item()
+    assert metrics["moe/layer3/mean_load"] == pytest.approx(load.mean().item())
+    assert metrics["moe/layer3/load_imbalance"] == pytest.approx((load.max() / load.mean()).item())
+    assert metrics["moe/layer3/aux_loss"] == pytest.approx(stats.aux_loss.item())
+    assert metrics["moe/layer3/z_loss"] == pytest.approx(stats.z_loss.item())
+    assert metrics["moe/layer3/dropped_tokens"] == stats.dropped_tokens.item()
+    assert metrics["moe/layer3/bias_norm"] == 0.0
+    assert {k.split("/")[1] for k in metrics} == {"layer3", "layer5"}
+
+    layers[0](torch.randn(2, 8, 16))  # a second micro-batch, then the step
+    accumulate_load(model)
+    update_expert_bias(model)
+    metrics = moe_metrics(model)
+    step = (load + layers[0].last_stats.tokens_per_expert.float()).tolist()
+    assert metrics["moe/layer3/max_load"] == max(step)
+    assert metrics["moe/layer3/min_load"] == min(step)
+    assert metrics["moe/layer3/bias_norm"] == pytest.approx(layers[0].router.expert_bias.norm().item())
+    assert metrics["moe/layer3/bias_norm"] > 0
+    hist = moe_load_histograms(model)
+    assert hist["moe/layer3/tokens_per_expert"].tolist() == [int(v) for v in step]
+
+
+def test_metrics_without_layer_ids_count_moe_layers():
+    layers = build(n_layers=2)
+    for layer in layers:
+        layer(torch.randn(1, 4, 16))
+    metrics = moe_metrics(layers)
+    assert metrics["moe/layer0/aux_loss"] == 0.0 and "moe/layer1/max_load" in metrics

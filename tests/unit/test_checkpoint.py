@@ -1,0 +1,339 @@
+"""CheckpointManager: atomic commit, resume lookup, exact round trips, clear failures."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from sparsetron.train import checkpoint as ckpt
+from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
+
+CONFIG_YAML = "model:\n  dim: 16\ntrainer:\n  steps: 10\n"
+
+
+class Tiny(nn.Module):
+    def __init__(self, hidden: int = 12):
+        super().__init__()
+        self.inp = nn.Linear(6, hidden)
+        self.out = nn.Linear(hidden, 3, bias=False)
+        self.register_buffer("scale", torch.rand(3))
+
+    def forward(self, x):
+        return self.out(torch.relu(self.inp(x))) * self.scale
+
+
+def trained(seed: int = 0, steps: int = 3, hidden: int = 12):
+    """A model and an AdamW whose moments are non-trivial after a few real steps."""
+    torch.manual_seed(seed)
+    model = Tiny(hidden)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(steps):
+        train_step(model, opt)
+    return model, opt
+
+
+def train_step(model, opt):
+    loss = model(torch.randn(5, 6)).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def fresh(seed: int = 99, hidden: int = 12):
+    torch.manual_seed(seed)
+    model = Tiny(hidden)
+    return model, torch.optim.AdamW(model.parameters(), lr=5e-4)
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    """Bitwise equality of nested tensors / python values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys()
+        for key in a:
+            assert_same(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same(x, y)
+    else:
+        assert a == b
+
+
+def train_state_example(step: int):
+    return {
+        "step": step,
+        "tokens_seen": step * 4096,
+        "scheduler": {"last_epoch": step, "base_lrs": [1e-2]},
+        "data": {"epoch": 1, "position": 1234},
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        "counters": {"nonfinite_in_a_row": 0},
+        "losses": torch.randn(4),
+    }
+
+
+def test_roundtrip_is_bitwise_and_training_continues_identically(tmp_path):
+    model, opt = trained()
+    state = train_state_example(3)
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=0)
+    folder = manager.save(3, model, opt, state, CONFIG_YAML)
+    assert folder.name == "step_00000003"
+    assert (folder / ".complete").is_file() and (folder / "train_state_rank0.pt").is_file()
+    assert json.loads((folder / ".complete").read_text())["step"] == 3
+
+    model2, opt2 = fresh()
+    assert not torch.equal(model2.inp.weight, model.inp.weight)
+    loaded = manager.load(folder, model2, opt2)
+
+    assert_same(snapshot(model), snapshot(model2))
+    assert_same(opt.state_dict(), opt2.state_dict())
+    assert_same(state, loaded)
+    assert manager.read_config(folder) == {"model": {"dim": 16}, "trainer": {"steps": 10}}
+
+    # Same data, same state -> the same next step, bit for bit.
+    torch.manual_seed(7)
+    loss_a = train_step(model, opt)
+    torch.manual_seed(7)
+    loss_b = train_step(model2, opt2)
+    assert torch.equal(loss_a, loss_b)
+    assert_same(snapshot(model), snapshot(model2))
+
+
+def test_load_without_optimizer_reads_the_model_only(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    model2, _ = fresh()
+    assert manager.load(folder, model2) == {"step": 1}
+    assert_same(snapshot(model), snapshot(model2))
+
+
+def test_saving_before_the_first_step_leaves_the_optimizer_fresh(tmp_path):
+    torch.manual_seed(0)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = snapshot(model)
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(0, model, opt, {"step": 0}, CONFIG_YAML)
+    # get_state_dict initialises optimizer state by a zero step; that must not stick.
+    assert not opt.state
+    assert_same(before, snapshot(model))
+
+    model2, opt2 = fresh()
+    manager.load(folder, model2, opt2)
+    assert not opt2.state
+    torch.manual_seed(3)
+    train_step(model, opt)
+    torch.manual_seed(3)
+    train_step(model2, opt2)
+    assert_same(snapshot(model), snapshot(model2))
+
+
+def test_shape_mismatch_names_key_and_leaves_model_untouched(tmp_path):
+    model, opt = trained(hidden=12)
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+
+    other, other_opt = fresh(hidden=20)
+    before = snapshot(other)
+    with pytest.raises(CheckpointError) as info:
+        manager.load(folder, other, other_opt)
+    message = str(info.value)
+    assert str(folder) in message
+    assert "does not fit the model" in message
+    # Every mismatch is listed, not only the first one met.
+    assert "model.inp.weight: checkpoint [12, 6] vs model [20, 6]" in message
+    assert "model.out.weight: checkpoint [3, 12] vs model [3, 20]" in message
+    assert_same(before, snapshot(other))
+    assert not other_opt.state
+
+
+def test_missing_and_unexpected_keys_are_named(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+
+    torch.manual_seed(1)
+    bigger = Tiny()
+    bigger.extra = nn.Linear(3, 3)
+    before = snapshot(bigger)
+    with pytest.raises(CheckpointError, match="missing from the checkpoint") as info:
+        manager.load(folder, bigger)
+    assert "model.extra.weight" in str(info.value)
+    assert_same(before, snapshot(bigger))
+
+    smaller = nn.Sequential()
+    smaller.inp = nn.Linear(6, 12)
+    with pytest.raises(CheckpointError, match="unexpected in the checkpoint") as info:
+        manager.load(folder, smaller)
+    assert "model.out.weight" in str(info.value)
+
+
+def test_folder_without_marker_is_ignored_and_refused(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    first = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    second = manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    assert manager.latest() == second
+    (second / ".complete").unlink()
+
+    assert manager.list_complete() == [first]
+    assert manager.latest() == first
+    assert manager.resolve("auto") == first
+    with pytest.raises(CheckpointError, match="lacks the .complete marker") as info:
+        manager.resolve(str(second))
+    assert str(second) in str(info.value) and "half-written" in str(info.value)
+    with pytest.raises(CheckpointError, match="half-written"):
+        manager.load(second, *fresh())
+
+
+def test_resolve_paths(tmp_path, monkeypatch):
+    manager = CheckpointManager(tmp_path / "ckpt", keep_last=0)
+    assert manager.resolve("auto") is None
+    assert manager.resolve("none") is None
+    model, opt = trained()
+    saved = manager.save(4, model, opt, {"step": 4}, CONFIG_YAML)
+
+    assert manager.resolve(str(saved)) == saved
+    assert manager.resolve(str(tmp_path / "ckpt")) == saved  # the parent: its newest
+    monkeypatch.chdir(tmp_path)
+    assert manager.resolve("step_00000004") == tmp_path / "ckpt" / "step_00000004"
+
+    with pytest.raises(CheckpointError, match="does not exist") as info:
+        manager.resolve(str(tmp_path / "nowhere"))
+    assert "nowhere" in str(info.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="is not a step folder"):
+        manager.resolve(str(tmp_path / "empty"))
+    with pytest.raises(CheckpointError, match="not a step folder"):
+        manager.resolve(str(saved / "config.yaml"))
+
+
+@pytest.mark.parametrize("where", ["_write_marker", "_commit"])
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    first = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    expected = snapshot(model)
+
+    train_step(model, opt)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk pulled out")
+
+    # Both points come after DCP has written the tensors into the temporary folder.
+    monkeypatch.setattr(ckpt, where, crash)
+    with pytest.raises(OSError, match="disk pulled out"):
+        manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    monkeypatch.undo()
+
+    assert not (tmp_path / "step_00000002").exists()
+    assert manager.list_complete() == [first]
+    model2, opt2 = fresh()
+    assert manager.load(manager.resolve("auto"), model2, opt2) == {"step": 1}
+    assert_same(expected, snapshot(model2))
+
+
+def test_keep_last_deletes_only_oldest_complete(tmp_path):
+    model, opt = trained()
+    stranger = tmp_path / "step_00000000"
+    stranger.mkdir(parents=True)
+    (stranger / "notes.txt").write_text("someone else's")
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    for step in (1, 2, 3, 4):
+        manager.save(step, model, opt, {"step": step}, CONFIG_YAML)
+    assert [p.name for p in manager.list_complete()] == ["step_00000003", "step_00000004"]
+    assert (stranger / "notes.txt").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000000", "step_00000003", "step_00000004"]
+
+    keep_all = CheckpointManager(tmp_path, keep_last=0)
+    keep_all.save(5, model, opt, {"step": 5}, CONFIG_YAML)
+    assert len(keep_all.list_complete()) == 3
+
+
+def test_resaving_a_step_replaces_it(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    manager.save(5, model, opt, {"step": 5, "which": "first"}, CONFIG_YAML)
+    train_step(model, opt)
+    folder = manager.save(5, model, opt, {"step": 5, "which": "second"}, CONFIG_YAML)
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000005"]
+    model2, opt2 = fresh()
+    assert manager.load(folder, model2, opt2)["which"] == "second"
+    assert_same(snapshot(model), snapshot(model2))
+
+
+def test_interrupted_replacement_is_recovered(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(5, model, opt, {"step": 5}, CONFIG_YAML)
+    # What a kill between "move the old copy aside" and "rename the new one in" leaves.
+    folder.rename(tmp_path / ".replaced_step_00000005")
+    assert CheckpointManager(tmp_path).latest() == folder
+    model2, _ = fresh()
+    CheckpointManager(tmp_path).load(folder, model2)
+    assert_same(snapshot(model), snapshot(model2))
+
+
+def test_saving_over_an_unmarked_folder_moves_it_aside(tmp_path):
+    model, opt = trained()
+    stale = tmp_path / "step_00000007"
+    stale.mkdir()
+    (stale / "partial.distcp").write_bytes(b"half")
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    with pytest.warns(UserWarning, match="moved it to"):
+        folder = manager.save(7, model, opt, {"step": 7}, CONFIG_YAML)
+    assert manager.list_complete() == [folder]
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith(".incomplete_step_00000007")]
+    assert len(aside) == 1 and (aside[0] / "partial.distcp").read_bytes() == b"half"
+
+
+def _corrupt(file, truncate: bool):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if truncate else bytes(len(data)))
+
+
+@pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "overwritten"])
+@pytest.mark.parametrize("name", ["train_state_rank0.pt", ".metadata"])
+def test_corrupt_files_are_named(tmp_path, name, truncate):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(3, model, opt, {"step": 3}, CONFIG_YAML)
+    _corrupt(folder / name, truncate)
+
+    model2, opt2 = fresh()
+    before = snapshot(model2)
+    with pytest.raises(CheckpointError) as info:
+        manager.load(folder, model2, opt2)
+    assert name in str(info.value) and str(folder) in str(info.value)
+    assert_same(before, snapshot(model2))
+
+
+@pytest.mark.parametrize("truncate", [True, False], ids=["truncated", "overwritten"])
+def test_corrupt_tensor_data_is_reported(tmp_path, truncate):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(3, model, opt, {"step": 3}, CONFIG_YAML)
+    (data_file,) = folder.glob("*.distcp")
+    _corrupt(data_file, truncate)
+    model2, opt2 = fresh()
+    before = snapshot(model2)
+    with pytest.raises(CheckpointError, match="distcp") as info:
+        manager.load(folder, model2, opt2)
+    assert str(folder) in str(info.value)
+    if truncate:
+        # Caught by the sizes recorded at commit, before any tensor is read.
+        assert f"{data_file.name} has" in str(info.value)
+        assert_same(before, snapshot(model2))

@@ -1,0 +1,196 @@
+"""Metric sinks, FLOP counting and the console progress line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sparsetron.train.config import MetricsConfig
+from sparsetron.train.flops import flops_per_token, mfu, peak_tflops, peak_tflops_for_name
+from sparsetron.train.metrics import MetricsLogger, memory_stats
+from sparsetron.train.progress import Progress, format_duration, format_moe, format_rate
+
+# ---- MetricsLogger ---------------------------------------------------------------------
+
+
+def read_tensorboard(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_jsonl_and_tensorboard_hold_the_scalars(tmp_path):
+    logger = MetricsLogger(MetricsConfig(), tmp_path)
+    logger.log(10, {"train/loss": 2.5, "train/lr": 1e-3})
+    logger.log(20, {"train/loss": torch.tensor(2.25), "train/lr": 5e-4, "train/grad_norm": float("nan")})
+    logger.close()
+
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [10, 20]
+    assert lines[0]["train/loss"] == 2.5 and lines[1]["train/loss"] == 2.25
+    assert lines[1]["train/lr"] == 5e-4
+    assert lines[1]["train/grad_norm"] is None  # NaN is not JSON
+    assert all(isinstance(line["time"], float) for line in lines)
+
+    scalars = read_tensorboard(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(10, 2.5), (20, 2.25)]
+    assert [s for s, _ in scalars["train/lr"]] == [10, 20]
+    assert scalars["train/lr"][1][1] == pytest.approx(5e-4)
+    assert math.isnan(scalars["train/grad_norm"][0][1])
+
+
+def test_resumed_run_appends_to_jsonl(tmp_path):
+    with MetricsLogger(MetricsConfig(tensorboard=False), tmp_path) as logger:
+        logger.log(1, {"loss": 3.0})
+    with MetricsLogger(MetricsConfig(tensorboard=False), tmp_path, start_step=2) as logger:
+        logger.log(2, {"loss": 2.0})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
+    assert not (tmp_path / "tensorboard").exists()
+
+
+def test_disabled_logger_writes_nothing(tmp_path):
+    logger = MetricsLogger(MetricsConfig(), tmp_path / "run", enabled=False)
+    logger.log(1, {"loss": 1.0})
+    logger.close()
+    assert not (tmp_path / "run").exists()
+
+
+def test_memory_stats_on_cpu():
+    stats = memory_stats("cpu")
+    assert set(stats) == {"max_rss_gib"}
+    # This very process holds torch: more than 50 MiB, less than a terabyte.
+    assert 0.05 < stats["max_rss_gib"] < 1024
+
+
+# ---- FLOPs -----------------------------------------------------------------------------
+
+
+def test_flops_per_token_by_hand():
+    # 2 layers, 4 heads of 8, sequence 16, 1000 active weights:
+    # 6 * 1000 + 12 * 2 * 4 * 8 * 16 / 2 = 6000 + 6144.
+    assert flops_per_token(1000, 2, 4, 8, 16) == 12144.0
+
+
+def test_mfu_matches_the_h100_anchor():
+    # anchors.md: dense 0.89B non-embedding params, 16 layers of width 2048 (16 x 128),
+    # sequence 4096, 72,500 tok/s on one H100 = 44.9% MFU.
+    fpt = flops_per_token(0.89e9, 16, 16, 128, 4096)
+    assert mfu(72_500, fpt, 989.0) == pytest.approx(0.449, abs=0.002)
+    assert mfu(72_500, fpt, None) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L4", 121.0),
+        ("Some Future Accelerator", None),
+    ],
+)
+def test_peak_tflops_lookup(name, peak):
+    assert peak_tflops_for_name(name) == peak
+
+
+def test_peak_tflops_is_none_on_cpu():
+    assert peak_tflops("cpu") is None
+
+
+# ---- Progress --------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_plain_lines(capsys):
+    clock = FakeClock()
+    progress = Progress("plain", total_steps=300, start_step=0, clock=clock)
+    clock.now += 62.0
+    progress.update(40, {"loss": 2.45123, "lr": 2.9e-3, "tokens_per_s": 41_234.0})
+    progress.message("saved step_00000040")
+    clock.now += 10.0
+    progress.update(
+        50,
+        {
+            "train/loss": 2.4,
+            "eval/loss": 2.3,
+            "moe/layer1/load_imbalance": 1.2,
+            "moe/layer2/load_imbalance": 1.35,
+            "moe/layer1/aux_loss": 0.01,
+            "moe/layer2/aux_loss": 0.02,
+            "moe/layer1/z_loss": 0.0,
+            "moe/layer2/z_loss": 0.0,
+            "moe/layer1/dropped_tokens": 3.0,
+            "moe/layer2/dropped_tokens": 4.0,
+            "moe/layer1/bias_norm": 0.5,
+        },
+    )
+    progress.close()
+    lines = capsys.readouterr().out.splitlines()
+    # 62 s for 40 steps -> 1.55 s/step, 260 left -> 403 s.
+    assert lines[0] == "step  40/300 | loss 2.4512 | lr 2.9e-03 | 41.2k tok/s | eta 6m43s"
+    assert lines[1] == "saved step_00000040"
+    # From the first update on: 10 s for 10 steps, 250 left.
+    assert lines[2] == "step  50/300 | loss 2.4000 | eval 2.3000 | eta 4m10s"
+    # Worst layer's imbalance, mean aux over layers, z left out (off), dropped summed.
+    assert lines[3] == "  moe | load max/mean 1.35 (layer 2) | aux 1.5e-02 | dropped 7"
+    assert len(lines) == 4
+
+
+def test_eta_counts_only_this_process_steps():
+    clock = FakeClock()
+    progress = Progress("none", total_steps=1000, start_step=900, clock=clock)
+    assert progress.eta_seconds(900) is None
+    clock.now += 20.0
+    # A resumed run: 10 steps in 20 s; 90 steps left -> 180 s (not 2 s/step over 910 steps).
+    assert progress.eta_seconds(910) == pytest.approx(180.0)
+    progress.update(910, {})
+    clock.now += 5.0
+    # After the first update the rate excludes start-up: 5 s for 10 steps.
+    assert progress.eta_seconds(920) == pytest.approx(40.0)
+
+
+def test_none_mode_is_silent_and_auto_is_plain_off_a_terminal(capsys):
+    quiet = Progress("none", total_steps=10, start_step=0)
+    quiet.update(1, {"loss": 1.0})
+    quiet.message("hello")
+    assert capsys.readouterr().out == ""
+    assert Progress("auto", total_steps=10, start_step=0).mode == "plain"
+    with pytest.raises(ValueError, match="progress mode"):
+        Progress("fancy", total_steps=10, start_step=0)
+
+
+def test_live_mode_draws_and_prints_messages():
+    import io
+
+    buffer = io.StringIO()
+    progress = Progress("live", total_steps=100, start_step=0, file=buffer)
+    progress.update(10, {"loss": 1.5, "moe/layer0/aux_loss": 0.01})
+    progress.message("checkpoint saved")
+    progress.close()
+    text = buffer.getvalue()
+    assert "checkpoint saved" in text and "step  10/100" in text and "loss 1.5000" in text and "moe" in text
+
+
+def test_formatters():
+    assert format_duration(45) == "45s"
+    assert format_duration(62) == "1m02s"
+    assert format_duration(2 * 3600 + 3 * 60) == "2h03m"
+    assert format_duration(28 * 3600) == "1d04h"
+    assert format_rate(950) == "950" and format_rate(41_234) == "41.2k" and format_rate(1_234_000) == "1.23M"
+    assert format_moe({"loss": 1.0}) is None
+    assert format_moe({"moe/z_loss": 3.4e-4, "moe/dropped_tokens": 0.0}) == "  moe | z 3.4e-04 | dropped 0"

@@ -1,0 +1,131 @@
+"""End to end on the CPU: `tiny` trains, its loss falls, it stops and resumes exactly,
+and bad input stops early without losing anything on disk."""
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from sparsetron.model.config import ConfigError
+from sparsetron.train.checkpoint import CheckpointError
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.data import DataError
+from sparsetron.train.trainer import Trainer, TrainingDiverged
+
+SMALL = [
+    "data.max_documents=300",
+    "data.seq_len=64",
+    "trainer.micro_batch_size=4",
+    "trainer.grad_accum_steps=2",
+    "trainer.eval_batches=2",
+    "trainer.eval_interval=6",
+    "schedule.warmup_steps=2",
+    "checkpoint.interval=4",
+    "checkpoint.keep_last=0",
+    "metrics.log_interval=2",
+    "metrics.console=plain",
+    "moe.bias_update_rate=0.01",  # tiny's balancing plus the bias, so its state must resume too
+]
+
+
+def tiny_job(run_dir, *overrides, steps=12):
+    return load_job_config("tiny", [*SMALL, f"trainer.steps={steps}", f"trainer.run_dir={run_dir}", *overrides])
+
+
+def checkpoint_steps(run_dir):
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+
+
+def test_tiny_learns_and_writes_its_outputs(tmp_path):
+    result = Trainer(tiny_job(tmp_path, "optimizer.lr=1e-2", steps=24, )).run()
+    assert result.step == 24 and result.tokens_seen == 24 * 2 * 4 * 64
+    assert result.eval_losses[24] < 0.8 * result.eval_losses[0]
+    assert all(math.isfinite(v) for v in result.losses.values())
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 12
+    assert any((tmp_path / "tensorboard").iterdir())
+    assert checkpoint_steps(tmp_path) == [f"step_{s:08d}" for s in (4, 8, 12, 16, 20, 24)]
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.activation_checkpointing=full"]], ids=["plain", "ac"])
+def test_stop_and_resume_is_bitwise_exact(tmp_path, extra):
+    straight = Trainer(tiny_job(tmp_path / "straight", *extra)).run()
+    first = Trainer(tiny_job(tmp_path / "split", "trainer.stop_at=5", *extra)).run()
+    assert first.stopped_early and first.step == 5
+    resumed = Trainer(tiny_job(tmp_path / "split", *extra), resume="auto").run()
+    assert resumed.step == 12
+    split = {**first.losses, **resumed.losses}
+    assert split == straight.losses  # bitwise: float equality of every step's loss
+    assert resumed.eval_losses[12] == straight.eval_losses[12]
+
+
+def test_resume_from_an_interval_checkpoint_path(tmp_path):
+    straight = Trainer(tiny_job(tmp_path)).run()
+    middle = tmp_path / "checkpoints" / "step_00000008"
+    again = Trainer(tiny_job(tmp_path), resume=str(middle)).run()
+    assert again.losses == {s: v for s, v in straight.losses.items() if s > 8}
+
+
+def test_half_written_checkpoint_is_ignored_and_refused(tmp_path):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    complete = tmp_path / "checkpoints" / "step_00000004"
+    torn = tmp_path / "checkpoints" / "step_00000008"
+    shutil.copytree(complete, torn)
+    next(p for p in torn.iterdir() if p.name.startswith(".complete")).unlink()
+    with pytest.raises(CheckpointError, match="step_00000008"):
+        Trainer(tiny_job(tmp_path), resume=str(torn))
+    resumed = Trainer(tiny_job(tmp_path, "trainer.stop_at=6"), resume="auto")
+    assert resumed.step == 4
+    assert torn.is_dir()  # nothing on disk is lost
+
+
+def test_corrupt_checkpoint_names_the_file(tmp_path):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    folder = tmp_path / "checkpoints" / "step_00000004"
+    metadata = folder / ".metadata"
+    metadata.write_bytes(metadata.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match=r"step_00000004.*\.metadata|\.metadata.*step_00000004"):
+        Trainer(tiny_job(tmp_path), resume="auto")
+    assert metadata.exists()
+
+
+def test_checkpoint_of_another_model_is_refused_before_loading(tmp_path):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    with pytest.raises(ConfigError, match=r"different model[\s\S]*moe\.granularity: checkpoint 4, config 2"):
+        Trainer(tiny_job(tmp_path, "moe.granularity=2"), resume="auto")
+    assert checkpoint_steps(tmp_path) == ["step_00000004"]
+
+
+def test_resume_path_that_does_not_exist(tmp_path):
+    with pytest.raises(CheckpointError, match="nope"):
+        Trainer(tiny_job(tmp_path), resume=str(tmp_path / "nope"))
+
+
+def test_missing_data_path_names_it(tmp_path):
+    missing = tmp_path / "absent.jsonl"
+    with pytest.raises(DataError, match="absent.jsonl"):
+        Trainer(tiny_job(tmp_path, "data.source=jsonl", f"data.paths=[{missing}]"))
+
+
+def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    trainer = Trainer(tiny_job(tmp_path, "trainer.max_nonfinite_steps=3"))
+    real_loss = trainer._loss
+    poisoned = {3, 6, 7, 8}  # optimizer steps whose loss is NaN
+    calls = {"n": 0}
+
+    def loss(batch):
+        step = trainer.step + 1
+        calls["n"] += 1
+        value = real_loss(batch)
+        return value * float("nan") if step in poisoned else value
+
+    monkeypatch.setattr(trainer, "_loss", loss)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(TrainingDiverged, match=r"step 8: .*3 steps in a row"):
+        trainer.run()
+    assert trainer.skipped_steps == 4
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+    # Diverged runs do not save: the last checkpoint is the good one at step 4.
+    assert checkpoint_steps(tmp_path) == ["step_00000004"]

@@ -1,0 +1,514 @@
+"""Checkpoints: one committed folder per step, written through torch.distributed.checkpoint.
+
+A checkpoint folder looks like
+
+    <folder>/step_00000300/
+        __0_0.distcp, .metadata     model + optimizer (DCP, keyed by parameter FQN)
+        train_state_rank0.pt        step, tokens, scheduler, data position, RNG, counters
+        config.yaml                 the resolved job config
+        .complete                   JSON marker, written last
+
+Model and optimizer state go through DCP with every parameter described as a global
+tensor, so a checkpoint written at one parallel layout loads at another. The folder
+is written under a hidden temporary name and renamed into place only after every file
+and the marker are on disk: a folder named `step_*` that holds the marker is complete,
+anything else is ignored (and never deleted automatically).
+
+In a multi-process job every rank calls `save` and `load` (DCP is collective); rank 0
+alone creates, commits and prunes folders.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+
+__all__ = ["CheckpointError", "CheckpointManager", "is_complete", "list_complete", "step_of"]
+
+MARKER = ".complete"
+CONFIG_FILE = "config.yaml"
+METADATA_FILE = ".metadata"
+FORMAT_VERSION = 1
+STEP_RE = re.compile(r"^step_(\d+)$")
+# Hidden prefixes of this module's own scratch folders; none of them matches STEP_RE.
+TMP_PREFIX = ".tmp_"
+REPLACED_PREFIX = ".replaced_"
+DELETING_PREFIX = ".deleting_"
+INCOMPLETE_PREFIX = ".incomplete_"
+# Longest list of keys quoted in one error message.
+MAX_LISTED = 12
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, half-written, corrupt or does not fit the model; the message names the folder."""
+
+
+def step_folder_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def train_state_file(rank: int) -> str:
+    return f"train_state_rank{rank}.pt"
+
+
+def step_of(path: Path) -> int | None:
+    """The step a `step_*` folder name encodes, else None."""
+    match = STEP_RE.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def is_complete(path: Path) -> bool:
+    return (Path(path) / MARKER).is_file()
+
+
+def list_complete(folder: Path) -> list[Path]:
+    """Complete step folders directly under `folder`, oldest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and step_of(p) is not None and is_complete(p)]
+    return sorted(found, key=lambda p: step_of(p))
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes the step folders under one checkpoint folder."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 0):
+        self.folder = Path(folder)
+        self.keep_last = keep_last
+        if _rank() == 0:
+            self._recover()
+
+    # ---- finding -------------------------------------------------------------------
+
+    def list_complete(self) -> list[Path]:
+        return list_complete(self.folder)
+
+    def latest(self) -> Path | None:
+        complete = self.list_complete()
+        return complete[-1] if complete else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """Turn `checkpoint.resume`-style input into a complete step folder.
+
+        "auto" gives the newest complete checkpoint (None when there is none); "" and
+        "none" give None. Anything else is a path: a complete step folder, or a folder
+        of step folders (its newest complete one). A relative path that does not exist
+        is also tried below this manager's folder, so "step_00000300" works.
+        """
+        if resume in ("", "none"):
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume).expanduser()
+        if not path.exists() and not path.is_absolute() and (self.folder / path).exists():
+            path = self.folder / path
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} is a file, not a step folder (step_NNNNNNNN/)")
+        if is_complete(path):
+            return path
+        if step_of(path) is not None:
+            raise CheckpointError(_half_written(path))
+        inside = list_complete(path)
+        if inside:
+            return inside[-1]
+        raise CheckpointError(
+            f"checkpoint {path} is not a step folder (step_NNNNNNNN/ holding {MARKER}) "
+            "and holds no complete step folder"
+        )
+
+    # ---- saving --------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        train_state: dict[str, Any],
+        config_yaml: str,
+    ) -> Path:
+        """Write and commit `step_{step:08d}`; safe to call at any step, and again for the same step.
+
+        An existing complete copy of the same step is swapped out only once the new one
+        is complete (a kill inside the two renames of the swap is undone by the next
+        manager built on this folder). After the commit the oldest complete checkpoints beyond `keep_last`
+        are deleted (never the one just written).
+        """
+        rank = _rank()
+        final = self.folder / step_folder_name(step)
+        tmp = self.folder / f"{TMP_PREFIX}{final.name}"
+        if rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            # A leftover with this name is an earlier, interrupted save of this very step.
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        _barrier()
+        fresh = _optimizer_is_fresh(optimizer)
+        try:
+            state = _state_dict(model, optimizer)
+            try:
+                with _single_process_dcp():
+                    dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
+            except CheckpointException as err:
+                raise CheckpointError(f"saving {final} failed: {_summary(err)}") from err
+            if fresh:
+                # get_state_dict filled the optimizer's state by a zero step; undo it so
+                # that saving does not change what the next optimizer step computes.
+                optimizer.state.clear()
+            _write_bytes(tmp / train_state_file(rank), _torch_bytes(train_state))
+            _barrier()
+            if rank == 0:
+                _write_bytes(tmp / CONFIG_FILE, config_yaml.encode())
+                files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+                for name in files:
+                    _fsync_file(tmp / name)
+                marker = {
+                    "format": FORMAT_VERSION,
+                    "step": step,
+                    "time": time.time(),
+                    "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "world_size": _world_size(),
+                    "optimizer_fresh": fresh,
+                    "files": files,
+                }
+                _write_marker(tmp, marker)
+                _fsync_dir(tmp)
+                _commit(tmp, final)
+                try:
+                    self._prune(keep=final)
+                except OSError as err:
+                    # The new checkpoint is committed; a failed clean-up must not fail the save.
+                    warnings.warn(f"checkpoint pruning in {self.folder} failed: {err}", stacklevel=2)
+        except BaseException:
+            if fresh:
+                optimizer.state.clear()
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _barrier()
+        return final
+
+    def _prune(self, keep: Path) -> None:
+        if self.keep_last <= 0:
+            return
+        for path in self.list_complete()[: -self.keep_last]:
+            if path == keep:
+                continue
+            # Rename first so that a crash mid-delete never leaves a marked, partial folder.
+            trash = path.with_name(f"{DELETING_PREFIX}{path.name}")
+            shutil.rmtree(trash, ignore_errors=True)
+            path.rename(trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def _recover(self) -> None:
+        """Finish what a process killed inside `_commit` or `_prune` left of this module's own scratch folders."""
+        if not self.folder.is_dir():
+            return
+        for path in self.folder.iterdir():
+            if path.name.startswith(REPLACED_PREFIX) and is_complete(path):
+                original = path.with_name(path.name[len(REPLACED_PREFIX) :])
+                if original.exists():
+                    if is_complete(original):
+                        shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.rename(original)
+            elif path.name.startswith(DELETING_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+
+    # ---- loading -------------------------------------------------------------------
+
+    def load(
+        self,
+        path: str | Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+    ) -> dict[str, Any]:
+        """Read a complete step folder into `model` (and `optimizer`); return its train_state.
+
+        Every file, the key set and every tensor shape are checked before anything is
+        copied into the model, so a checkpoint of another model raises CheckpointError
+        and leaves the model as it was. Without an optimizer only the model is read.
+        The train_state comes from this rank's file, else rank 0's (a resume at another
+        world size), with tensors on the CPU.
+        """
+        path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint {path} does not exist")
+        if not is_complete(path):
+            raise CheckpointError(_half_written(path))
+        marker = _read_marker(path)
+        _check_sizes(path, marker)
+        train_state = _read_train_state(path)
+        metadata = _read_metadata(path)
+
+        fresh = _optimizer_is_fresh(optimizer)
+        try:
+            state = _state_dict(model, optimizer)
+            _check_fit(path, metadata, state)
+            try:
+                with _single_process_dcp():
+                    dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+            except (Exception, CheckpointException) as err:
+                raise CheckpointError(
+                    f"checkpoint {path}: reading the tensor data files (*.distcp) failed, corrupt? {_summary(err)}"
+                ) from err
+            if optimizer is None:
+                set_model_state_dict(model, state["model"])
+            else:
+                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        except BaseException:
+            if fresh:
+                optimizer.state.clear()
+            raise
+        if optimizer is not None and marker.get("optimizer_fresh"):
+            # The saved optimizer had never stepped: so must the restored one.
+            optimizer.state.clear()
+        return train_state
+
+    def read_config(self, path: str | Path) -> dict[str, Any]:
+        """The job config saved with a checkpoint, as a mapping of sections."""
+        file = Path(path) / CONFIG_FILE
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise CheckpointError(f"checkpoint {Path(path)}: cannot read {CONFIG_FILE}: {err}") from err
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"checkpoint {Path(path)}: {CONFIG_FILE} does not hold a mapping of sections")
+        return loaded
+
+
+# ---- state dicts and checks ----------------------------------------------------------
+
+
+def _state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    if optimizer is None:
+        return {"model": get_model_state_dict(model)}
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    return {"model": model_sd, "optim": optim_sd}
+
+
+def _optimizer_is_fresh(optimizer: torch.optim.Optimizer | None) -> bool:
+    return optimizer is not None and not optimizer.state
+
+
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
+    """Leaves of a nested state dict under DCP's own dotted names (lists index by position)."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _flatten(child, f"{prefix}.{key}" if prefix else str(key), out)
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for index, child in enumerate(value):
+            _flatten(child, f"{prefix}.{index}", out)
+    else:
+        out[prefix] = value
+    return out
+
+
+def _check_fit(path: Path, metadata: Any, state: dict[str, Any]) -> None:
+    """Compare key sets and global shapes with the checkpoint's metadata, before any tensor is read."""
+    expected = _flatten(state, "", {})
+    sections = tuple(f"{name}." for name in state)
+    saved = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(sections)}
+    missing = sorted(k for k in expected if k not in saved)
+    unexpected = sorted(k for k in saved if k not in expected)
+    mismatched = []
+    for key in sorted(expected.keys() & saved.keys()):
+        want, have = expected[key], saved[key]
+        want_tensor = isinstance(want, torch.Tensor)
+        have_tensor = isinstance(have, TensorStorageMetadata)
+        if want_tensor != have_tensor:
+            mismatched.append(f"{key}: checkpoint holds {'a tensor' if have_tensor else 'a non-tensor value'}")
+        elif want_tensor and tuple(want.shape) != tuple(have.size):
+            mismatched.append(f"{key}: checkpoint {list(have.size)} vs model {list(want.shape)}")
+    if missing or unexpected or mismatched:
+        lines = [f"checkpoint {path} does not fit the model (nothing was loaded):"]
+        if mismatched:
+            lines.append(f"  shape mismatch:{_listing(mismatched)}")
+        if missing:
+            lines.append(f"  missing from the checkpoint:{_listing(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected in the checkpoint:{_listing(unexpected)}")
+        raise CheckpointError("\n".join(lines))
+
+
+def _summary(err: BaseException) -> str:
+    """One line per failed rank instead of DCP's full tracebacks."""
+    if not isinstance(err, CheckpointException):
+        return f"{type(err).__name__}: {err}"
+    parts = []
+    for rank, (exc, _trace) in sorted(err.failures.items()):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        parts.append(f"rank {rank}: {type(exc).__name__}: {first}")
+    return "; ".join(parts)
+
+
+def _listing(items: list[str]) -> str:
+    shown = items[:MAX_LISTED] + ([f"... and {len(items) - MAX_LISTED} more"] if len(items) > MAX_LISTED else [])
+    return "".join(f"\n    {item}" for item in shown)
+
+
+def _half_written(path: Path) -> str:
+    return (
+        f"checkpoint {path} lacks the {MARKER} marker: it is half-written (its save was interrupted) "
+        "and cannot be loaded; resume from another step folder or 'auto'"
+    )
+
+
+# ---- reading files -------------------------------------------------------------------
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    try:
+        marker = json.loads((path / MARKER).read_text())
+        if not isinstance(marker, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path}: marker file {MARKER} is unreadable: {err}") from err
+    return marker
+
+
+def _check_sizes(path: Path, marker: dict[str, Any]) -> None:
+    """Catch truncated or replaced files cheaply, by the sizes recorded at commit."""
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: file {name} is missing")
+        actual = file.stat().st_size
+        if actual != size:
+            raise CheckpointError(
+                f"checkpoint {path}: file {name} has {actual} bytes but {size} were saved (truncated or overwritten)"
+            )
+
+
+def _read_train_state(path: Path) -> dict[str, Any]:
+    file = path / train_state_file(_rank())
+    if not file.is_file():
+        file = path / train_state_file(0)
+    if not file.is_file():
+        raise CheckpointError(f"checkpoint {path}: file {file.name} is missing")
+    try:
+        # Our own file: it holds arbitrary Python objects, hence weights_only=False.
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: file {file.name} is corrupt or truncated: {err}") from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: file {file.name} does not hold a dict")
+    return state
+
+
+def _read_metadata(path: Path) -> Any:
+    try:
+        return FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"checkpoint {path}: file {METADATA_FILE} is corrupt or missing: {err}") from err
+
+
+# ---- writing files -------------------------------------------------------------------
+
+
+def _torch_bytes(obj: Any) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _write_bytes(file: Path, data: bytes) -> None:
+    with open(file, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
+    _write_bytes(folder / MARKER, json.dumps(marker, indent=1).encode())
+
+
+def _fsync_file(file: Path) -> None:
+    with open(file, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    # A rename is durable only once its directory is synced; some platforms cannot open directories.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Rename a finished temporary folder into place, keeping any older complete copy until then."""
+    replaced = None
+    if final.exists():
+        if is_complete(final):
+            replaced = final.with_name(f"{REPLACED_PREFIX}{final.name}")
+            shutil.rmtree(replaced, ignore_errors=True)
+        else:
+            # Not ours to delete: move the stranger aside, keeping its contents.
+            replaced_name = f"{INCOMPLETE_PREFIX}{final.name}_{time.strftime('%Y%m%d-%H%M%S')}"
+            warnings.warn(f"{final} had no {MARKER} marker; moved it to {replaced_name}", stacklevel=3)
+            final.rename(final.with_name(replaced_name))
+        if replaced is not None:
+            final.rename(replaced)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+# ---- process group -------------------------------------------------------------------
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+@contextmanager
+def _single_process_dcp() -> Iterator[None]:
+    # DCP warns on every call without a process group even when told no_dist=True.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield

@@ -1,0 +1,132 @@
+"""Batches for training and evaluation, with a read position that survives restarts.
+
+The training order is a pure function of (seed, epoch), and the loader's state is just
+(epoch, index), so a loader restored from a checkpoint yields exactly the batches the
+interrupted one would have yielded next, with no data skipped or repeated.
+
+Shapes: B = micro_batch_size, W = world_size (data-parallel ranks), S = seq_len.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsetron.train.config import DataConfig
+from sparsetron.train.data.errors import DataError
+from sparsetron.train.data.packing import PackedDataset, split_train_val
+from sparsetron.train.data.sources import load_documents
+from sparsetron.train.data.tokenizer import TokenizerLike
+
+__all__ = ["Batch", "TrainLoader", "build_datasets", "eval_batches"]
+
+
+@dataclass
+class Batch:
+    """One micro-batch; every tensor int64 [B, S]."""
+
+    tokens: torch.Tensor
+    """Input token ids."""
+    targets: torch.Tensor
+    """The next token of each input position."""
+    doc_ids: torch.Tensor
+    """Document of each input token, numbered from 0 within its sequence."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.targets, self.doc_ids)))
+
+
+def _batch(dataset: PackedDataset, indices: np.ndarray) -> Batch:
+    inputs, targets, doc_ids = dataset.gather(indices)
+    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(doc_ids))
+
+
+def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[PackedDataset, PackedDataset]:
+    """The (train, val) windows of the source `cfg` names; val is the last documents."""
+    docs = load_documents(cfg, tokenizer)
+    return split_train_val(docs.tokens, docs.doc_starts, cfg.seq_len, cfg.val_fraction)
+
+
+class TrainLoader:
+    """Endless micro-batches of `dataset`, epoch after epoch, each epoch freshly shuffled.
+
+    Every step consumes one global batch of B*W windows from the epoch's permutation;
+    rank r keeps windows r, r+W, r+2W, ... of it, so ranks never overlap. An epoch ends
+    when fewer than B*W windows remain (those few wait for the next epoch's shuffle).
+    """
+
+    def __init__(self, dataset: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if micro_batch_size < 1:
+            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} out of range for world_size {world_size}")
+        self.global_batch = micro_batch_size * world_size
+        if len(dataset) < self.global_batch:
+            raise DataError(
+                f"training split has {len(dataset)} windows of seq_len {dataset.seq_len} "
+                f"({dataset.n_tokens} tokens), fewer than one global batch of "
+                f"micro_batch_size {micro_batch_size} x world_size {world_size} = {self.global_batch}"
+            )
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.index = 0  # windows of this epoch's permutation already consumed (all ranks)
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.global_batch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng((self.seed, epoch)).permutation(len(self.dataset))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def __iter__(self) -> TrainLoader:
+        return self
+
+    def __next__(self) -> Batch:
+        # Roll over lazily, on the next read: the state saved after an epoch's last
+        # batch then still reads (epoch, end), and resuming from it rolls identically.
+        if self.index + self.global_batch > len(self.dataset):
+            self.epoch += 1
+            self.index = 0
+        chunk = self._permutation(self.epoch)[self.index : self.index + self.global_batch]
+        self.index += self.global_batch
+        return _batch(self.dataset, chunk[self.rank :: self.world_size])
+
+    def state_dict(self) -> dict[str, int]:
+        """The read position: where the next batch comes from (same on every rank)."""
+        return {"epoch": int(self.epoch), "index": int(self.index)}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            epoch, index = int(state["epoch"]), int(state["index"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"data loader state must hold integer 'epoch' and 'index', got {state!r}") from e
+        if epoch < 0 or not 0 <= index <= len(self.dataset):
+            raise DataError(f"data loader state {state!r} does not fit a training split of {len(self.dataset)} windows")
+        self.epoch, self.index = epoch, index
+
+
+def eval_batches(dataset: PackedDataset, micro_batch_size: int, n: int) -> list[Batch]:
+    """The first n micro-batches of `dataset` in order, the same at every call.
+
+    A split smaller than n batches gives as many full batches as it holds; one smaller
+    than a single batch gives one short batch of all its windows. n = 0 gives none.
+    """
+    if micro_batch_size < 1:
+        raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if n <= 0:
+        return []
+    if len(dataset) < micro_batch_size:
+        return [_batch(dataset, np.arange(len(dataset)))]
+    count = min(n, len(dataset) // micro_batch_size)
+    return [_batch(dataset, np.arange(i * micro_batch_size, (i + 1) * micro_batch_size)) for i in range(count)]

@@ -1,0 +1,316 @@
+"""The training loop: build everything from a JobConfig, train, evaluate, checkpoint, resume.
+
+Launch: `sparsetron train tiny` (see launch/cli.py), or from Python
+`Trainer(load_job_config("tiny")).run()`.
+
+Cheap checks come first (config, tokenizer, checkpoint to resume, data paths), so bad
+input fails before the model is built or anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sparsetron.model.config import ConfigError
+from sparsetron.model.moe.balancing import accumulate_load, moe_metrics, set_aux_loss_scale, update_expert_bias
+from sparsetron.model.transformer import Transformer, active_params
+from sparsetron.parallel.parallelize import check_single_process, parallelize
+from sparsetron.train.checkpoint import CheckpointManager
+from sparsetron.train.config import JobConfig, model_sections
+from sparsetron.train.config_io import dump_yaml, from_dict
+from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
+from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
+from sparsetron.train.metrics import MetricsLogger, memory_stats
+from sparsetron.train.optim import build_optimizer, clip_grad_norm
+from sparsetron.train.progress import Progress
+from sparsetron.train.schedule import build_scheduler
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many steps in a row had a non-finite loss or gradient norm."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for the CLI and for tests."""
+
+    step: int
+    tokens_seen: int
+    losses: dict[int, float] = field(default_factory=dict)
+    """Training loss of every step taken in this process, by step number (1-based)."""
+    eval_losses: dict[int, float] = field(default_factory=dict)
+    """Validation loss by the step after which it was measured (0 = before training)."""
+    skipped_steps: int = 0
+    stopped_early: bool = False
+    checkpoint: Path | None = None
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' was asked for but no CUDA device is available")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype, or None for plain fp32."""
+    if choice == "auto":
+        choice = "bf16" if device.type == "cuda" else "fp32"
+    return torch.bfloat16 if choice == "bf16" else None
+
+
+def resolve_vocab(job: JobConfig, tokenizer_vocab: int) -> None:
+    """Fill model.vocab_size from the tokenizer (rounded up to 64) or check it is large enough."""
+    if job.model.vocab_size == 0:
+        job.model.vocab_size = -(-tokenizer_vocab // 64) * 64
+    elif job.model.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={job.model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} tokens"
+        )
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def check_same_model(job: JobConfig, saved: dict, path: Path) -> None:
+    """Refuse a checkpoint whose model, attention or moe section differs from this job's."""
+    differences = []
+    for section, current in model_sections(job).items():
+        try:
+            previous = from_dict(type(current), saved.get(section, {}), section)
+        except ConfigError as err:
+            raise ConfigError(f"checkpoint {path}: its saved config is unreadable: {err}") from err
+        for name, value in vars(current).items():
+            if getattr(previous, name) != value:
+                differences.append(f"{section}.{name}: checkpoint {getattr(previous, name)!r}, config {value!r}")
+    if differences:
+        raise ConfigError(f"checkpoint {path} was written by a different model:\n  " + "\n  ".join(differences))
+
+
+class Trainer:
+    """One training run of `job`, optionally resumed (`resume` = "auto" or a checkpoint folder)."""
+
+    def __init__(self, job: JobConfig, resume: str | None = None):
+        self.job = job
+        check_single_process(job.parallel, int(os.environ.get("WORLD_SIZE", "1")))
+        self.device = resolve_device(job.trainer.device)
+        self.autocast_dtype = resolve_precision(job.trainer.precision, self.device)
+        self.tokenizer = build_tokenizer(job.data.tokenizer)
+        resolve_vocab(job, self.tokenizer.vocab_size)
+
+        self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
+        self.resume_from = self.checkpoints.resolve(resume) if resume else None
+        if self.resume_from is not None:
+            check_same_model(job, self.checkpoints.read_config(self.resume_from), self.resume_from)
+
+        self.train_data, self.val_data = build_datasets(job.data, self.tokenizer)
+        tc = job.trainer
+        self.loader = TrainLoader(self.train_data, tc.micro_batch_size, job.data.seed)
+        self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
+
+        torch.manual_seed(tc.seed)
+        random.seed(tc.seed)
+        np.random.seed(tc.seed)
+        with torch.device("meta"):
+            self.model = Transformer(job.model, job.attention, job.moe)
+        self.model.to_empty(device=self.device)
+        with torch.no_grad():
+            self.model.init_weights()
+        parallelize(self.model, job.parallel)
+        set_aux_loss_scale(self.model, 1.0 / tc.grad_accum_steps)
+
+        self.optimizer = build_optimizer(self.model, job.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, job.schedule, tc.steps)
+        self.step = 0
+        self.tokens_seen = 0
+        self.nonfinite_in_a_row = 0
+        self.skipped_steps = 0
+        if self.resume_from is not None:
+            self._load(self.resume_from)
+
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * job.data.seq_len
+        head_dim = job.attention.head_size(job.model.dim)
+        self.flops_per_token = flops_per_token(
+            active_params(job.model, job.attention, job.moe),
+            job.model.n_layers,
+            job.attention.n_heads,
+            head_dim,
+            job.data.seq_len,
+        )
+        self.peak_tflops = job.metrics.peak_tflops or peak_tflops(self.device)
+        self._stop_requested = False
+
+    # ---- state --------------------------------------------------------------------------
+
+    def _train_state(self) -> dict:
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
+            "skipped_steps": self.skipped_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "loader": self.loader.state_dict(),
+            "rng": rng_state(),
+        }
+
+    def _load(self, path: Path) -> None:
+        state = self.checkpoints.load(path, self.model, self.optimizer)
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self.skipped_steps = state["skipped_steps"]
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
+        set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        return self.checkpoints.save(self.step, self.model, self.optimizer, self._train_state(), dump_yaml(self.job))
+
+    # ---- one step ---------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _loss(self, batch) -> torch.Tensor:
+        tokens = batch.tokens.to(self.device, non_blocking=True)
+        targets = batch.targets.to(self.device, non_blocking=True)
+        doc_ids = batch.doc_ids.to(self.device, non_blocking=True)
+        with self._autocast():
+            logits = self.model(tokens, doc_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
+        accum = self.job.trainer.grad_accum_steps
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        for _ in range(accum):
+            loss = self._loss(next(self.loader))
+            (loss / accum).backward()
+            accumulate_load(self.model)
+            total += loss.detach()
+        loss_value = (total / accum).item()
+        grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip).item()
+        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+            self.optimizer.step()
+            update_expert_bias(self.model)
+            self.nonfinite_in_a_row = 0
+        else:
+            # The batch is consumed and the schedule advances, so a resumed run stays aligned.
+            update_expert_bias(self.model, apply=False)
+            self.nonfinite_in_a_row += 1
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return loss_value, grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean cross-entropy over the fixed validation batches."""
+        self.model.eval()
+        losses = [self._loss(batch) for batch in self.eval_set]
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    # ---- the loop -----------------------------------------------------------------------
+
+    def _request_stop(self, signum, frame) -> None:
+        self._stop_requested = True
+
+    def run(self) -> TrainResult:
+        job, tc = self.job, self.job.trainer
+        run_dir = Path(tc.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(job))
+        stop_at = tc.stop_at or tc.steps
+        result = TrainResult(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps)
+        metrics = MetricsLogger(job.metrics, run_dir)
+        progress = Progress(job.metrics.console, tc.steps, self.step)
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            if self.resume_from is not None:
+                progress.message(f"resumed from {self.resume_from} at step {self.step}")
+            else:
+                result.eval_losses[0] = self.evaluate()
+                metrics.log(0, {"eval/loss": result.eval_losses[0]})
+                progress.message(f"step 0: eval loss {result.eval_losses[0]:.4f}")
+            window_start, window_tokens = time.perf_counter(), 0
+            while self.step < stop_at and not self._stop_requested:
+                loss, grad_norm = self.train_step()
+                result.losses[self.step] = loss
+                window_tokens += self.tokens_per_step
+                if self.nonfinite_in_a_row >= tc.max_nonfinite_steps:
+                    raise TrainingDiverged(
+                        f"step {self.step}: loss or gradient norm was NaN/inf for {self.nonfinite_in_a_row} "
+                        f"steps in a row (trainer.max_nonfinite_steps={tc.max_nonfinite_steps}); "
+                        "stopping without saving. Lower optimizer.lr or resume from the last checkpoint."
+                    )
+                last = self.step == stop_at
+                if self.step % job.metrics.log_interval == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
+                    metrics.log(self.step, scalars)
+                    progress.update(self.step, scalars)
+                    window_start, window_tokens = time.perf_counter(), 0
+                if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.steps:
+                    result.eval_losses[self.step] = self.evaluate()
+                    metrics.log(self.step, {"eval/loss": result.eval_losses[self.step]})
+                    progress.update(self.step, {"eval/loss": result.eval_losses[self.step]})
+                interval = job.checkpoint.interval
+                if interval and self.step % interval == 0 and not last:
+                    result.checkpoint = self.save()
+            result.stopped_early = self.step < tc.steps
+            # Interval saves skip the last step, so this never writes the same step twice.
+            if job.checkpoint.save_final:
+                result.checkpoint = self.save()
+            if result.stopped_early and result.checkpoint is not None:
+                progress.message(f"stopped at step {self.step}; resume with --resume auto ({result.checkpoint})")
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+            progress.close()
+            metrics.close()
+        result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps
+        return result
+
+    def _scalars(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
+        scalars = {
+            "loss": loss,
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tokens_seen": float(self.tokens_seen),
+            "skipped_steps": float(self.skipped_steps),
+        }
+        if self.peak_tflops:
+            scalars["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_tflops)
+        scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
+        scalars.update(moe_metrics(self.model))
+        return scalars
