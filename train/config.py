@@ -180,10 +180,10 @@ class TrainerConfig:
     """Autocast dtype of the forward: auto = bf16 on GPUs, fp32 on CPUs. Parameters stay fp32."""
 
     def validate(self, prefix: str = "trainer") -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum_steps", "max_nonfinite_steps"):
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "max_nonfinite_steps"):
             value = getattr(self, name)
             check(value >= 1, f"{prefix}.{name}", f"must be >= 1, got {value}")
-        for name in ("eval_interval", "eval_batches", "stop_at"):
+        for name in ("eval_interval", "stop_at"):
             value = getattr(self, name)
             check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")
         check(

@@ -252,7 +252,8 @@ class Trainer:
         (run_dir / "config.yaml").write_text(dump_yaml(job))
         stop_at = tc.stop_at or tc.steps
         result = TrainResult(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps)
-        metrics = MetricsLogger(job.metrics, run_dir)
+        # start_step drops TensorBoard points a resumed run is about to write again.
+        metrics = MetricsLogger(job.metrics, run_dir, start_step=self.step if self.resume_from else None)
         progress = Progress(job.metrics.console, tc.steps, self.step)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         try:

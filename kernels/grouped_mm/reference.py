@@ -24,15 +24,15 @@ def grouped_mm_reference(x_TD: torch.Tensor, w_EDH: torch.Tensor, offsets_E: tor
     ends = offsets_E.tolist()
     if any(b < a for a, b in zip([0] + ends[:-1], ends, strict=True)) or (ends and ends[-1] > T):
         raise ValueError(f"offsets must be non-decreasing, >= 0 and at most the {T} rows of x, got {ends}")
-    pieces = []
-    start = 0
-    for g, end in enumerate(ends):
-        # Empty groups still run a [0, D] @ [D, H] product, so every w[g] is in the graph and
-        # receives a (zero) gradient rather than None.
-        pieces.append(x_TD[start:end] @ w_EDH[g])
-        start = end
-    if start < T:
-        pieces.append(x_TD.new_zeros(T - start, H))
+    # split/unbind rather than slicing and indexing: their backward concatenates the pieces'
+    # gradients, where a slice's or select's backward zero-fills a full-size tensor per group.
+    sizes = [b - a for a, b in zip([0] + ends[:-1], ends, strict=True)]
+    x_pieces = torch.split(x_TD, [*sizes, T - sum(sizes)], dim=0)
+    # Empty groups still run a [0, D] @ [D, H] product, so every w[g] is in the graph and
+    # receives a (zero) gradient rather than None.
+    pieces = [x_g @ w_g for x_g, w_g in zip(x_pieces, w_EDH.unbind(0), strict=False)]
+    if sum(sizes) < T:
+        pieces.append(x_TD.new_zeros(T - sum(sizes), H))
     if not pieces:
         return x_TD.new_zeros(T, H)
     return torch.cat(pieces, dim=0)
