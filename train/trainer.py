@@ -123,6 +123,7 @@ class Trainer:
         resolve_vocab(job, self.tokenizer.vocab_size)
 
         self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
+        self.resume_requested = bool(resume)
         self.resume_from = self.checkpoints.resolve(resume) if resume else None
         if self.resume_from is not None:
             check_same_model(job, self.checkpoints.read_config(self.resume_from), self.resume_from)
@@ -260,6 +261,8 @@ class Trainer:
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
             else:
+                if self.resume_requested:
+                    progress.message(f"no complete checkpoint in {self.checkpoints.folder}; starting from step 0")
                 result.eval_losses[0] = self.evaluate()
                 metrics.log(0, {"eval/loss": result.eval_losses[0]})
                 progress.message(f"step 0: eval loss {result.eval_losses[0]:.4f}")

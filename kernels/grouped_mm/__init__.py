@@ -36,6 +36,10 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+# The loop's group sizes are data: traced, every new routing pattern would be a recompile.
+_loop = torch.compiler.disable(grouped_mm_reference)
+
+
 def _aligned(t: torch.Tensor) -> bool:
     # The torch kernel needs every stride to be a multiple of 16 bytes.
     return all((s * t.element_size()) % 16 == 0 for s in t.stride()[:-1]) and t.stride(-1) == 1
@@ -89,7 +93,7 @@ def grouped_mm(
         dtype = torch.get_autocast_dtype(device_type)
         x_TD, w_EDH = x_TD.to(dtype), w_EDH.to(dtype)
     if resolve_backend(x_TD, w_EDH, backend) == "loop":
-        return grouped_mm_reference(x_TD, w_EDH, offsets_E)
+        return _loop(x_TD, w_EDH, offsets_E)
     if _torch_grouped_mm is None:
         raise RuntimeError(f"torch {torch.__version__} has no grouped_mm; use backend='loop'")
     y_TH = _torch_grouped_mm(x_TD, w_EDH, offs=offsets_E.to(torch.int32))

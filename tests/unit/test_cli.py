@@ -116,4 +116,4 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
         "auto",
     )
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from" in resumed.stdout and f"done: step {step + 2}" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"done: step {step + 2}" in resumed.stdout

@@ -38,7 +38,7 @@ def checkpoint_steps(run_dir):
 
 
 def test_tiny_learns_and_writes_its_outputs(tmp_path):
-    result = Trainer(tiny_job(tmp_path, "optimizer.lr=1e-2", steps=24, )).run()
+    result = Trainer(tiny_job(tmp_path, "optimizer.lr=1e-2", steps=24)).run()
     assert result.step == 24 and result.tokens_seen == 24 * 2 * 4 * 64
     assert result.eval_losses[24] < 0.8 * result.eval_losses[0]
     assert all(math.isfinite(v) for v in result.losses.values())

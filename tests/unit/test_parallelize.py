@@ -1,0 +1,47 @@
+"""Activation checkpointing and compile change how a step runs, never what it computes."""
+
+import pytest
+
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.trainer import Trainer
+
+STEPS = 4
+
+
+def job(run_dir, *overrides):
+    return load_job_config(
+        "debug-deepseek",
+        [
+            f"trainer.steps={STEPS}",
+            "trainer.grad_accum_steps=2",
+            "schedule.warmup_steps=1",
+            "checkpoint.interval=0",
+            "metrics.console=none",
+            f"trainer.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def eager(tmp_path_factory):
+    return Trainer(job(tmp_path_factory.mktemp("eager"))).run()
+
+
+def test_activation_checkpointing_is_bitwise_equal(tmp_path, eager):
+    ac = Trainer(job(tmp_path, "parallel.activation_checkpointing=full")).run()
+    assert ac.losses == eager.losses
+    assert ac.eval_losses == eager.eval_losses
+
+
+def test_checkpoint_keys_do_not_depend_on_activation_checkpointing(tmp_path, eager):
+    Trainer(job(tmp_path, "parallel.activation_checkpointing=full", "trainer.stop_at=2")).run()
+    resumed = Trainer(job(tmp_path), resume="auto").run()
+    assert resumed.losses == {s: v for s, v in eager.losses.items() if s > 2}
+
+
+def test_compiled_blocks_match_eager(tmp_path, eager):
+    compiled = Trainer(job(tmp_path, "parallel.compile=true")).run()
+    assert compiled.losses.keys() == eager.losses.keys()
+    for step, loss in eager.losses.items():
+        assert compiled.losses[step] == pytest.approx(loss, rel=1e-4), step
