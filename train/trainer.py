@@ -9,12 +9,14 @@ input fails before the model is built or anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import signal
+import threading
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import accumulate_load, moe_metrics, set_aux_loss_scale, update_expert_bias
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.parallelize import check_single_process, parallelize
-from sparsetron.train.checkpoint import CheckpointManager
+from sparsetron.train.checkpoint import CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig, model_sections
 from sparsetron.train.config_io import dump_yaml, from_dict
 from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
@@ -244,7 +246,23 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
+        # The first SIGTERM or Ctrl-C finishes the step and saves; a second Ctrl-C aborts now.
+        if self._stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self._stop_requested = True
+
+    @contextmanager
+    def _stop_on_signals(self):
+        """Route SIGTERM and SIGINT to `_request_stop` while training (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def run(self) -> TrainResult:
         job, tc = self.job, self.job.trainer
@@ -256,8 +274,7 @@ class Trainer:
         # start_step drops TensorBoard points a resumed run is about to write again.
         metrics = MetricsLogger(job.metrics, run_dir, start_step=self.step if self.resume_from else None)
         progress = Progress(job.metrics.console, tc.steps, self.step)
-        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
-        try:
+        with self._stop_on_signals(), metrics, contextlib.closing(progress):
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
             else:
@@ -292,15 +309,11 @@ class Trainer:
                 if interval and self.step % interval == 0 and not last:
                     result.checkpoint = self.save()
             result.stopped_early = self.step < tc.steps
-            # Interval saves skip the last step, so this never writes the same step twice.
-            if job.checkpoint.save_final:
+            saved_now = result.checkpoint is not None and result.checkpoint.name == step_folder_name(self.step)
+            if job.checkpoint.save_final and not saved_now:
                 result.checkpoint = self.save()
             if result.stopped_early and result.checkpoint is not None:
                 progress.message(f"stopped at step {self.step}; resume with --resume auto ({result.checkpoint})")
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
-            progress.close()
-            metrics.close()
         result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps
         return result
 

@@ -46,7 +46,7 @@ def naive_aux(scores, indices, coeff, normalise_sigmoid=False):
     for i in range(E):
         P_i = sum((scores[t, i] / scores[t].sum() if normalise_sigmoid else scores[t, i]) for t in range(T)) / T
         total += counts[i] / (T * k) * P_i
-    return coeff * E * total
+    return float(coeff * E * total)
 
 
 def test_expert_counts():

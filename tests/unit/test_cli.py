@@ -73,8 +73,9 @@ def test_train_prints_progress_and_writes_outputs(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000003", "step_00000006"]
 
 
-@pytest.mark.skipif(os.name != "posix", reason="SIGTERM")
-def test_sigterm_saves_and_resume_continues(tmp_path):
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_and_resume_continues(tmp_path, sig):
     args = [
         sys.executable,
         "-m",
@@ -96,7 +97,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
         if line.lstrip().startswith("step") and "loss" in line:
             break
         assert time.monotonic() < deadline
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     saved = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
