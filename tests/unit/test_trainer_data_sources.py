@@ -1,0 +1,82 @@
+"""The trainer on each non-default data route: local jsonl with a Hugging Face tokenizer,
+and Megatron indexed data. Everything is made here; nothing is downloaded."""
+
+import json
+import math
+import random
+import warnings
+
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.data import ByteTokenizer
+from sparsetron.train.trainer import Trainer
+
+WORDS = "alpha beta gamma delta expert router token shard mesh layer block".split()
+
+
+def sentences(n, seed):
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(n)]
+
+
+def run(tmp_path, *data_overrides):
+    job = load_job_config(
+        "debug-deepseek",
+        [
+            "trainer.steps=6",
+            "trainer.eval_interval=0",
+            "schedule.warmup_steps=1",
+            "data.seq_len=32",
+            "data.val_fraction=0.1",
+            "data.max_documents=0",
+            "metrics.console=none",
+            f"trainer.run_dir={tmp_path / 'run'}",
+            *data_overrides,
+        ],
+    )
+    trainer = Trainer(job)
+    return trainer, trainer.run()
+
+
+def test_jsonl_with_a_local_tokenizer_json(tmp_path):
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.train_from_iterator(
+        sentences(300, seed=1), trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<|endoftext|>"])
+    )
+    tokenizer_file = tmp_path / "tokenizer.json"
+    tokenizer.save(str(tokenizer_file))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"body": s, "id": i}) for i, s in enumerate(sentences(400, seed=2))))
+
+    trainer, result = run(
+        tmp_path,
+        "data.source=jsonl",
+        f"data.paths=[{corpus}]",
+        "data.text_key=body",
+        f"data.tokenizer={tokenizer_file}",
+    )
+    vocab = tokenizer.get_vocab_size()
+    assert trainer.job.model.vocab_size == -(-vocab // 64) * 64
+    assert trainer.tokenizer.eos_id == tokenizer.token_to_id("<|endoftext|>")
+    assert result.step == 6 and all(math.isfinite(v) for v in result.losses.values())
+    assert result.eval_losses[6] < result.eval_losses[0]
+
+
+def test_megatron_indexed_data(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    byte = ByteTokenizer()
+    prefix = str(tmp_path / "corpus_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for s in sentences(300, seed=3):
+        builder.add_document(np.array([*byte.encode(s), byte.eos_id], dtype=np.uint16), [len(s) + 1])
+    builder.finalize(prefix + ".idx")
+
+    trainer, result = run(tmp_path, "data.source=megatron", f"data.paths=[{prefix}]")
+    assert trainer.train_data.n_documents + trainer.val_data.n_documents == 300
+    assert result.step == 6 and result.eval_losses[6] < result.eval_losses[0]
