@@ -7,7 +7,7 @@ config --doc` prints them and a test checks that none is missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 
 class ConfigError(ValueError):
@@ -23,6 +23,8 @@ def check(condition: bool, key: str, message: str) -> None:
 @dataclass
 class ModelConfig:
     """Shape of the decoder-only transformer."""
+
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "dim", "n_layers", "ffn_hidden", "tie_embeddings")
 
     vocab_size: int = 0
     """Embedding rows. 0 = the tokenizer's vocabulary, rounded up to a multiple of 64."""
@@ -53,6 +55,8 @@ class ModelConfig:
 @dataclass
 class AttentionConfig:
     """Grouped-query attention with rotary positions."""
+
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("n_heads", "n_kv_heads", "head_dim", "qk_norm")
 
     n_heads: int = 4
     """Query heads."""
@@ -103,6 +107,15 @@ class MoEConfig:
     `num_experts` and `top_k` are given at granularity 1; granularity G multiplies both
     and divides the expert's hidden size, so active compute stays the same.
     """
+
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "num_experts",
+        "granularity",
+        "expert_hidden",
+        "n_shared_experts",
+        "shared_expert_gate",
+        "first_k_dense",
+    )
 
     num_experts: int = 0
     """Routed experts at granularity 1. 0 = a dense model (every layer a SwiGLU FFN)."""

@@ -58,6 +58,7 @@ TMP_PREFIX = ".tmp_"
 REPLACED_PREFIX = ".replaced_"
 DELETING_PREFIX = ".deleting_"
 INCOMPLETE_PREFIX = ".incomplete_"
+ABANDONED_PREFIX = "abandoned_"
 # Longest list of keys quoted in one error message.
 MAX_LISTED = 12
 
@@ -141,6 +142,22 @@ class CheckpointManager:
             f"checkpoint {path} is not a step folder (step_NNNNNNNN/ holding {MARKER}) "
             "and holds no complete step folder"
         )
+
+    def set_aside_after(self, step: int) -> list[Path]:
+        """Rename complete checkpoints newer than `step` to `abandoned_<time>_step_N`.
+
+        Resuming from an older checkpoint starts a new branch of the run; its saves must
+        neither overwrite the old branch's folders nor have `latest()` pick them up. They are
+        kept on disk under a name no lookup matches. Returns their new paths.
+        """
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        moved = []
+        for path in self.list_complete():
+            if step_of(path) > step:
+                target = path.with_name(f"{ABANDONED_PREFIX}{stamp}_{path.name}")
+                path.rename(target)
+                moved.append(target)
+        return moved
 
     # ---- saving --------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ once, after every override has been applied.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check
 from sparsetron.parallel.config import ParallelConfig
@@ -30,6 +30,18 @@ FILE_SOURCES = ("text", "jsonl", "parquet", "megatron")
 @dataclass
 class DataConfig:
     """Where tokens come from and how they are packed."""
+
+    # A saved read position points into the sequences these fields produce.
+    POSITION_FIELDS: ClassVar[tuple[str, ...]] = (
+        "source",
+        "paths",
+        "text_key",
+        "tokenizer",
+        "seq_len",
+        "val_fraction",
+        "max_documents",
+        "seed",
+    )
 
     source: Literal["stdlib", "text", "jsonl", "parquet", "megatron"] = "stdlib"
     """stdlib: the source of Python's standard library (no download). text/jsonl/parquet: local files read with `datasets`. megatron: an indexed .bin/.idx pair."""
@@ -239,8 +251,3 @@ class JobConfig:
 
     def checkpoint_folder(self) -> str:
         return self.checkpoint.folder or f"{self.trainer.run_dir}/checkpoints"
-
-
-def model_sections(job: JobConfig) -> dict:
-    """The sections that fix the model's parameter shapes (compared when resuming)."""
-    return {"model": job.model, "attention": job.attention, "moe": job.moe}

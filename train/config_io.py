@@ -75,7 +75,9 @@ def apply_override(raw: dict, item: str) -> None:
         raise ConfigError(f"override '{item}': value is not valid YAML: {err}") from err
     node = raw
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        child = node.get(part)
+        if child is None:  # absent, or an empty `section:` line in the YAML
+            child = node[part] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"override '{item}': {part} is not a section")
         node = child
@@ -91,7 +93,7 @@ def from_dict(cls: type, raw: Any, prefix: str) -> Any:
         raise ConfigError(f"{where}: expected a mapping of keys, got {type(raw).__name__} {raw!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = sorted(set(raw) - set(fields), key=str)
     if unknown:
         names = ", ".join(f"{prefix}.{k}" if prefix else str(k) for k in unknown)
         raise ConfigError(f"unknown key {names}; allowed in {where}: {', '.join(fields)}")

@@ -34,7 +34,16 @@ def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, start_step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A LambdaLR whose state (its step count) is saved with each checkpoint."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(cfg, step, total_steps))
+    """A LambdaLR positioned to give the learning rate of step `start_step` next.
+
+    A resumed run builds it from the step count rather than loading its state, so a
+    changed optimizer.lr, schedule or trainer.steps takes effect.
+    """
+    if start_step > 0:
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_multiplier(cfg, step, total_steps), last_epoch=start_step - 1
+    )

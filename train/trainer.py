@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import random
 import signal
 import threading
 import time
@@ -20,7 +19,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -28,14 +26,15 @@ from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import accumulate_load, moe_metrics, set_aux_loss_scale, update_expert_bias
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.parallelize import check_single_process, parallelize
-from sparsetron.train.checkpoint import CheckpointManager, step_folder_name
-from sparsetron.train.config import JobConfig, model_sections
-from sparsetron.train.config_io import dump_yaml, from_dict
+from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
+from sparsetron.train.config import JobConfig
+from sparsetron.train.config_io import dump_yaml
 from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer, clip_grad_norm
 from sparsetron.train.progress import Progress
+from sparsetron.train.resume import compare_with_checkpoint, rng_state, set_rng_state
 from sparsetron.train.schedule import build_scheduler
 
 
@@ -83,36 +82,6 @@ def resolve_vocab(job: JobConfig, tokenizer_vocab: int) -> None:
         )
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def check_same_model(job: JobConfig, saved: dict, path: Path) -> None:
-    """Refuse a checkpoint whose model, attention or moe section differs from this job's."""
-    differences = []
-    for section, current in model_sections(job).items():
-        try:
-            previous = from_dict(type(current), saved.get(section, {}), section)
-        except ConfigError as err:
-            raise ConfigError(f"checkpoint {path}: its saved config is unreadable: {err}") from err
-        for name, value in vars(current).items():
-            if getattr(previous, name) != value:
-                differences.append(f"{section}.{name}: checkpoint {getattr(previous, name)!r}, config {value!r}")
-    if differences:
-        raise ConfigError(f"checkpoint {path} was written by a different model:\n  " + "\n  ".join(differences))
-
-
 class Trainer:
     """One training run of `job`, optionally resumed (`resume` = "auto" or a checkpoint folder)."""
 
@@ -127,8 +96,15 @@ class Trainer:
         self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
         self.resume_requested = bool(resume)
         self.resume_from = self.checkpoints.resolve(resume) if resume else None
+        self.changed_settings: list[str] = []
         if self.resume_from is not None:
-            check_same_model(job, self.checkpoints.read_config(self.resume_from), self.resume_from)
+            saved = self.checkpoints.read_config(self.resume_from)
+            self.changed_settings = compare_with_checkpoint(job, saved, self.resume_from)
+        elif not resume and self.checkpoints.latest() is not None:
+            raise CheckpointError(
+                f"{self.checkpoints.folder} already holds checkpoints (newest: {self.checkpoints.latest().name}); "
+                "continue that run with --resume auto, or start a new one in another trainer.run_dir"
+            )
 
         self.train_data, self.val_data = build_datasets(job.data, self.tokenizer)
         tc = job.trainer
@@ -136,8 +112,6 @@ class Trainer:
         self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
 
         torch.manual_seed(tc.seed)
-        random.seed(tc.seed)
-        np.random.seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
         self.model.to_empty(device=self.device)
@@ -152,8 +126,11 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.last_lr = self.scheduler.get_last_lr()[0]
+        self.set_aside: list[Path] = []
         if self.resume_from is not None:
             self._load(self.resume_from)
+            self.set_aside = self.checkpoints.set_aside_after(self.step)
 
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * job.data.seq_len
         head_dim = job.attention.head_size(job.model.dim)
@@ -175,18 +152,22 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
             "nonfinite_in_a_row": self.nonfinite_in_a_row,
             "skipped_steps": self.skipped_steps,
-            "scheduler": self.scheduler.state_dict(),
             "loader": self.loader.state_dict(),
             "rng": rng_state(),
         }
 
     def _load(self, path: Path) -> None:
+        # Hyperparameters come from this job's config, not the checkpoint: a resumed run may
+        # change its learning rate, betas, weight decay or schedule on purpose.
+        configured = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         state = self.checkpoints.load(path, self.model, self.optimizer)
+        for group, settings in zip(self.optimizer.param_groups, configured, strict=True):
+            group.update(settings)
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
         self.nonfinite_in_a_row = state["nonfinite_in_a_row"]
         self.skipped_steps = state["skipped_steps"]
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.scheduler = build_scheduler(self.optimizer, self.job.schedule, self.job.trainer.steps, self.step)
         self.loader.load_state_dict(state["loader"])
         set_rng_state(state["rng"])
 
@@ -220,6 +201,7 @@ class Trainer:
             total += loss.detach()
         loss_value = (total / accum).item()
         grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip).item()
+        self.last_lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
             update_expert_bias(self.model)
@@ -277,6 +259,10 @@ class Trainer:
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
+                for line in self.changed_settings:
+                    progress.message(f"  changed since the checkpoint: {line}")
+                for path in self.set_aside:
+                    progress.message(f"  set aside a checkpoint newer than the resumed one: {path}")
             else:
                 if self.resume_requested:
                     progress.message(f"no complete checkpoint in {self.checkpoints.folder}; starting from step 0")
@@ -301,13 +287,16 @@ class Trainer:
                     metrics.log(self.step, scalars)
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
+                paused = time.perf_counter()
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.steps:
                     result.eval_losses[self.step] = self.evaluate()
                     metrics.log(self.step, {"eval/loss": result.eval_losses[self.step]})
                     progress.update(self.step, {"eval/loss": result.eval_losses[self.step]})
                 interval = job.checkpoint.interval
-                if interval and self.step % interval == 0 and not last:
+                if interval and self.step % interval == 0:
                     result.checkpoint = self.save()
+                # Evaluation and saving are not training throughput.
+                window_start += time.perf_counter() - paused
             result.stopped_early = self.step < tc.steps
             saved_now = result.checkpoint is not None and result.checkpoint.name == step_folder_name(self.step)
             if job.checkpoint.save_final and not saved_now:
@@ -320,7 +309,7 @@ class Trainer:
     def _scalars(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         scalars = {
             "loss": loss,
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": self.last_lr,
             "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s,
             "tokens_seen": float(self.tokens_seen),

@@ -137,3 +137,13 @@ def test_recipe_file_by_path(tmp_path):
     path.write_text("model: {dim: 96}\nattention: {n_heads: 3}\n")
     job = load_job_config(str(path), ["trainer.steps=7", "schedule.warmup_steps=1"])
     assert (job.model.dim, job.attention.n_heads, job.trainer.steps) == (96, 3, 7)
+
+
+def test_odd_yaml_shapes_get_clear_errors_or_work(tmp_path):
+    numeric = tmp_path / "numeric.yaml"
+    numeric.write_text("model: {1: 2, dimm: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown key model\.1, model\.dimm"):
+        load_job_config(str(numeric))
+    empty_section = tmp_path / "empty.yaml"
+    empty_section.write_text("model:\n")
+    assert load_job_config(str(empty_section), ["model.dim=64"]).model.dim == 64

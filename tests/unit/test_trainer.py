@@ -1,6 +1,7 @@
 """End to end on the CPU: `tiny` trains, its loss falls, it stops and resumes exactly,
 and bad input stops early without losing anything on disk."""
 
+import json
 import math
 import shutil
 
@@ -11,6 +12,7 @@ from sparsetron.model.config import ConfigError
 from sparsetron.train.checkpoint import CheckpointError
 from sparsetron.train.config_io import load_job_config
 from sparsetron.train.data import DataError
+from sparsetron.train.schedule import lr_multiplier
 from sparsetron.train.trainer import Trainer, TrainingDiverged
 
 SMALL = [
@@ -60,11 +62,61 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, extra):
     assert resumed.eval_losses[12] == straight.eval_losses[12]
 
 
-def test_resume_from_an_interval_checkpoint_path(tmp_path):
+def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     straight = Trainer(tiny_job(tmp_path)).run()
     middle = tmp_path / "checkpoints" / "step_00000008"
     again = Trainer(tiny_job(tmp_path), resume=str(middle)).run()
     assert again.losses == {s: v for s, v in straight.losses.items() if s > 8}
+    names = checkpoint_steps(tmp_path)
+    abandoned = [n for n in names if n.startswith("abandoned_")]
+    assert len(abandoned) == 1 and abandoned[0].endswith("_step_00000012")
+    assert [n for n in names if n.startswith("step_")] == [f"step_{s:08d}" for s in (4, 8, 12)]
+
+
+def test_a_fresh_run_over_existing_checkpoints_is_refused(tmp_path):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints \(newest: step_00000004\).*--resume auto"):
+        Trainer(tiny_job(tmp_path))
+    assert checkpoint_steps(tmp_path) == ["step_00000004"]
+
+
+def test_resume_applies_changed_training_settings_and_lists_them(tmp_path, capsys):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    trainer = Trainer(tiny_job(tmp_path, "optimizer.lr=1e-4", "moe.aux_loss_coeff=0.02"), resume="auto")
+    decayed = trainer.optimizer.param_groups[0]
+    assert decayed["lr"] == pytest.approx(1e-4 * lr_multiplier(trainer.job.schedule, 4, 12))
+    assert trainer.changed_settings == [
+        "moe.aux_loss_coeff: 0.01 -> 0.02",
+        "optimizer.lr: 0.003 -> 0.0001",
+        "trainer.stop_at: 4 -> 0",
+    ]
+    trainer.run()
+    out = capsys.readouterr().out
+    assert "changed since the checkpoint: optimizer.lr: 0.003 -> 0.0001" in out
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("data.seq_len=32", "data.seq_len"), ("attention.n_kv_heads=4", "attention.n_kv_heads")],
+)
+def test_resume_refuses_what_the_checkpoint_fixes(tmp_path, override, key):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    with pytest.raises(ConfigError, match=rf"not loaded:\s+{key}: checkpoint"):
+        Trainer(tiny_job(tmp_path, override), resume="auto")
+
+
+def test_logged_lr_is_the_lr_each_step_used(tmp_path):
+    job = tiny_job(tmp_path, "metrics.log_interval=1", steps=6)
+    Trainer(job).run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["lr"] for r in records if "lr" in r}
+    expected = {s: job.optimizer.lr * lr_multiplier(job.schedule, s - 1, 6) for s in range(1, 7)}
+    assert logged == pytest.approx(expected)
+
+
+def test_without_save_final_the_interval_still_saves_the_last_step(tmp_path):
+    Trainer(tiny_job(tmp_path, "checkpoint.save_final=false", "trainer.stop_at=8")).run()
+    assert checkpoint_steps(tmp_path) == ["step_00000004", "step_00000008"]
 
 
 def test_half_written_checkpoint_is_ignored_and_refused(tmp_path):
