@@ -57,18 +57,23 @@ class MetricsLogger:
         if cfg.jsonl:
             self._jsonl = open(self.run_dir / JSONL_FILE, "a", encoding="utf-8")
 
-    def log(self, step: int, scalars: dict[str, Any]) -> None:
-        """Record `scalars` (numbers or one-element tensors) at `step`."""
+    def log(self, step: int, scalars: dict[str, Any], histograms: dict[str, torch.Tensor] | None = None) -> None:
+        """Record `scalars` (numbers or one-element tensors) and `histograms` (1-D tensors,
+        e.g. tokens per expert; TensorBoard histograms, lists in the JSONL) at `step`."""
         if not self.enabled:
             return
         values = {name: _to_float(value) for name, value in scalars.items()}
+        vectors = {name: t.detach().cpu().double() for name, t in (histograms or {}).items()}
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, global_step=step)
+            for name, vector in vectors.items():
+                self._writer.add_histogram(name, vector, global_step=step)
             self._writer.flush()
         if self._jsonl is not None:
             # Strict JSON has no NaN/inf: they become null so that any reader can parse the line.
             record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
+            record.update({name: vector.tolist() for name, vector in vectors.items()})
             record["time"] = time.time()
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()

@@ -23,7 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from sparsetron.model.config import ConfigError
-from sparsetron.model.moe.balancing import accumulate_load, moe_metrics, set_aux_loss_scale, update_expert_bias
+from sparsetron.model.moe.balancing import (
+    accumulate_load,
+    moe_load_histograms,
+    moe_metrics,
+    set_aux_loss_scale,
+    update_expert_bias,
+)
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.parallelize import check_single_process, parallelize
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
@@ -182,12 +188,10 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _loss(self, batch) -> torch.Tensor:
-        tokens = batch.tokens.to(self.device, non_blocking=True)
-        targets = batch.targets.to(self.device, non_blocking=True)
-        doc_ids = batch.doc_ids.to(self.device, non_blocking=True)
+        batch = batch.to(self.device, non_blocking=True)
         with self._autocast():
-            logits = self.model(tokens, doc_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            logits = self.model(batch.tokens, batch.doc_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
@@ -284,7 +288,7 @@ class Trainer:
                 if self.step % job.metrics.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
-                    metrics.log(self.step, scalars)
+                    metrics.log(self.step, scalars, moe_load_histograms(self.model))
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = time.perf_counter()

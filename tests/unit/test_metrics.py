@@ -44,6 +44,24 @@ def test_jsonl_and_tensorboard_hold_the_scalars(tmp_path):
     assert math.isnan(scalars["train/grad_norm"][0][1])
 
 
+def test_histograms_reach_tensorboard_and_jsonl(tmp_path):
+    load = torch.randint(0, 500, (16,))
+    logger = MetricsLogger(MetricsConfig(), tmp_path)
+    logger.log(7, {"loss": 1.0}, {"moe/layer1/tokens_per_expert": load})
+    logger.close()
+    (record,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert record["moe/layer1/tokens_per_expert"] == [float(v) for v in load.tolist()]
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    (event,) = acc.Histograms("moe/layer1/tokens_per_expert")
+    assert event.step == 7
+    assert event.histogram_value.num == 16 and event.histogram_value.sum == pytest.approx(float(load.sum()))
+    assert event.histogram_value.max == pytest.approx(float(load.max()))
+
+
 def test_resumed_run_appends_to_jsonl(tmp_path):
     with MetricsLogger(MetricsConfig(tensorboard=False), tmp_path) as logger:
         logger.log(1, {"loss": 3.0})

@@ -59,21 +59,11 @@ class ByteTokenizer:
     def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """Tokens of all texts, each followed by eos, and each document's start offset.
 
-        Works on one joined byte buffer: per-document Python loops cost seconds on
-        the whole standard library, numpy on the buffer costs milliseconds.
+        A zero-copy uint8 view of each text's bytes is already its ids; a per-token
+        Python list would cost seconds on the whole standard library.
         """
-        encoded = [t.encode("utf-8") for t in texts]
-        lengths = np.fromiter((len(b) for b in encoded), dtype=np.int64, count=len(encoded))
-        starts = np.zeros(len(encoded), dtype=np.int64)
-        starts[1:] = np.cumsum(lengths[:-1] + 1)
-        eos_at = starts + lengths
-        tokens = np.empty(int(lengths.sum()) + len(encoded), dtype=np.uint16)
-        # A boolean scatter is ~6x faster than np.insert here (31M tokens for the stdlib).
-        is_byte = np.ones(len(tokens), dtype=bool)
-        is_byte[eos_at] = False
-        tokens[is_byte] = np.frombuffer(b"".join(encoded), dtype=np.uint8)
-        tokens[eos_at] = self.eos_id
-        return tokens, starts
+        ids = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+        return _flatten(ids, self.eos_id, token_dtype(self.vocab_size))
 
 
 class HFTokenizer:
