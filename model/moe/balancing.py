@@ -10,7 +10,7 @@ The model-level helpers at the bottom are what the trainer calls, in this order:
     for each micro-batch:
         loss.backward(); accumulate_load(model)
     optimizer.step(); update_expert_bias(model, all_reduce=sum_over_dp)   # every step
-    metrics = moe_metrics(model)
+    metrics = moe_metrics(model); histograms = moe_load_histograms(model)
 """
 
 from __future__ import annotations
@@ -144,78 +144,76 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
 
 @torch.no_grad()
 def accumulate_load(model: nn.Module) -> None:
-    """Add each layer's latest tokens-per-expert to its step accumulator.
+    """Add each layer's latest forward stats (tokens per expert, aux and z losses, dropped
+    tokens, one micro-batch) to its step accumulators.
 
     Call once after each micro-batch's backward. It reads the stats of the last forward and
     adds them once: an activation-checkpoint recompute re-runs forward, which overwrites the
     same stats rather than counting twice, and a second call without a new forward adds nothing.
     """
     for layer in moe_layers(model):
-        stats = layer.last_stats
-        if stats is not None and not stats.accumulated:
-            layer.tokens_per_expert_acc += stats.tokens_per_expert
-            stats.accumulated = True
+        layer.accumulate_stats()
 
 
 @torch.no_grad()
 def update_expert_bias(model: nn.Module, all_reduce: Reducer | None = None, apply: bool = True) -> None:
-    """Close the optimizer step: bias_i += rate * sign(mean load - load_i), then reset the counts.
+    """Close the optimizer step: bias_i += rate * sign(mean load - load_i), then reset the sums.
 
     Call after every optimizer step, also when no layer uses the bias: it records the step's
-    load for `moe_metrics` and zeroes the accumulators. `all_reduce` sums the counts over every
-    rank that saw a different part of the batch (data- and context-parallel); all layers'
-    counts travel in one call. apply=False (a skipped step) records and resets without moving
-    the bias.
+    stats in each layer's `step_stats` for `moe_metrics` (tokens per expert and dropped tokens
+    summed over micro-batches, aux and z losses averaged over them) and resets the accumulators.
+    `all_reduce` sums the counts (tokens per expert and dropped tokens) over every rank that saw
+    a different part of the batch (data- and context-parallel); all layers' counts travel in one
+    call. The aux and z losses stay this rank's. apply=False (a skipped step) records and resets
+    without moving the bias.
     """
     layers = moe_layers(model)
     if not layers:
         return
-    loads = torch.cat([layer.tokens_per_expert_acc for layer in layers])
+    counts = torch.cat([layer.step_counts() for layer in layers])
     if all_reduce is not None:
-        loads = all_reduce(loads)
-    for layer, load_E in zip(layers, loads.split([lay.num_experts for lay in layers]), strict=True):
-        layer.step_load = load_E.clone()
+        counts = all_reduce(counts)
+    for layer, counts_E1 in zip(layers, counts.split([lay.num_experts + 1 for lay in layers]), strict=True):
+        layer.close_step(counts_E1)
         rate = layer.moe_cfg.bias_update_rate
         if apply and rate > 0:
-            load_f = load_E.to(torch.float32)
+            load_f = counts_E1[:-1].to(torch.float32)
             # sign() makes the step size independent of the batch size and of how skewed the load is.
             layer.router.expert_bias += rate * torch.sign(load_f.mean() - load_f)
-        layer.tokens_per_expert_acc.zero_()
 
 
 def moe_load_histograms(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Tokens per expert of each layer (the last step's, else the last micro-batch's), for histograms."""
+    """Per MoE layer, f"moe/layer{i}/tokens_per_expert": the [E] int64 tokens per expert of the
+    last step (as `moe_metrics` reports them; before the first step, the last forward's), on the CPU."""
     out = {}
     for layer_id, layer in _numbered_moe_layers(model):
         load = layer.current_load()
         if load is not None:
-            out[f"moe/layer{layer_id}/tokens_per_expert"] = load.detach().cpu()
+            out[f"moe/layer{layer_id}/tokens_per_expert"] = load.detach().to("cpu", copy=True)
     return out
 
 
 def moe_metrics(model: nn.Module) -> dict[str, float]:
     """Per MoE layer: max, mean and min tokens per expert, load_imbalance (max / mean), aux_loss,
-    z_loss (0 when off), dropped_tokens (last micro-batch) and bias_norm.
+    z_loss (0 when off), dropped_tokens and bias_norm.
 
-    Loads are the last step's as recorded by `update_expert_bias` (summed over micro-batches
-    and, with all_reduce, ranks); before the first step, the last micro-batch's.
+    All but bias_norm describe the last step as recorded by `update_expert_bias`: loads and
+    dropped tokens summed over its micro-batches (and, with all_reduce, ranks), aux and z losses
+    their mean over its micro-batches; a forward after the step (evaluation) changes none of
+    them. Before the first step, the last forward's.
     """
     items: list[tuple[str, torch.Tensor | float]] = []
     for layer_id, layer in _numbered_moe_layers(model):
         prefix = f"moe/layer{layer_id}/"
-        load = layer.current_load()
-        if load is not None:
-            load = load.detach().to(torch.float32)
+        stats = layer.current_stats()
+        if stats is not None:
+            load = stats.tokens_per_expert.detach().to(torch.float32)
             mean = load.mean()
             items += [
                 (prefix + "max_load", load.max()),
                 (prefix + "mean_load", mean),
                 (prefix + "min_load", load.min()),
                 (prefix + "load_imbalance", load.max() / mean.clamp_min(1e-12)),
-            ]
-        stats = layer.last_stats
-        if stats is not None:
-            items += [
                 (prefix + "aux_loss", stats.aux_loss),
                 (prefix + "z_loss", stats.z_loss),
                 (prefix + "dropped_tokens", stats.dropped_tokens),

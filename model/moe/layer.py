@@ -21,18 +21,21 @@ from sparsetron.model.moe.router import Router
 
 @dataclass
 class MoEStats:
-    """What one forward of a MoE layer saw, detached; read by the balancing helpers and metrics."""
+    """What one forward of a MoE layer saw (`MoE.last_stats`), or one optimizer step
+    (`MoE.step_stats`), detached; read by the balancing helpers and metrics."""
 
     tokens_per_expert: torch.Tensor
-    """[E] int64: assignments each expert was routed, before any capacity drop."""
+    """[E] int64: assignments each expert was routed, before any capacity drop (a step: summed)."""
     aux_loss: torch.Tensor | float
-    """The load-balancing loss added (coefficient included); 0.0 when off."""
+    """The load-balancing loss added (coefficient included); 0.0 when off (a step: mean over micro-batches)."""
     z_loss: torch.Tensor | float
-    """The router z-loss added (coefficient included); 0.0 when off."""
+    """The router z-loss added (coefficient included); 0.0 when off (a step: mean over micro-batches)."""
     dropped_tokens: torch.Tensor
-    """Assignments dropped for capacity (0-dim int64)."""
+    """Assignments dropped for capacity (0-dim int64; a step: summed)."""
     accumulated: bool = False
-    """Set by `accumulate_load` once these counts are in the step accumulator."""
+    """Set by `accumulate_stats` once these numbers are in the step accumulators."""
+    micro_batches: int = 1
+    """Forwards these numbers cover: 1 for a forward, the micro-batches accumulated for a step."""
 
 
 class _AttachLoss(torch.autograd.Function):
@@ -77,13 +80,15 @@ class MoE(nn.Module):
         self.shared_gate = nn.Linear(dim, 1, bias=False) if n_shared > 0 and moe_cfg.shared_expert_gate else None
         self.dispatcher: Dispatcher = LocalDispatcher(self.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
         # Non-persistent: a step's counts never outlive the step, so they have no place in a checkpoint.
+        # A buffer (not a plain attribute) so that it follows the layer to its device.
         self.register_buffer(
             "tokens_per_expert_acc", torch.zeros(self.num_experts, dtype=torch.int64), persistent=False
         )
         self.aux_loss_scale = 1.0
         self.count_reducer: Reducer | None = None
         self.last_stats: MoEStats | None = None
-        self.step_load: torch.Tensor | None = None
+        self.step_stats: MoEStats | None = None
+        self._reset_step_sums()
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
@@ -126,11 +131,64 @@ class MoE(nn.Module):
             )
         return y_TD.view(x_BSD.shape)
 
+    # Step accounting (driven by balancing.accumulate_load / update_expert_bias). The sums of
+    # aux loss, z loss and dropped tokens are plain attributes, not buffers: they start as 0 and
+    # take the device of the stats added to them, a dtype cast of the model (bf16) cannot round
+    # them, and like the counts they stay out of the state dict.
+
+    def _reset_step_sums(self) -> None:
+        self.tokens_per_expert_acc.zero_()
+        self.aux_loss_acc: torch.Tensor | float = 0.0
+        self.z_loss_acc: torch.Tensor | float = 0.0
+        self.dropped_tokens_acc: torch.Tensor | int = 0
+        self.micro_batches_acc = 0
+
+    @torch.no_grad()
+    def accumulate_stats(self) -> None:
+        """Add the last forward's stats to the step's sums, once: a second call without a new
+        forward adds nothing, and an activation-checkpoint recompute overwrites `last_stats`
+        rather than adding a second copy."""
+        stats = self.last_stats
+        if stats is None or stats.accumulated:
+            return
+        self.tokens_per_expert_acc += stats.tokens_per_expert
+        self.aux_loss_acc = self.aux_loss_acc + stats.aux_loss
+        self.z_loss_acc = self.z_loss_acc + stats.z_loss
+        self.dropped_tokens_acc = self.dropped_tokens_acc + stats.dropped_tokens
+        self.micro_batches_acc += 1
+        stats.accumulated = True
+
+    def step_counts(self) -> torch.Tensor:
+        """[E + 1] int64: this step's tokens per expert, then its dropped assignments (what
+        `update_expert_bias` sums over ranks)."""
+        acc = self.tokens_per_expert_acc
+        dropped = torch.as_tensor(self.dropped_tokens_acc, dtype=torch.int64, device=acc.device).reshape(1)
+        return torch.cat([acc, dropped])
+
+    @torch.no_grad()
+    def close_step(self, counts: torch.Tensor) -> None:
+        """Record the step's stats into `step_stats` and reset the sums. `counts` is
+        `step_counts()`, possibly summed over ranks; aux and z losses are this rank's mean
+        over its micro-batches (0.0 when none was accumulated)."""
+        n = self.micro_batches_acc
+        self.step_stats = MoEStats(
+            tokens_per_expert=counts[:-1].clone(),
+            aux_loss=self.aux_loss_acc / n if n else 0.0,
+            z_loss=self.z_loss_acc / n if n else 0.0,
+            dropped_tokens=counts[-1].clone(),
+            accumulated=True,
+            micro_batches=n,
+        )
+        self._reset_step_sums()
+
+    def current_stats(self) -> MoEStats | None:
+        """The last optimizer step's stats, else the last forward's, else None."""
+        return self.step_stats if self.step_stats is not None else self.last_stats
+
     def current_load(self) -> torch.Tensor | None:
         """Tokens per expert of the last optimizer step, else of the last forward, else None."""
-        if self.step_load is not None:
-            return self.step_load
-        return self.last_stats.tokens_per_expert if self.last_stats is not None else None
+        stats = self.current_stats()
+        return stats.tokens_per_expert if stats is not None else None
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
@@ -140,9 +198,9 @@ class MoE(nn.Module):
             self.shared_experts.init_weights(std, out_std)
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=std)
-        self.tokens_per_expert_acc.zero_()
+        self._reset_step_sums()
         self.last_stats = None
-        self.step_load = None
+        self.step_stats = None
 
     def extra_repr(self) -> str:
         cfg = self.moe_cfg

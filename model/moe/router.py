@@ -46,6 +46,8 @@ class Router(nn.Module):
     `expert_bias` (auxiliary-loss-free balancing) shifts the selection scores only; the
     weights are always the unbiased scores of the chosen experts, so the bias steers load
     without distorting what the experts' outputs are mixed with.
+
+    `moe_cfg` is taken as validated (MoEConfig.validate checks n_groups, topk_groups, top_k).
     """
 
     def __init__(self, dim: int, moe_cfg: MoEConfig):
@@ -62,10 +64,6 @@ class Router(nn.Module):
             raise ValueError(f"moe.score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         if self.route_order not in ("softmax_then_topk", "topk_then_softmax"):
             raise ValueError(f"moe.route_order: unknown order {self.route_order!r}")
-        if self.num_experts % self.n_groups:
-            raise ValueError(f"moe.n_groups={self.n_groups} must divide the {self.num_experts} routed experts")
-        if self.n_groups > 1 and self.num_experts // self.n_groups < 2:
-            raise ValueError("moe.n_groups: each group needs at least 2 experts (a group is scored by its top-2)")
         self.gate = nn.Linear(dim, self.num_experts, bias=False)
         # Persistent: a resumed run must keep steering load the way it was. Kept fp32 because
         # updates of size bias_update_rate would vanish in bf16.
@@ -113,11 +111,15 @@ class Router(nn.Module):
         return choice_TGe.masked_fill(~allowed_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
     def _apply(self, fn, recurse=True):
-        # model.to(torch.bfloat16) would round the bias and swallow every later update of size
-        # bias_update_rate; moving devices (to_empty included) is all the bias may undergo.
+        # model.to(torch.bfloat16) (or .half()) would round the bias and swallow every later update
+        # of size bias_update_rate; moving devices (to_empty included) is all the bias may undergo.
+        # Casting back after the fact is not enough (the value is already rounded), so the exact
+        # fp32 tensor is kept and put back on whatever device fn sent the buffer to.
+        bias = self.expert_bias
         super()._apply(fn, recurse)
-        if self.expert_bias.dtype != torch.float32:
-            self.expert_bias = self.expert_bias.float()
+        moved = self.expert_bias
+        if moved.dtype != torch.float32:
+            self.expert_bias = bias.to(device=moved.device, dtype=torch.float32)
         return self
 
     @torch.no_grad()

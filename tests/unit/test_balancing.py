@@ -171,7 +171,7 @@ def test_bias_update_direction_and_reset():
     torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([-rate, rate, 0, 0, 0, 0, 0, 0]))
     torch.testing.assert_close(layers[1].router.expert_bias, torch.tensor([rate] * 7 + [-rate]))
     assert all(layer.tokens_per_expert_acc.sum() == 0 for layer in layers)
-    assert layers[0].step_load.tolist() == [10, 2, 6, 6, 6, 6, 6, 6]
+    assert layers[0].step_stats.tokens_per_expert.tolist() == [10, 2, 6, 6, 6, 6, 6, 6]
     # A second step with nothing counted moves nothing.
     update_expert_bias(layers)
     torch.testing.assert_close(layers[0].router.expert_bias, torch.tensor([-rate, rate, 0, 0, 0, 0, 0, 0]))
@@ -183,7 +183,9 @@ def test_bias_update_uses_all_reduced_counts_in_one_call():
     with torch.no_grad():
         layers[0].tokens_per_expert_acc.copy_(torch.tensor([10, 2, 6, 6, 6, 6, 6, 6]))
         layers[1].tokens_per_expert_acc.copy_(torch.tensor([1, 1, 1, 1, 1, 1, 1, 1]))
-    other_rank = torch.tensor([0, 20, 0, 0, 0, 0, 0, 0] + [0, 0, 0, 0, 0, 0, 0, 8])
+    layers[0].dropped_tokens_acc = torch.tensor(4)
+    # Per layer: tokens per expert, then dropped tokens.
+    other_rank = torch.tensor([0, 20, 0, 0, 0, 0, 0, 0, 3] + [0, 0, 0, 0, 0, 0, 0, 8, 7])
     calls = []
 
     def all_reduce(t):
@@ -191,7 +193,11 @@ def test_bias_update_uses_all_reduced_counts_in_one_call():
         return t + other_rank
 
     update_expert_bias(layers, all_reduce=all_reduce)
-    assert len(calls) == 1 and calls[0].shape == (16,)
+    assert len(calls) == 1 and calls[0].shape == (18,)
+    assert calls[0][8].item() == 4 and calls[0][17].item() == 0
+    assert layers[0].step_stats.dropped_tokens.item() == 4 + 3
+    assert layers[1].step_stats.dropped_tokens.item() == 7
+    assert layers[1].step_stats.tokens_per_expert.tolist() == [1] * 7 + [9]
     # Layer 0 sums to [10, 22, 6, ...], mean 8.5: expert 1 is now the overloaded one.
     torch.testing.assert_close(layers[0].router.expert_bias, rate * torch.tensor([-1.0, -1, 1, 1, 1, 1, 1, 1]))
     torch.testing.assert_close(layers[1].router.expert_bias, rate * torch.tensor([1.0] * 7 + [-1]))
@@ -204,7 +210,7 @@ def test_skipped_step_resets_counts_without_moving_bias():
     update_expert_bias(layers, apply=False)
     assert layers[0].router.expert_bias.abs().sum() == 0
     assert layers[0].tokens_per_expert_acc.sum() == 0
-    assert layers[0].step_load.tolist() == [9, 1, 1, 1, 1, 1, 1, 1]
+    assert layers[0].step_stats.tokens_per_expert.tolist() == [9, 1, 1, 1, 1, 1, 1, 1]
 
 
 def test_no_bias_update_without_rate_but_counts_reset():
@@ -214,7 +220,7 @@ def test_no_bias_update_without_rate_but_counts_reset():
     update_expert_bias(layers)
     assert layers[0].router.expert_bias.abs().sum() == 0
     assert layers[0].tokens_per_expert_acc.sum() == 0
-    assert layers[0].step_load.sum() == 10 * 2
+    assert layers[0].step_stats.tokens_per_expert.sum() == 10 * 2
 
 
 def test_real_step_lowers_bias_of_overloaded_experts():
@@ -308,3 +314,105 @@ def test_metrics_without_layer_ids_count_moe_layers():
         layer(torch.randn(1, 4, 16))
     metrics = moe_metrics(layers)
     assert metrics["moe/layer0/aux_loss"] == 0.0 and "moe/layer1/max_load" in metrics
+
+
+def _moe_blocks(layers, ids):
+    return nn.ModuleDict({str(i): _Block(i, layer) for i, layer in zip(ids, layers, strict=True)})
+
+
+def _train_micro_batches(layers, model, n, checkpointed=()):
+    """n micro-batches of forward, backward, accumulate_load (called twice, as a stray call
+    would); returns each micro-batch's last_stats per layer."""
+    seen = []
+    for i in range(n):
+        x = torch.randn(2, 8, 16) * (1 + i)  # sharper routing each time, so the stats differ
+        x.requires_grad_()
+        y = checkpoint(run_all, layers, x, use_reentrant=False) if i in checkpointed else run_all(layers, x)
+        y.pow(2).mean().backward()
+        seen.append([layer.last_stats for layer in layers])
+        accumulate_load(model)
+        accumulate_load(model)
+    return seen
+
+
+def test_step_metrics_cover_every_micro_batch_and_ignore_a_later_eval_forward():
+    layers = build(n_layers=2, seed=6, aux_loss_coeff=0.01, z_loss_coeff=1e-3, capacity_factor=0.5)
+    model = _moe_blocks(layers, [1, 4])
+    set_aux_loss_scale(model, 1 / 3)
+    seen = _train_micro_batches(layers, model, 3, checkpointed={1})
+    update_expert_bias(model)
+    metrics = moe_metrics(model)
+
+    for j, layer_id in enumerate([1, 4]):
+        prefix = f"moe/layer{layer_id}/"
+        mbs = [mb[j] for mb in seen]
+        load = torch.stack([s.tokens_per_expert for s in mbs]).sum(0).float()
+        aux = sum(s.aux_loss.item() for s in mbs) / 3
+        z = sum(s.z_loss.item() for s in mbs) / 3
+        dropped = sum(s.dropped_tokens.item() for s in mbs)
+        assert load.sum().item() == 3 * 2 * 8 * 2
+        assert metrics[prefix + "max_load"] == load.max().item()
+        assert metrics[prefix + "min_load"] == load.min().item()
+        assert metrics[prefix + "mean_load"] == pytest.approx(load.mean().item())
+        assert metrics[prefix + "load_imbalance"] == pytest.approx((load.max() / load.mean()).item())
+        assert metrics[prefix + "aux_loss"] == pytest.approx(aux, rel=1e-6)
+        assert metrics[prefix + "z_loss"] == pytest.approx(z, rel=1e-6)
+        assert metrics[prefix + "dropped_tokens"] == dropped
+        # Not the last micro-batch's numbers (what was reported before).
+        assert metrics[prefix + "aux_loss"] != pytest.approx(mbs[-1].aux_loss.item(), rel=1e-4)
+        assert metrics[prefix + "z_loss"] != pytest.approx(mbs[-1].z_loss.item(), rel=1e-4)
+        assert all(s.dropped_tokens > 0 for s in mbs) and dropped > mbs[-1].dropped_tokens.item()
+        assert layers[j].step_stats.micro_batches == 3
+
+    hist = moe_load_histograms(model)
+    # An evaluation forward after the step replaces last_stats but not the step's numbers.
+    with torch.no_grad():
+        run_all(layers, torch.randn(3, 5, 16) * 5)
+    assert layers[0].last_stats.tokens_per_expert.sum() == 3 * 5 * 2
+    assert moe_metrics(model) == metrics
+    after = moe_load_histograms(model)
+    assert after.keys() == hist.keys() and all(torch.equal(after[k], hist[k]) for k in hist)
+
+
+def test_step_accumulators_stay_out_of_the_state_dict_and_reset_each_step():
+    layers = build(n_layers=1, seed=8, aux_loss_coeff=0.01, z_loss_coeff=1e-3, capacity_factor=0.5)
+    before = {k: v.clone() for k, v in layers.state_dict().items()}
+    _train_micro_batches(layers, layers, 2)
+    layer = layers[0]
+    assert layer.micro_batches_acc == 2 and layer.aux_loss_acc > 0 and layer.z_loss_acc > 0
+    assert layer.dropped_tokens_acc > 0
+    after = layers.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    fresh = build(n_layers=1, seed=9, aux_loss_coeff=0.01, z_loss_coeff=1e-3, capacity_factor=0.5)
+    fresh.load_state_dict(after, strict=True)
+
+    update_expert_bias(layers)
+    assert layer.micro_batches_acc == 0 and layer.aux_loss_acc == 0.0 and layer.z_loss_acc == 0.0
+    assert layer.dropped_tokens_acc == 0 and layer.tokens_per_expert_acc.sum() == 0
+    assert layer.step_stats.micro_batches == 2 and layer.step_stats.aux_loss > 0
+    # A step in which nothing was accumulated reports zeros, not the previous step's numbers.
+    update_expert_bias(layers)
+    metrics = moe_metrics(layers)
+    assert metrics["moe/layer0/max_load"] == 0.0 and metrics["moe/layer0/aux_loss"] == 0.0
+    assert metrics["moe/layer0/dropped_tokens"] == 0.0
+
+
+def test_moe_load_histograms_give_each_layers_step_load():
+    ids = [0, 2, 5]
+    layers = build(n_layers=3, seed=10)
+    model = _moe_blocks(layers, ids)
+    assert moe_load_histograms(model) == {}
+    seen = _train_micro_batches(layers, model, 2)
+    update_expert_bias(model)
+    hist = moe_load_histograms(model)
+    assert set(hist) == {f"moe/layer{i}/tokens_per_expert" for i in ids}
+    for j, layer_id in enumerate(ids):
+        h = hist[f"moe/layer{layer_id}/tokens_per_expert"]
+        expected = seen[0][j].tokens_per_expert + seen[1][j].tokens_per_expert
+        assert h.dtype == torch.int64 and h.shape == (8,) and h.device.type == "cpu"
+        assert torch.equal(h, expected) and h.sum() == 2 * 2 * 8 * 2
+        assert not torch.equal(h, seen[1][j].tokens_per_expert)
+    # The caller owns what it gets: changing it leaves the recorded step alone.
+    hist["moe/layer0/tokens_per_expert"].zero_()
+    assert layers[0].step_stats.tokens_per_expert.sum() == 2 * 2 * 8 * 2

@@ -397,3 +397,18 @@ def test_sequence_level_aux_uses_the_layer_sequence_length():
     route = moe.router(x.view(-1, DIM))
     expected = load_balancing_loss(route.scores_TE, route.indices_Tk, 1.0, level="sequence", seq_len=5)
     assert moe.last_stats.aux_loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_expert_bias_survives_a_model_cast_exactly():
+    cfg = CONFIGS["deepseek"]
+    moe = build(cfg, seed=9, dtype=torch.float32, random_bias=True)
+    bias = moe.router.expert_bias.clone()
+    assert (bias.bfloat16().float() != bias).all()
+    model = torch.nn.Sequential(moe).to(torch.bfloat16)
+    assert moe.experts.w1.dtype == torch.bfloat16
+    assert moe.router.expert_bias.dtype == torch.float32 and torch.equal(moe.router.expert_bias, bias)
+    assert moe.tokens_per_expert_acc.dtype == torch.int64
+    y = model(torch.randn(2, 5, DIM, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    model.double()
+    assert moe.router.expert_bias.dtype == torch.float32 and torch.equal(moe.router.expert_bias, bias)

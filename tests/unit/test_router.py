@@ -199,3 +199,33 @@ def test_router_gradient_reaches_gate():
     out = router(torch.randn(5, 8))
     out.weights_Tk.pow(2).sum().backward()
     assert router.gate.weight.grad is not None and router.gate.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cast", ["bfloat16", "half", "double"])
+def test_expert_bias_stays_exact_fp32_through_dtype_casts(cast):
+    E = 12
+    router = Router(16, MoEConfig(num_experts=E, top_k=2))
+    with torch.no_grad():
+        router.expert_bias.copy_(torch.randn(E) * 1e-2)
+    bias = router.expert_bias.clone()
+    target = {"bfloat16": torch.bfloat16, "half": torch.float16, "double": torch.float64}[cast]
+    if target != torch.float64:
+        assert (bias.to(target).float() != bias).all()  # a round trip through target would show
+    moved = router.to(torch.bfloat16) if cast == "bfloat16" else getattr(router, cast)()
+    assert moved is router and router.gate.weight.dtype == target  # the cast did happen
+    assert router.expert_bias.dtype == torch.float32
+    assert torch.equal(router.expert_bias, bias)
+    assert "expert_bias" in dict(router.named_buffers())
+    out = router(torch.randn(5, 16, dtype=target))
+    assert out.weights_Tk.dtype == torch.promote_types(target, torch.float32)
+
+
+def test_expert_bias_fp32_after_meta_cast_and_materialisation():
+    with torch.device("meta"):
+        router = Router(16, MoEConfig(num_experts=8, top_k=2))
+    router.to(torch.bfloat16)
+    assert router.expert_bias.is_meta and router.expert_bias.dtype == torch.float32
+    router.to_empty(device="cpu")
+    router.init_weights(0.02)
+    assert router.gate.weight.dtype == torch.bfloat16
+    assert router.expert_bias.dtype == torch.float32 and torch.equal(router.expert_bias, torch.zeros(8))
