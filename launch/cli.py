@@ -78,6 +78,10 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # A second Ctrl-C: the first one's save was abandoned; earlier checkpoints are intact.
+        print("interrupted before the checkpoint was written; earlier checkpoints are intact", file=sys.stderr)
+        return 130
     final = result.eval_losses.get(result.step)
     summary = f"done: step {result.step}, {result.tokens_seen:,} tokens"
     if final is not None:
