@@ -55,8 +55,8 @@ def hf_block_like(layer: MoE, args):
     block = Qwen3MoeSparseMoeBlock(config).to(args.device, args.dtype)
     with torch.no_grad():
         block.gate.weight.copy_(layer.router.gate.weight)
-        # sparsetron stores x @ w ([E, D, H]); Hugging Face stores linear weights ([E, H, D]).
-        block.experts.gate_up_proj.copy_(torch.cat([layer.experts.w1, layer.experts.w3], dim=2).transpose(1, 2))
+        # sparsetron stores x @ w ([E, D, 2H], gate then up); Hugging Face stores linear weights ([E, 2H, D]).
+        block.experts.gate_up_proj.copy_(layer.experts.w13.transpose(1, 2))
         block.experts.down_proj.copy_(layer.experts.w2.transpose(1, 2))
     return block
 

@@ -92,7 +92,8 @@ def naive_moe(x_TD, p, cfg):
         y = torch.zeros_like(x_TD[t])
         for j, e in enumerate(chosen):
             if (t, j) in kept:
-                y = y + w[j] * swiglu(x_TD[t], p["w1"][e], p["w3"][e], p["w2"][e])
+                H = p["w2"].shape[1]
+                y = y + w[j] * swiglu(x_TD[t], p["w13"][e][:, :H], p["w13"][e][:, H:], p["w2"][e])
         if "s1" in p:
             shared = swiglu(x_TD[t], p["s1"].T, p["s3"].T, p["s2"].T)
             if "sgate" in p:
@@ -104,8 +105,7 @@ def naive_moe(x_TD, p, cfg):
 
 PARAM_NAMES = {
     "router.gate.weight": "gate",
-    "experts.w1": "w1",
-    "experts.w3": "w3",
+    "experts.w13": "w13",
     "experts.w2": "w2",
     "shared_experts.w1.weight": "s1",
     "shared_experts.w3.weight": "s3",
@@ -342,13 +342,13 @@ def test_meta_build_then_init_gives_finite_nonzero_weights():
     cfg = CONFIGS["deepseek"]
     with torch.device("meta"):
         moe = MoE(DIM, MODEL, cfg)
-    assert moe.experts.w1.is_meta and moe.router.expert_bias.is_meta
+    assert moe.experts.w13.is_meta and moe.router.expert_bias.is_meta
     moe.to_empty(device="cpu")
     torch.manual_seed(5)
     moe.init_weights(0.02, 0.005)
     for n, q in moe.named_parameters():
         assert torch.isfinite(q).all() and (q != 0).any(), n
-    assert moe.experts.w1.std().item() == pytest.approx(0.02, rel=0.2)
+    assert moe.experts.w13.std().item() == pytest.approx(0.02, rel=0.2)
     assert moe.experts.w2.std().item() == pytest.approx(0.005, rel=0.2)
     assert torch.equal(moe.router.expert_bias, torch.zeros(cfg.routed_experts))
     assert torch.equal(moe.tokens_per_expert_acc, torch.zeros(cfg.routed_experts, dtype=torch.int64))
@@ -405,7 +405,7 @@ def test_expert_bias_survives_a_model_cast_exactly():
     bias = moe.router.expert_bias.clone()
     assert (bias.bfloat16().float() != bias).all()
     model = torch.nn.Sequential(moe).to(torch.bfloat16)
-    assert moe.experts.w1.dtype == torch.bfloat16
+    assert moe.experts.w13.dtype == torch.bfloat16
     assert moe.router.expert_bias.dtype == torch.float32 and torch.equal(moe.router.expert_bias, bias)
     assert moe.tokens_per_expert_acc.dtype == torch.int64
     y = model(torch.randn(2, 5, DIM, dtype=torch.bfloat16))
