@@ -17,7 +17,7 @@ class ParallelConfig:
     data_parallel_replicate: int = 1
     """Replicas of the data-parallel group (HSDP's outer axis)."""
     data_parallel_shard: int = 1
-    """Ranks the parameters are sharded over (FSDP2)."""
+    """Ranks the parameters are sharded over (FSDP2); -1 = whatever the other degrees leave of the world size."""
     context: int = 1
     """Ranks the sequence is split over for attention (context parallelism)."""
     tensor: int = 1
@@ -34,4 +34,5 @@ class ParallelConfig:
     def validate(self, prefix: str = "parallel") -> None:
         for axis in AXES:
             value = getattr(self, axis)
-            check(value >= 1, f"{prefix}.{axis}", f"must be a positive integer, got {value}")
+            fills_the_rest = axis == "data_parallel_shard" and value == -1
+            check(value >= 1 or fills_the_rest, f"{prefix}.{axis}", f"must be a positive integer, got {value}")
