@@ -6,6 +6,7 @@
     sparsetron config tiny --set moe.top_k=4           # print the resolved config
     sparsetron config --doc                            # every key, its default and meaning
     sparsetron recipes                                 # the shipped recipes
+    launch/torchrun.sh 2 tiny --set parallel.data_parallel_shard=2   # FSDP over 2 processes
 
 Bad input (config, data, checkpoint) prints one `error:` message and exits with status 2.
 """
@@ -13,6 +14,7 @@ Bad input (config, data, checkpoint) prints one `error:` message and exits with 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sparsetron.model.config import ConfigError
@@ -82,6 +84,8 @@ def _train(args: argparse.Namespace) -> int:
         # A second Ctrl-C: the first one's save was abandoned; earlier checkpoints are intact.
         print("interrupted before the checkpoint was written; earlier checkpoints are intact", file=sys.stderr)
         return 130
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
     final = result.eval_losses.get(result.step)
     summary = f"done: step {result.step}, {result.tokens_seen:,} tokens"
     if final is not None:

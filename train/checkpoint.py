@@ -151,12 +151,13 @@ class CheckpointManager:
         kept on disk under a name no lookup matches. Returns their new paths.
         """
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-        moved = []
-        for path in self.list_complete():
-            if step_of(path) > step:
-                target = path.with_name(f"{ABANDONED_PREFIX}{stamp}_{path.name}")
+        newer = [path for path in self.list_complete() if step_of(path) > step]
+        moved = [path.with_name(f"{ABANDONED_PREFIX}{stamp}_{path.name}") for path in newer]
+        _barrier()  # every rank has listed the folder before rank 0 renames
+        if _rank() == 0:
+            for path, target in zip(newer, moved, strict=True):
                 path.rename(target)
-                moved.append(target)
+        _barrier()
         return moved
 
     # ---- saving --------------------------------------------------------------------

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import threading
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from sparsetron.model.config import ConfigError
@@ -31,11 +31,14 @@ from sparsetron.model.moe.balancing import (
     update_expert_bias,
 )
 from sparsetron.model.transformer import Transformer, active_params
-from sparsetron.parallel.parallelize import check_single_process, parallelize
+from sparsetron.parallel.dims import ParallelDims
+from sparsetron.parallel.init import SingleProcessInit
+from sparsetron.parallel.parallelize import check_supported, parallelize, sum_over
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
 from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
+from sparsetron.train.distributed import local_device, process_group, rank, world_size_from_env
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer, clip_grad_norm
@@ -93,11 +96,30 @@ class Trainer:
 
     def __init__(self, job: JobConfig, resume: str | None = None):
         self.job = job
-        check_single_process(job.parallel, int(os.environ.get("WORLD_SIZE", "1")))
-        self.device = resolve_device(job.trainer.device)
+        # The layout is checked before any process group exists.
+        self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
+        self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
+        check_supported(self.dims)
+        self.device = local_device(resolve_device(job.trainer.device).type)
         self.autocast_dtype = resolve_precision(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
         resolve_vocab(job, self.tokenizer.vocab_size)
+        self._closing = contextlib.ExitStack()
+        self._closing.enter_context(process_group(self.device))
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the process group this trainer created (run() does it when it ends)."""
+        self._closing.close()
+
+    def _build(self, resume: str | None) -> None:
+        job = self.job
+        self.mesh = self.dims.build_mesh(self.device.type) if dist.is_initialized() else None
+        self.is_main = rank() == 0
 
         self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
         self.resume_requested = bool(resume)
@@ -114,16 +136,20 @@ class Trainer:
 
         self.train_data, self.val_data = build_datasets(job.data, self.tokenizer)
         tc = job.trainer
-        self.loader = TrainLoader(self.train_data, tc.micro_batch_size, job.data.seed)
+        dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+        # micro_batch_size is per rank: each data-parallel rank reads its own slice of every global batch.
+        self.loader = TrainLoader(self.train_data, tc.micro_batch_size, job.data.seed, dp_rank, self.dims.dp)
+        # Every rank evaluates the same batches with the same weights, so no reduction is needed.
         self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
+        self.dp_group = self.mesh.group("dp_cp") if self.mesh is not None else None
 
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
+        parallelize(self.model, job.parallel, self.dims, self.mesh)
         self.model.to_empty(device=self.device)
-        with torch.no_grad():
+        with torch.no_grad(), SingleProcessInit() if self.mesh is not None else nullcontext():
             self.model.init_weights()
-        parallelize(self.model, job.parallel)
         set_aux_loss_scale(self.model, 1.0 / tc.grad_accum_steps)
 
         self.optimizer = build_optimizer(self.model, job.optimizer)
@@ -138,7 +164,7 @@ class Trainer:
             self._load(self.resume_from)
             self.set_aside = self.checkpoints.set_aside_after(self.step)
 
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * job.data.seq_len
+        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * self.dims.dp * job.data.seq_len
         head_dim = job.attention.head_size(job.model.dim)
         self.flops_per_token = flops_per_token(
             active_params(job.model, job.attention, job.moe),
@@ -203,16 +229,20 @@ class Trainer:
             (loss / accum).backward()
             accumulate_load(self.model)
             total += loss.detach()
+        if self.dp_group is not None:
+            # Every rank holds the same number of tokens, so the mean of the ranks' means is the global mean.
+            dist.all_reduce(total, group=self.dp_group)
+            total /= dist.get_world_size(self.dp_group)
         loss_value = (total / accum).item()
         grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip).item()
         self.last_lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
-            update_expert_bias(self.model)
+            update_expert_bias(self.model, self._sum_over_data_ranks())
             self.nonfinite_in_a_row = 0
         else:
             # The batch is consumed and the schedule advances, so a resumed run stays aligned.
-            update_expert_bias(self.model, apply=False)
+            update_expert_bias(self.model, self._sum_over_data_ranks(), apply=False)
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -220,6 +250,17 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return loss_value, grad_norm
+
+    def _sum_over_data_ranks(self):
+        return sum_over(self.dp_group) if self.dp_group is not None else None
+
+    def _should_stop(self) -> bool:
+        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
+        if self.mesh is None:
+            return self._stop_requested
+        flag = torch.tensor([float(self._stop_requested)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -253,14 +294,18 @@ class Trainer:
     def run(self) -> TrainResult:
         job, tc = self.job, self.job.trainer
         run_dir = Path(tc.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(job))
+        if self.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_yaml(job))
         stop_at = tc.stop_at or tc.steps
         result = TrainResult(step=self.step, tokens_seen=self.tokens_seen, skipped_steps=self.skipped_steps)
-        # start_step drops TensorBoard points a resumed run is about to write again.
-        metrics = MetricsLogger(job.metrics, run_dir, start_step=self.step if self.resume_from else None)
-        progress = Progress(job.metrics.console, tc.steps, self.step)
-        with self._stop_on_signals(), metrics, contextlib.closing(progress):
+        # Rank 0 alone writes metrics and the console. start_step drops TensorBoard points a
+        # resumed run is about to write again.
+        start_step = self.step if self.resume_from else None
+        metrics = MetricsLogger(job.metrics, run_dir, enabled=self.is_main, start_step=start_step)
+        progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
+        # The process group is released last, after the final save and the loggers.
+        with self._closing, self._stop_on_signals(), metrics, contextlib.closing(progress):
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:
@@ -274,7 +319,7 @@ class Trainer:
                 metrics.log(0, {"eval/loss": result.eval_losses[0]})
                 progress.message(f"step 0: eval loss {result.eval_losses[0]:.4f}")
             window_start, window_tokens = time.perf_counter(), 0
-            while self.step < stop_at and not self._stop_requested:
+            while self.step < stop_at and not self._should_stop():
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
                 window_tokens += self.tokens_per_step

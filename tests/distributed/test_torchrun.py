@@ -1,0 +1,44 @@
+"""`launch/torchrun.sh` runs the real command line on two processes: one console, one set of outputs."""
+
+import json
+import subprocess
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
+
+
+def test_two_process_fsdp_run_from_the_command_line(tmp_path):
+    run = subprocess.run(
+        [
+            "bash",
+            str(SCRIPT),
+            "2",
+            "debug-deepseek",
+            "--set",
+            "parallel.data_parallel_shard=2",
+            "--set",
+            "trainer.steps=4",
+            "--set",
+            "metrics.log_interval=2",
+            "--set",
+            "checkpoint.interval=2",
+            "--set",
+            f"trainer.run_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done: step 4") == 1  # rank 0 alone reports
+    assert sum(1 for line in run.stdout.splitlines() if line.startswith("step 2/4 |")) == 1
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    training = [r for r in records if "loss" in r]
+    assert [r["step"] for r in training] == [2, 4]
+    # Per step: two ranks of 4 sequences of 64 tokens, one micro-batch each.
+    assert training[-1]["tokens_seen"] == 4 * 2 * 4 * 64
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000004").glob("train_state_rank*.pt")) == [
+        "train_state_rank0.pt",
+        "train_state_rank1.pt",
+    ]
