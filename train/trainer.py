@@ -33,6 +33,7 @@ from sparsetron.model.moe.balancing import (
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.init import SingleProcessInit
+from sparsetron.parallel.memory import memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize, sum_over
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
@@ -146,6 +147,17 @@ class Trainer:
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
+        self.memory_plan = memory_plan(
+            self.model,
+            job.model,
+            job.attention,
+            job.moe,
+            self.dims,
+            tc.micro_batch_size,
+            job.data.seq_len,
+            torch.finfo(self.autocast_dtype or torch.float32).bits // 8,
+            job.parallel.activation_checkpointing == "full",
+        )
         parallelize(self.model, job.parallel, self.dims, self.mesh)
         self.model.to_empty(device=self.device)
         with torch.no_grad(), SingleProcessInit() if self.mesh is not None else nullcontext():
@@ -306,6 +318,7 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         # The process group is released last, after the final save and the loggers.
         with self._closing, self._stop_on_signals(), metrics, contextlib.closing(progress):
+            progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:

@@ -55,6 +55,9 @@ def train_worker(run_dir, overrides):
     params = full_parameters(trainer.model)  # a collective: every rank takes part
     if torch.distributed.get_rank() != 0:
         return None
+    # Rank 0 holds the largest dim-0 shard of every parameter: what the memory plan counts.
+    local = sum(p.to_local().numel() for p in trainer.model.parameters())
+    assert trainer.memory_plan.parameters == local, (trainer.memory_plan.parameters, local)
     return result.losses, result.eval_losses, params
 
 
