@@ -5,4 +5,7 @@
 set -euo pipefail
 nproc="${1:?usage: launch/torchrun.sh NPROC CONFIG_OR_NAME [--set section.key=value ...] [--resume auto|PATH]}"
 shift
-exec torchrun --standalone --nproc-per-node "$nproc" -m sparsetron.launch.cli train "$@"
+# On SIGTERM/Ctrl-C the ranks finish their step and save; torchrun's default 30 s before
+# SIGKILL is too short for a large model's save, hence the longer grace period.
+exec torchrun --standalone --nproc-per-node "$nproc" --shutdown-timeout "${SPARSETRON_SHUTDOWN_TIMEOUT:-600}" \
+    -m sparsetron.launch.cli train "$@"

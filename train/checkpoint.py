@@ -102,6 +102,8 @@ class CheckpointManager:
         self.keep_last = keep_last
         if _rank() == 0:
             self._recover()
+        # Every rank looks for checkpoints only after rank 0 has finished restoring them.
+        _barrier()
 
     # ---- finding -------------------------------------------------------------------
 

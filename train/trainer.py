@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import weakref
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,6 +108,9 @@ class Trainer:
         resolve_vocab(job, self.tokenizer.vocab_size)
         self._closing = contextlib.ExitStack()
         self._closing.enter_context(process_group(self.device))
+        # A trainer that is built but never run still releases its process group, at the
+        # latest when the interpreter exits (before torch's modules are torn down).
+        weakref.finalize(self, self._closing.close)
         try:
             self._build(resume)
         except BaseException:
@@ -304,6 +308,13 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def run(self) -> TrainResult:
+        """Train to trainer.steps (or trainer.stop_at, or a signal), then release the process group."""
+        # Released last, after the final save and the loggers; also when rank 0 fails while
+        # setting up its outputs, so the other ranks' collectives fail instead of waiting.
+        with self._closing:
+            return self._run()
+
+    def _run(self) -> TrainResult:
         job, tc = self.job, self.job.trainer
         run_dir = Path(tc.run_dir)
         if self.is_main:
@@ -316,8 +327,7 @@ class Trainer:
         start_step = self.step if self.resume_from else None
         metrics = MetricsLogger(job.metrics, run_dir, enabled=self.is_main, start_step=start_step)
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
-        # The process group is released last, after the final save and the loggers.
-        with self._closing, self._stop_on_signals(), metrics, contextlib.closing(progress):
+        with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
@@ -378,7 +388,8 @@ class Trainer:
             "skipped_steps": float(self.skipped_steps),
         }
         if self.peak_tflops:
-            scalars["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_tflops)
+            # tokens_per_s counts every rank's tokens; MFU is per accelerator.
+            scalars["mfu"] = mfu(tokens_per_s / self.dims.world_size, self.flops_per_token, self.peak_tflops)
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
         scalars.update(moe_metrics(self.model))
         return scalars

@@ -46,11 +46,11 @@ def full_parameters(model):
     }
 
 
-def train_worker(run_dir, overrides):
+def train_worker(run_dir, overrides, resume=None):
     # Evaluation reads eval_batches micro-batches on every rank: W of B sequences here, one
     # of B*W in the single process, so both evaluate the same sequences.
     world = torch.distributed.get_world_size()
-    trainer = Trainer(job(run_dir, PER_RANK_BATCH, world, *overrides))
+    trainer = Trainer(job(run_dir, PER_RANK_BATCH, world, *overrides), resume=resume)
     result = trainer.run()
     params = full_parameters(trainer.model)  # a collective: every rank takes part
     if torch.distributed.get_rank() != 0:
@@ -104,6 +104,19 @@ def test_two_rank_checkpoint_resumes_in_one_process(tmp_path):
         train_worker, 2, str(tmp_path / "run"), ["parallel.data_parallel_shard=2", "trainer.stop_at=2"], timeout=240
     )
     resumed = single_process(tmp_path / "run", 2, resume="auto")
+    straight = single_process(tmp_path / "straight", 2)
+    assert resumed[0].keys() == {3}
+    assert resumed[0][3] == pytest.approx(straight[0][3], rel=1e-5)
+    for name, ref in straight[2].items():
+        torch.testing.assert_close(resumed[2][name], ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_one_process_checkpoint_resumes_on_two_ranks(tmp_path):
+    single_process(tmp_path / "run", 2, "trainer.stop_at=2")
+    # Rank 1 finds no train state of its own and takes rank 0's (the data position is global).
+    resumed = run_distributed(
+        train_worker, 2, str(tmp_path / "run"), ["parallel.data_parallel_shard=2"], "auto", timeout=240
+    )[0]
     straight = single_process(tmp_path / "straight", 2)
     assert resumed[0].keys() == {3}
     assert resumed[0][3] == pytest.approx(straight[0][3], rel=1e-5)

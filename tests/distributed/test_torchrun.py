@@ -4,6 +4,12 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from sparsetron.model.transformer import active_params
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.flops import flops_per_token
+
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
 
 
@@ -23,6 +29,8 @@ def test_two_process_fsdp_run_from_the_command_line(tmp_path):
             "--set",
             "checkpoint.interval=2",
             "--set",
+            "metrics.peak_tflops=1.0",
+            "--set",
             f"trainer.run_dir={tmp_path}",
         ],
         capture_output=True,
@@ -37,6 +45,11 @@ def test_two_process_fsdp_run_from_the_command_line(tmp_path):
     assert [r["step"] for r in training] == [2, 4]
     # Per step: two ranks of 4 sequences of 64 tokens, one micro-batch each.
     assert training[-1]["tokens_seen"] == 4 * 2 * 4 * 64
+    # MFU is per accelerator: each of the 2 ranks did half of the tokens/s reported.
+    job = load_job_config("debug-deepseek", ["model.vocab_size=320"])
+    per_token = flops_per_token(active_params(job.model, job.attention, job.moe), 3, 4, 16, 64)
+    last = training[-1]
+    assert last["mfu"] == pytest.approx(last["tokens_per_s"] / 2 * per_token / 1e12, rel=1e-6)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000004"]
     assert sorted(p.name for p in (tmp_path / "checkpoints" / "step_00000004").glob("train_state_rank*.pt")) == [
         "train_state_rank0.pt",
