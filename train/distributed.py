@@ -35,9 +35,15 @@ def process_group(device: torch.device):
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=_device_id(device))
     try:
         yield
-    finally:
+    except BaseException:
         if owned and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if owned and dist.is_initialized():
+        # After a normal end, wait for every rank: none tears its connections down while
+        # another still finishes its last collective.
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _device_id(device: torch.device) -> torch.device | None:

@@ -79,8 +79,14 @@ def _entry(rank, ref, world_size, port, args, result_dir, backend, timeout):
     torch.set_num_threads(1)  # N processes share a few cores
     fn = _resolve(*ref)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
-    result = fn(*args)
-    dist.destroy_process_group()
+    try:
+        result = fn(*args)
+        # No rank tears its connections down while another still finishes a collective.
+        dist.barrier()
+    finally:
+        # Also on an exception: a process left with live gloo threads aborts at exit
+        # (SIGABRT), which would hide the worker's traceback from the test.
+        dist.destroy_process_group()
     with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
         pickle.dump(result, f)
 
