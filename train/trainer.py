@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -114,8 +115,10 @@ class Trainer:
         try:
             self._build(resume)
         except BaseException:
-            self.close()
-            raise
+            # Hand the exception to the process-group context: a failed rank must exit at
+            # once (torchrun then stops the others), not wait in the normal-end barrier.
+            if not self._closing.__exit__(*sys.exc_info()):
+                raise
 
     def close(self) -> None:
         """Release the process group this trainer created (run() does it when it ends)."""

@@ -55,3 +55,17 @@ def test_two_process_fsdp_run_from_the_command_line(tmp_path):
         "train_state_rank0.pt",
         "train_state_rank1.pt",
     ]
+
+
+def test_bad_input_under_torchrun_fails_fast_with_the_error(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    run = subprocess.run(
+        ["bash", str(SCRIPT), "2", "debug-dense", "--set", "parallel.data_parallel_shard=2"]
+        + ["--set", f"trainer.run_dir={tmp_path}", "--resume", str(missing)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode != 0
+    assert f"error: checkpoint {missing} does not exist" in run.stderr
+    assert "terminate called" not in run.stderr and "SIGABRT" not in run.stderr
