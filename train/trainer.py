@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import (
-    accumulate_load,
     moe_load_histograms,
     moe_metrics,
     set_aux_loss_scale,
@@ -246,7 +245,6 @@ class Trainer:
         for _ in range(accum):
             loss = self._loss(next(self.loader))
             (loss / accum).backward()
-            accumulate_load(self.model)
             total += loss.detach()
         if self.dp_group is not None:
             # Every rank holds the same number of tokens, so the mean of the ranks' means is the global mean.

@@ -8,7 +8,7 @@ The model-level helpers at the bottom are what the trainer calls, in this order:
 
     set_aux_loss_scale(model, 1 / grad_accum_steps)    # once, or whenever it changes
     for each micro-batch:
-        loss.backward(); accumulate_load(model)
+        loss.backward()          # each training forward adds its stats to the step's sums
     optimizer.step(); update_expert_bias(model, all_reduce=sum_over_dp)   # every step
     metrics = moe_metrics(model); histograms = moe_load_histograms(model)
 """
@@ -16,6 +16,7 @@ The model-level helpers at the bottom are what the trainer calls, in this order:
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -26,6 +27,23 @@ if TYPE_CHECKING:
 
 Reducer = Callable[[torch.Tensor], torch.Tensor]
 """Returns its argument summed over a process group (an all-reduce SUM; may work in place)."""
+
+
+@dataclass(frozen=True)
+class TokenSplit:
+    """The tokens of every sequence are split over `ranks` ranks (sequence parallelism), and
+    the gradients of the MoE layer's parameters are summed over them.
+
+    Each rank then routes only its own tokens. A balancing loss over whole sequences (or
+    micro-batches) is rebuilt from the parts: expert counts are summed over the split with
+    `reduce`, and the differentiable means over tokens (router probabilities, z-loss) are taken
+    locally and divided by `ranks`, since the mean over all tokens is the mean of the equal-sized
+    parts' means. Each rank's loss is then its share, the shares sum to one process's loss, and
+    so do their gradients.
+    """
+
+    reduce: Reducer
+    ranks: int
 
 
 def expert_counts(indices_BN: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -47,6 +65,7 @@ def load_balancing_loss(
     level: str = "micro_batch",
     seq_len: int | None = None,
     count_reducer: Reducer | None = None,
+    token_split: TokenSplit | None = None,
 ) -> torch.Tensor:
     """coeff * E * sum_i f_i * P_i (Switch Transformer, generalised to top-k).
 
@@ -63,9 +82,13 @@ def load_balancing_loss(
         [E + 1] vector (counts, then T * k) and returns it summed over the group; P stays
         local, so that the sum of every rank's gradient is the gradient of the global loss.
         Without a reducer it equals micro_batch.
+    token_split: this rank holds one of `token_split.ranks` equal parts of every sequence
+      (`seq_len` is the part's length); the result is this rank's share (see TokenSplit).
+      With level "global" the `count_reducer` must already sum over the split's ranks too.
     """
     T, E = scores_TE.shape
     k = indices_Tk.shape[1]
+    parts = token_split.ranks if token_split is not None else 1
     if score_func == "softmax":
         probs_TE = scores_TE
     else:
@@ -76,26 +99,32 @@ def load_balancing_loss(
             raise ValueError(f"sequence-level aux loss needs a seq_len dividing the {T} tokens, got {seq_len}")
         B = T // seq_len
         counts_BE = expert_counts(indices_Tk.reshape(B, seq_len * k), E)
-        f_BE = counts_BE.to(probs_TE.dtype) / (seq_len * k)
-        P_BE = probs_TE.view(B, seq_len, E).mean(dim=1)
+        if token_split is not None:
+            counts_BE = token_split.reduce(counts_BE)
+        f_BE = counts_BE.to(probs_TE.dtype) / (seq_len * k * parts)
+        P_BE = probs_TE.view(B, seq_len, E).mean(dim=1) / parts
         return coeff * E * (f_BE * P_BE).sum(dim=-1).mean()
     if level not in ("micro_batch", "global"):
         raise ValueError(f"moe.aux_loss_level must be micro_batch, sequence or global, got {level!r}")
 
     counts_E = expert_counts(indices_Tk.reshape(1, -1), E)[0]
+    local = torch.cat([counts_E, counts_E.new_tensor([T * k])])
     if level == "global" and count_reducer is not None:
-        local = torch.cat([counts_E, counts_E.new_tensor([T * k])])
-        summed = count_reducer(local)
-        f_E = summed[:E].to(probs_TE.dtype) / summed[E].to(probs_TE.dtype)
-    else:
-        f_E = counts_E.to(probs_TE.dtype) / (T * k)
-    P_E = probs_TE.mean(dim=0)
+        local = count_reducer(local)
+    elif token_split is not None:
+        local = token_split.reduce(local)
+    f_E = local[:E].to(probs_TE.dtype) / local[E].to(probs_TE.dtype)
+    P_E = probs_TE.mean(dim=0) / parts
     return coeff * E * (f_E * P_E).sum()
 
 
-def router_z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
-    """coeff * mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps logits from growing."""
-    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()
+def router_z_loss(logits_TE: torch.Tensor, coeff: float, token_split: TokenSplit | None = None) -> torch.Tensor:
+    """coeff * mean over tokens of logsumexp(logits)^2 (ST-MoE): keeps logits from growing.
+
+    With `token_split`, this rank's share: its local mean divided by the number of parts.
+    """
+    parts = token_split.ranks if token_split is not None else 1
+    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean() / parts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,19 +172,6 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
 
 
 @torch.no_grad()
-def accumulate_load(model: nn.Module) -> None:
-    """Add each layer's latest forward stats (tokens per expert, aux and z losses, dropped
-    tokens, one micro-batch) to its step accumulators.
-
-    Call once after each micro-batch's backward. It reads the stats of the last forward and
-    adds them once: an activation-checkpoint recompute re-runs forward, which overwrites the
-    same stats rather than counting twice, and a second call without a new forward adds nothing.
-    """
-    for layer in moe_layers(model):
-        layer.accumulate_stats()
-
-
-@torch.no_grad()
 def update_expert_bias(model: nn.Module, all_reduce: Reducer | None = None, apply: bool = True) -> None:
     """Close the optimizer step: bias_i += rate * sign(mean load - load_i), then reset the sums.
 
@@ -163,8 +179,9 @@ def update_expert_bias(model: nn.Module, all_reduce: Reducer | None = None, appl
     stats in each layer's `step_stats` for `moe_metrics` (tokens per expert and dropped tokens
     summed over micro-batches, aux and z losses averaged over them) and resets the accumulators.
     `all_reduce` sums the counts (tokens per expert and dropped tokens) over every rank that saw
-    a different part of the batch (data- and context-parallel); all layers' counts travel in one
-    call. The aux and z losses stay this rank's. apply=False (a skipped step) records and resets
+    different tokens (data-, context- and sequence-parallel); all layers' counts travel in one
+    call. The aux and z losses stay this rank's, except that shares of one sequence (a layer's
+    `token_split`) are summed into the whole. apply=False (a skipped step) records and resets
     without moving the bias.
     """
     layers = moe_layers(model)
@@ -173,8 +190,13 @@ def update_expert_bias(model: nn.Module, all_reduce: Reducer | None = None, appl
     counts = torch.cat([layer.step_counts() for layer in layers])
     if all_reduce is not None:
         counts = all_reduce(counts)
-    for layer, counts_E1 in zip(layers, counts.split([lay.num_experts + 1 for lay in layers]), strict=True):
-        layer.close_step(counts_E1)
+    losses = torch.stack([layer.step_losses() for layer in layers])
+    split = layers[0].token_split
+    if split is not None:
+        losses = split.reduce(losses)
+    splits = counts.split([lay.num_experts + 1 for lay in layers])
+    for layer, counts_E1, losses_2 in zip(layers, splits, losses, strict=True):
+        layer.close_step(counts_E1, losses_2)
         rate = layer.moe_cfg.bias_update_rate
         if apply and rate > 0:
             load_f = counts_E1[:-1].to(torch.float32)

@@ -24,11 +24,19 @@ class Dispatcher:
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """Returns (x_perm [N, D] grouped by expert, tokens_per_expert [E] int64, ctx for combine)."""
+        """Returns (x_perm [N, D] grouped by expert, tokens_per_expert int64, ctx for combine).
+
+        tokens_per_expert counts the rows of x_perm for each expert whose weights this rank
+        holds, in order: all E on one device, a slice under expert parallelism.
+        """
         raise NotImplementedError
 
     def combine(self, y_perm: torch.Tensor, ctx: object) -> torch.Tensor:
         """y_TD [T, D] = sum over kept slots j of weight[t, j] * y_perm[row of (t, j)], in y_perm's dtype."""
+        raise NotImplementedError
+
+    def dropped(self, ctx: object) -> torch.Tensor:
+        """0-dim int64: the assignments of this rank's tokens that `dispatch` dropped for capacity."""
         raise NotImplementedError
 
 
@@ -44,6 +52,8 @@ class LocalContext:
     """Routing weights (fp32), dropped or not: a dropped slot meets the zero row."""
     num_tokens: int
     top_k: int
+    dropped: torch.Tensor
+    """0-dim int64: assignments dropped for capacity."""
 
 
 class _GatherTokens(torch.autograd.Function):
@@ -161,8 +171,12 @@ class LocalDispatcher(Dispatcher):
             weights_Tk=weights_Tk,
             num_tokens=T,
             top_k=k,
+            dropped=A - bounds[E],
         )
         return x_perm_ND, tokens_per_expert_E, ctx
+
+    def dropped(self, ctx: LocalContext) -> torch.Tensor:
+        return ctx.dropped
 
     def combine(self, y_perm_ND: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
         T, k, D = ctx.num_tokens, ctx.top_k, y_perm_ND.shape[1]

@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.layers import FeedForward
-from sparsetron.model.moe.balancing import Reducer, expert_counts, load_balancing_loss, router_z_loss
+from sparsetron.model.moe.balancing import Reducer, TokenSplit, expert_counts, load_balancing_loss, router_z_loss
 from sparsetron.model.moe.dispatch import Dispatcher, LocalDispatcher
 from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.moe.router import Router
@@ -60,8 +60,14 @@ class MoE(nn.Module):
 
     forward(x_BSD) -> y_BSD. The auxiliary and z losses are attached to the graph (their
     gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
-    `count_reducer` (None here; set by the parallel code) sums the aux loss's expert counts
-    over the data-parallel group when aux_loss_level is "global".
+    Set by the parallel code (None here): `count_reducer` sums the aux loss's expert counts
+    over every rank holding other tokens when aux_loss_level is "global"; `token_split` says
+    that this rank holds a part of every sequence (see balancing.TokenSplit).
+
+    A training forward (module in training mode, gradients enabled) adds its statistics to
+    the optimizer step's sums, so any number of forwards may run before their backwards (a
+    pipeline schedule does); the re-run of this forward by activation checkpointing during
+    the backward adds nothing.
     """
 
     def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig):
@@ -86,6 +92,7 @@ class MoE(nn.Module):
         )
         self.aux_loss_scale = 1.0
         self.count_reducer: Reducer | None = None
+        self.token_split: TokenSplit | None = None
         self.last_stats: MoEStats | None = None
         self.step_stats: MoEStats | None = None
         self._reset_step_sums()
@@ -113,25 +120,37 @@ class MoE(nn.Module):
                 level=cfg.aux_loss_level,
                 seq_len=x_BSD.shape[-2] if x_BSD.dim() >= 3 else None,
                 count_reducer=self.count_reducer,
+                token_split=self.token_split,
             )
         if cfg.z_loss_coeff > 0:
-            z_loss = router_z_loss(route.logits_TE, cfg.z_loss_coeff)
+            z_loss = router_z_loss(route.logits_TE, cfg.z_loss_coeff, self.token_split)
         losses = [loss for loss in (aux_loss, z_loss) if loss is not None]
         if losses and torch.is_grad_enabled():
             y_TD = _AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale)
 
-        # Overwritten, never accumulated: an activation-checkpoint recompute re-runs this forward.
+        training = self.training and torch.is_grad_enabled()
         with torch.no_grad():
             routed_E = expert_counts(route.indices_Tk.reshape(1, -1), self.num_experts)[0]
-            self.last_stats = MoEStats(
+            stats = MoEStats(
                 tokens_per_expert=routed_E,
                 aux_loss=aux_loss.detach() if aux_loss is not None else 0.0,
                 z_loss=z_loss.detach() if z_loss is not None else 0.0,
-                dropped_tokens=route.indices_Tk.numel() - tokens_per_expert_E.sum(),
+                dropped_tokens=self.dispatcher.dropped(ctx),
             )
+            self._record(stats, training)
         return y_TD.view(x_BSD.shape)
 
-    # Step accounting (driven by balancing.accumulate_load / update_expert_bias). The sums of
+    @torch.compiler.disable
+    def _record(self, stats: MoEStats, training: bool) -> None:
+        """Keep `stats` as the last forward's; add them to the step's sums if this is a training forward."""
+        self.last_stats = stats
+        # A forward that runs inside an autograd graph task is activation checkpointing's
+        # recompute during the backward: the same numbers were counted by the original forward.
+        recompute = torch._C._current_graph_task_id() != -1
+        if training and not recompute:
+            self.accumulate_stats()
+
+    # Step accounting (driven by training forwards and balancing.update_expert_bias). The sums of
     # aux loss, z loss and dropped tokens are plain attributes, not buffers: they start as 0 and
     # take the device of the stats added to them, a dtype cast of the model (bf16) cannot round
     # them, and like the counts they stay out of the state dict.
@@ -146,8 +165,7 @@ class MoE(nn.Module):
     @torch.no_grad()
     def accumulate_stats(self) -> None:
         """Add the last forward's stats to the step's sums, once: a second call without a new
-        forward adds nothing, and an activation-checkpoint recompute overwrites `last_stats`
-        rather than adding a second copy."""
+        forward adds nothing."""
         stats = self.last_stats
         if stats is None or stats.accumulated:
             return
@@ -165,19 +183,29 @@ class MoE(nn.Module):
         dropped = torch.as_tensor(self.dropped_tokens_acc, dtype=torch.int64, device=acc.device).reshape(1)
         return torch.cat([acc, dropped])
 
+    def step_losses(self) -> torch.Tensor:
+        """[2] fp32: this step's aux and z losses, each the mean over its micro-batches (0 when
+        none was accumulated); what `update_expert_bias` sums over a token split."""
+        n = max(self.micro_batches_acc, 1)
+        device = self.tokens_per_expert_acc.device
+        return torch.stack(
+            [
+                torch.as_tensor(acc, dtype=torch.float32, device=device) / n
+                for acc in (self.aux_loss_acc, self.z_loss_acc)
+            ]
+        )
+
     @torch.no_grad()
-    def close_step(self, counts: torch.Tensor) -> None:
+    def close_step(self, counts: torch.Tensor, losses: torch.Tensor) -> None:
         """Record the step's stats into `step_stats` and reset the sums. `counts` is
-        `step_counts()`, possibly summed over ranks; aux and z losses are this rank's mean
-        over its micro-batches (0.0 when none was accumulated)."""
-        n = self.micro_batches_acc
+        `step_counts()` and `losses` `step_losses()`, each possibly summed over ranks."""
         self.step_stats = MoEStats(
             tokens_per_expert=counts[:-1].clone(),
-            aux_loss=self.aux_loss_acc / n if n else 0.0,
-            z_loss=self.z_loss_acc / n if n else 0.0,
+            aux_loss=losses[0].clone(),
+            z_loss=losses[1].clone(),
             dropped_tokens=counts[-1].clone(),
             accumulated=True,
-            micro_batches=n,
+            micro_batches=self.micro_batches_acc,
         )
         self._reset_step_sums()
 

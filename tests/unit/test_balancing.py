@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.moe import MoE
 from sparsetron.model.moe.balancing import (
-    accumulate_load,
+    TokenSplit,
     expert_counts,
     load_balancing_loss,
     moe_layers,
@@ -118,6 +118,44 @@ def test_global_aux_uses_group_counts_and_local_probabilities():
     assert abs(local_only.item() - loss.item()) > 1e-4
 
 
+@pytest.mark.parametrize("level", ["micro_batch", "sequence", "z"])
+def test_token_split_shares_sum_to_the_whole_loss_and_gradient(level):
+    # Two "ranks" each hold one half of every sequence (sequence parallelism).
+    B, S, E, k = 3, 8, 6, 2
+    logits, _, indices = random_routing(B * S, E, k, seed=17)
+    halves = [
+        torch.arange(S).view(1, S).add(S * torch.arange(B).view(B, 1))[:, h * S // 2 : (h + 1) * S // 2] for h in (0, 1)
+    ]
+
+    def loss_of(logits_TE, indices_Tk, seq_len, split=None):
+        if level == "z":
+            return router_z_loss(logits_TE, 0.01, split)
+        scores = torch.softmax(logits_TE, -1)
+        return load_balancing_loss(scores, indices_Tk, 0.1, level=level, seq_len=seq_len, token_split=split)
+
+    whole_logits = logits.clone().requires_grad_()
+    whole = loss_of(whole_logits, indices, S)
+    whole.backward()
+
+    # First pass records what each half would send to the all-reduce; the second adds the other half's.
+    sent = []
+    record = TokenSplit(reduce=lambda local: sent.append(local.clone()) or local, ranks=2)
+    for rows in halves:
+        loss_of(logits[rows.flatten()], indices[rows.flatten()], S // 2, record)
+    shares, grad = [], torch.zeros_like(logits)
+    for h, rows in enumerate(halves):
+        other = sent[1 - h] if sent else None
+        split = TokenSplit(reduce=lambda local, other=other: local + other, ranks=2)
+        part_logits = logits[rows.flatten()].clone().requires_grad_()
+        share = loss_of(part_logits, indices[rows.flatten()], S // 2, split)
+        share.backward()
+        shares.append(share.item())
+        grad[rows.flatten()] += part_logits.grad
+    assert sum(shares) == pytest.approx(whole.item(), rel=1e-12)
+    assert shares[0] != pytest.approx(shares[1], rel=1e-3)
+    torch.testing.assert_close(grad, whole_logits.grad, rtol=1e-12, atol=1e-15)
+
+
 def test_aux_gradient_flows_through_probabilities_only():
     # d loss / d P_i = coeff * E * f_i, and P_i is a mean over T tokens.
     _, scores, indices = random_routing(12, 4, 2, seed=11)
@@ -216,7 +254,6 @@ def test_skipped_step_resets_counts_without_moving_bias():
 def test_no_bias_update_without_rate_but_counts_reset():
     layers = build(n_layers=1)
     layers[0](torch.randn(2, 5, 16))
-    accumulate_load(layers)
     update_expert_bias(layers)
     assert layers[0].router.expert_bias.abs().sum() == 0
     assert layers[0].tokens_per_expert_acc.sum() == 0
@@ -229,7 +266,6 @@ def test_real_step_lowers_bias_of_overloaded_experts():
     x = torch.randn(4, 16, 16)
     layer(x)
     load = layer.last_stats.tokens_per_expert.clone()
-    accumulate_load(layers)
     update_expert_bias(layers)
     bias = layer.router.expert_bias
     assert (bias[load > load.float().mean()] < 0).all() and (bias[load < load.float().mean()] > 0).all()
@@ -240,33 +276,40 @@ def test_real_step_lowers_bias_of_overloaded_experts():
     assert new_load.sum() == load.sum()
 
 
-def test_accumulate_load_is_robust_to_double_forward_and_recompute():
+def test_each_training_forward_counts_once_and_recompute_or_eval_not_at_all():
     layers = build(n_layers=2, seed=4)
     x1, x2 = torch.randn(2, 6, 16, requires_grad=True), torch.randn(2, 6, 16)
 
     run_all(layers, x1)
     once = [layer.last_stats.tokens_per_expert.clone() for layer in layers]
-    run_all(layers, x1)  # e.g. a recompute: same input, same stats
-    accumulate_load(layers)
-    accumulate_load(layers)  # a stray second call adds nothing
+    layers[0].accumulate_stats()  # a stray second call adds nothing
     for layer, counts in zip(layers, once, strict=True):
         assert torch.equal(layer.tokens_per_expert_acc, counts)
+        assert layer.micro_batches_acc == 1
 
-    # Activation checkpointing re-runs forward inside backward.
+    # Activation checkpointing re-runs forward inside backward: counted once, by the first run.
     for layer in layers:
-        layer.tokens_per_expert_acc.zero_()
+        layer._reset_step_sums()
     y = checkpoint(run_all, layers, x1, use_reentrant=False)
     y.sum().backward()
-    accumulate_load(layers)
     for layer, counts in zip(layers, once, strict=True):
         assert torch.equal(layer.tokens_per_expert_acc, counts)
+        assert layer.micro_batches_acc == 1
 
+    # Several forwards before their backwards (a pipeline schedule) each count.
     run_all(layers, x2)
     second = [layer.last_stats.tokens_per_expert.clone() for layer in layers]
-    accumulate_load(layers)
     for layer, a, b in zip(layers, once, second, strict=True):
         assert torch.equal(layer.tokens_per_expert_acc, a + b)
         assert layer.tokens_per_expert_acc.sum() == 2 * 2 * 2 * 6
+
+    # Neither a forward without gradients nor one in eval mode is training.
+    with torch.no_grad():
+        run_all(layers, x2)
+    layers.eval()
+    run_all(layers, x2)
+    layers.train()
+    assert all(layer.micro_batches_acc == 2 for layer in layers)
 
 
 class _Block(nn.Module):
@@ -282,7 +325,6 @@ def test_metrics_per_layer():
     x = torch.randn(2, 8, 16)
     for layer in layers:
         layer(x)
-    accumulate_load(model)
     metrics = moe_metrics(model)  # before the step: the last micro-batch's loads
     stats = layers[0].last_stats
     load = stats.tokens_per_expert.float()
@@ -296,7 +338,6 @@ def test_metrics_per_layer():
     assert {k.split("/")[1] for k in metrics} == {"layer3", "layer5"}
 
     layers[0](torch.randn(2, 8, 16))  # a second micro-batch, then the step
-    accumulate_load(model)
     update_expert_bias(model)
     metrics = moe_metrics(model)
     step = (load + layers[0].last_stats.tokens_per_expert.float()).tolist()
@@ -321,8 +362,8 @@ def _moe_blocks(layers, ids):
 
 
 def _train_micro_batches(layers, model, n, checkpointed=()):
-    """n micro-batches of forward, backward, accumulate_load (called twice, as a stray call
-    would); returns each micro-batch's last_stats per layer."""
+    """n micro-batches of forward and backward (those in `checkpointed` under activation
+    checkpointing); returns each micro-batch's last_stats per layer."""
     seen = []
     for i in range(n):
         x = torch.randn(2, 8, 16) * (1 + i)  # sharper routing each time, so the stats differ
@@ -330,8 +371,6 @@ def _train_micro_batches(layers, model, n, checkpointed=()):
         y = checkpoint(run_all, layers, x, use_reentrant=False) if i in checkpointed else run_all(layers, x)
         y.pow(2).mean().backward()
         seen.append([layer.last_stats for layer in layers])
-        accumulate_load(model)
-        accumulate_load(model)
     return seen
 
 
