@@ -1,9 +1,14 @@
 """Data parallelism: FSDP2 (`fully_shard`) per transformer block and at the root.
 
-A 1-D mesh shards parameters (FSDP); a 2-D (replicate, shard) mesh is HSDP: parameters
-sharded within a group and replicated across groups, gradients reduced over both.
-Gradients are averaged over the mesh, which with a per-rank mean loss over equal token
-counts gives the gradient of the global mean loss.
+Dense parameters are sharded over mesh["dp_shard_cp"]; with dp_replicate > 1 the mesh is
+("dp_replicate", "dp_shard_cp"), HSDP: sharded within a group, replicated across groups,
+gradients reduced over both. Gradients are averaged over the dp_cp ranks, which with a
+per-rank mean loss over equal token counts gives the gradient of the global mean loss.
+
+Routed experts split by `apply_ep` are their own FSDP unit on the expert cut of the same
+ranks: sharded over mesh["edp_shard"] (HSDP over ("dp_replicate", "edp_shard")), and
+gradients summed over those edp ranks then divided by dp_cp, not edp: the all-to-all has
+already summed the contributions of the ep ranks' tokens into each expert's gradient.
 """
 
 from __future__ import annotations
@@ -12,10 +17,35 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import fully_shard
 
+from sparsetron.model.moe.balancing import moe_layers
+from sparsetron.parallel.dims import ParallelMesh
+from sparsetron.parallel.expert_parallel import ExpertParallelExperts
 
-def apply_fsdp(model: nn.Module, mesh: DeviceMesh) -> None:
-    """Shard every block of `model.layers`, then the rest (embeddings, final norm, head) at the root."""
+
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh) -> None:
+    """Shard expert-parallel experts, then every block of `model.layers`, then the rest
+    (embeddings, final norm, head) at the root.
+
+    Inner units first: a block's fully_shard leaves out parameters a nested unit already holds.
+    """
+    dims = mesh.dims
+    dense_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate_enabled else mesh["dp_shard_cp"]
+    expert_mesh = mesh["dp_replicate", "edp_shard"] if dims.dp_replicate_enabled else mesh["edp_shard"]
     for block in model.layers.values():
-        if block is not None:
-            fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        if block is None:
+            continue
+        for layer in moe_layers(block):
+            if isinstance(layer.experts, ExpertParallelExperts):
+                _shard_experts(layer.experts, expert_mesh, dims.dp_cp, dims.edp_shard)
+        fully_shard(block, mesh=dense_mesh)
+    fully_shard(model, mesh=dense_mesh)
+
+
+def _shard_experts(experts: nn.Module, mesh: DeviceMesh, dp_cp: int, edp_shard: int) -> None:
+    experts = fully_shard(experts, mesh=mesh)
+    experts.set_gradient_divide_factor(dp_cp)
+    # A custom factor makes FSDP reduce-scatter with PREMUL_SUM, which gloo lacks; plain SUM
+    # and a division afterwards work on every backend. Not with one shard rank: there torch
+    # (2.13) skips the reduce-scatter and would divide by the factor twice.
+    if edp_shard > 1:
+        experts.set_force_sum_reduction_for_comms(True)

@@ -1,9 +1,10 @@
 """The per-rank memory plan a run prints at start.
 
-Parameters, gradients and AdamW states are counted exactly from the (meta) model and the
-layout: FSDP splits each tensor's first dimension over the data_parallel_shard x context
-ranks (the largest shard is what a rank must hold). Activations are an estimate, per
-token and layer, of what autograd keeps for the backward:
+Parameters, gradients and AdamW states are counted exactly from the parallelized model (still
+on the meta device): a parameter that is a DTensor (FSDP, tensor- or expert-parallel shard)
+counts its local shard, a plain one counts whole, a pipeline stage counts only the pieces it
+holds. Activations are an estimate, per token and layer, of what autograd keeps for the
+backward:
 
     attention  4 D (residual into the norm, fp32) + b (2 D + 2 D_q + 2 D_kv) + S if documents are masked
     dense FFN  4 D + b (D + 4 H)
@@ -14,16 +15,20 @@ b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width
 D_kv the query and key/value widths, S the sequence length (the boolean document mask),
 H the FFN hidden size, E the routed experts, k of them per token with hidden H_e. With full
 activation checkpointing a layer keeps only its input (4 D) and one layer's activations
-exist at a time during recompute. tests/unit/test_memory_plan.py holds the estimate to
-within a factor of 1.5 of what autograd really saves.
+exist at a time during recompute. Only the layers (and the head) this rank holds count.
+Tensor parallelism with sequence parallelism splits every layer's activations over the
+tensor ranks (the head's logits are whole on each). A pipeline stage may hold the
+activations of several micro-batches at once (`in_flight`; the first stage of 1F1B holds
+as many as there are stages). tests/unit/test_memory_plan.py holds the estimate to within
+a factor of 1.25 of what autograd really saves.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
 from sparsetron.model.transformer import uses_moe
@@ -59,14 +64,6 @@ class MemoryPlan:
             f"gradients {size(self.gradient_bytes)}, AdamW states {size(self.optimizer_bytes)}, "
             f"activations ~{size(self.activation_bytes)} (estimate), total ~{size(self.total_bytes)}"
         )
-
-
-def shard_elements(shape: tuple[int, ...], shards: int) -> int:
-    """Elements of the largest dim-0 shard of a tensor of `shape` split `shards` ways."""
-    if not shape:
-        return 1
-    rest = math.prod(shape[1:])
-    return math.ceil(shape[0] / shards) * rest
 
 
 def layer_activation_bytes(
@@ -105,26 +102,31 @@ def memory_plan(
     seq_len: int,
     compute_bytes: int,
     activation_checkpointing: bool,
+    in_flight: int = 1,
 ) -> MemoryPlan:
-    """The plan for `model` (plain, possibly on the meta device) trained at layout `dims`."""
-    shards = dims.dp_shard_cp if dims.fsdp_enabled else 1
+    """The plan for this rank's `model` (parallelized as `dims` says, possibly still on the meta
+    device), with `in_flight` micro-batches' activations held at once."""
     seen: set[int] = set()
     elements = 0
     for param in model.parameters():
         if id(param) not in seen:  # tied weights count once
             seen.add(id(param))
-            elements += shard_elements(tuple(param.shape), shards)
-    layers = layer_activation_bytes(model_cfg, attn_cfg, moe_cfg, seq_len, compute_bytes)
-    if activation_checkpointing:
+            elements += (param.to_local() if isinstance(param, DTensor) else param).numel()
+    per_layer_id = layer_activation_bytes(model_cfg, attn_cfg, moe_cfg, seq_len, compute_bytes)
+    held = [int(key) for key, block in model.layers.items() if block is not None]
+    layers = [per_layer_id[i] // dims.tp for i in held]
+    if not layers:
+        per_layer = 0
+    elif activation_checkpointing:
         # Each layer keeps its input; one layer's activations are rebuilt at a time.
-        per_layer = FP32 * model_cfg.dim * len(layers) + max(layers)
+        per_layer = FP32 * model_cfg.dim * len(layers) // dims.tp + max(layers)
     else:
         per_layer = sum(layers)
-    per_token = per_layer + head_activation_bytes(model_cfg, compute_bytes)
+    per_token = per_layer + (head_activation_bytes(model_cfg, compute_bytes) if model.output is not None else 0)
     return MemoryPlan(
         parameters=elements,
         parameter_bytes=FP32 * elements,
         gradient_bytes=FP32 * elements,
         optimizer_bytes=ADAMW_STATES * FP32 * elements,
-        activation_bytes=per_token * micro_batch_size * seq_len,
+        activation_bytes=per_token * micro_batch_size * seq_len * in_flight,
     )

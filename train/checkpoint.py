@@ -351,12 +351,15 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_fit(path: Path, metadata: Any, state: dict[str, Any]) -> None:
-    """Compare key sets and global shapes with the checkpoint's metadata, before any tensor is read."""
+    """Compare key sets and global shapes with the checkpoint's metadata, before any tensor is read.
+
+    Pipeline stages each ask for their own part of the model, so the key sets of every rank
+    are pooled (one small all-gather) before judging what is missing or unexpected; every
+    rank then raises the same error, or none does.
+    """
     expected = _flatten(state, "", {})
     sections = tuple(f"{name}." for name in state)
     saved = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith(sections)}
-    missing = sorted(k for k in expected if k not in saved)
-    unexpected = sorted(k for k in saved if k not in expected)
     mismatched = []
     for key in sorted(expected.keys() & saved.keys()):
         want, have = expected[key], saved[key]
@@ -366,6 +369,14 @@ def _check_fit(path: Path, metadata: Any, state: dict[str, Any]) -> None:
             mismatched.append(f"{key}: checkpoint holds {'a tensor' if have_tensor else 'a non-tensor value'}")
         elif want_tensor and tuple(want.shape) != tuple(have.size):
             mismatched.append(f"{key}: checkpoint {list(have.size)} vs model {list(want.shape)}")
+    wanted = set(expected)
+    if _distributed():
+        pooled: list[Any] = [None] * _world_size()
+        dist.all_gather_object(pooled, (wanted, mismatched))
+        wanted = set().union(*(keys for keys, _ in pooled))
+        mismatched = sorted(set().union(*(problems for _, problems in pooled)))
+    missing = sorted(k for k in wanted if k not in saved)
+    unexpected = sorted(k for k in saved if k not in wanted)
     if missing or unexpected or mismatched:
         lines = [f"checkpoint {path} does not fit the model (nothing was loaded):"]
         if mismatched:

@@ -32,10 +32,12 @@ from sparsetron.model.moe.balancing import (
     update_expert_bias,
 )
 from sparsetron.model.transformer import Transformer, active_params
+from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.memory import memory_plan
-from sparsetron.parallel.parallelize import check_supported, parallelize, sum_over
+from sparsetron.parallel.parallelize import check_supported, parallelize
+from sparsetron.parallel.tensor_parallel import sum_grads_over_tp
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
@@ -101,7 +103,7 @@ class Trainer:
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
-        check_supported(self.dims)
+        check_supported(self.dims, job.data.seq_len)
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.autocast_dtype = resolve_precision(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
@@ -149,10 +151,13 @@ class Trainer:
         # Every rank evaluates the same batches with the same weights, so no reduction is needed.
         self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
         self.dp_group = self.mesh.group("dp_cp") if self.mesh is not None else None
+        # Ranks that saw different tokens of each layer: MoE expert counts are summed over them.
+        self.token_group = self.mesh.group("dp_cp_tp") if self.mesh is not None else None
 
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
+        parallelize(self.model, job.parallel, self.dims, self.mesh)
         self.memory_plan = memory_plan(
             self.model,
             job.model,
@@ -164,7 +169,6 @@ class Trainer:
             torch.finfo(self.autocast_dtype or torch.float32).bits // 8,
             job.parallel.activation_checkpointing == "full",
         )
-        parallelize(self.model, job.parallel, self.dims, self.mesh)
         self.model.to_empty(device=self.device)
         with torch.no_grad(), SingleProcessInit() if self.mesh is not None else nullcontext():
             self.model.init_weights()
@@ -250,16 +254,18 @@ class Trainer:
             # Every rank holds the same number of tokens, so the mean of the ranks' means is the global mean.
             dist.all_reduce(total, group=self.dp_group)
             total /= dist.get_world_size(self.dp_group)
+        if self.dims.tp_enabled:
+            sum_grads_over_tp(self.model, self.mesh["tp"])
         loss_value = (total / accum).item()
         grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip).item()
         self.last_lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
-            update_expert_bias(self.model, self._sum_over_data_ranks())
+            update_expert_bias(self.model, self._sum_over_token_ranks())
             self.nonfinite_in_a_row = 0
         else:
             # The batch is consumed and the schedule advances, so a resumed run stays aligned.
-            update_expert_bias(self.model, self._sum_over_data_ranks(), apply=False)
+            update_expert_bias(self.model, self._sum_over_token_ranks(), apply=False)
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
@@ -268,8 +274,8 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return loss_value, grad_norm
 
-    def _sum_over_data_ranks(self):
-        return sum_over(self.dp_group) if self.dp_group is not None else None
+    def _sum_over_token_ranks(self):
+        return sum_over(self.token_group) if self.token_group is not None else None
 
     def _should_stop(self) -> bool:
         """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""

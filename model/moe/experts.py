@@ -34,9 +34,15 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e. Returns y_ND."""
+        w13, w2 = self.weights()
         offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
-        h1_NH, h3_NH = grouped_mm(x_ND, self.w13, offsets_E, self.backend).chunk(2, dim=-1)
-        return grouped_mm(F.silu(h1_NH) * h3_NH, self.w2, offsets_E, self.backend)
+        h1_NH, h3_NH = grouped_mm(x_ND, w13, offsets_E, self.backend).chunk(2, dim=-1)
+        return grouped_mm(F.silu(h1_NH) * h3_NH, w2, offsets_E, self.backend)
+
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(w13, w2) as forward computes with them: the experts this module holds (parallel
+        versions override this to give their local slice)."""
+        return self.w13, self.w2
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.dims import ParallelDims
-from sparsetron.parallel.memory import memory_plan, shard_elements
+from sparsetron.parallel.memory import memory_plan
 from sparsetron.train.config_io import load_job_config
 
 SINGLE = ParallelDims(world_size=1)
@@ -21,8 +21,8 @@ def build(name, *overrides):
     return job, model
 
 
-def plan(job, model, dims=SINGLE, batch=2, ac=False):
-    return memory_plan(model, job.model, job.attention, job.moe, dims, batch, job.data.seq_len, 4, ac)
+def plan(job, model, dims=SINGLE, batch=2, ac=False, in_flight=1):
+    return memory_plan(model, job.model, job.attention, job.moe, dims, batch, job.data.seq_len, 4, ac, in_flight)
 
 
 def saved_bytes(model, job, batch):
@@ -60,12 +60,15 @@ def test_parameter_bytes_are_exact_and_tied_weights_count_once():
     assert (p.parameter_bytes, p.gradient_bytes, p.optimizer_bytes) == (4 * elements, 4 * elements, 8 * elements)
 
 
-def test_fsdp_holds_the_largest_dim0_shard():
-    assert shard_elements((5, 3), 2) == 9 and shard_elements((4, 3), 4) == 3 and shard_elements((7,), 3) == 3
+def test_a_pipeline_stage_counts_only_what_it_holds():
     job, model = build("debug-dense")
-    sharded = plan(job, model, ParallelDims(dp_shard=2, world_size=2))
-    assert sharded.parameters == sum(shard_elements(tuple(p.shape), 2) for p in model.parameters())
-    assert sharded.parameters < plan(job, model).parameters
+    whole = plan(job, model)
+    model.tok_embeddings = None
+    model.layers["0"] = None
+    rest = plan(job, model)
+    assert rest.parameters == sum(p.numel() for p in model.parameters()) < whole.parameters
+    assert rest.activation_bytes < whole.activation_bytes
+    assert plan(job, model, in_flight=2).activation_bytes == 2 * rest.activation_bytes
 
 
 def test_activation_checkpointing_keeps_less():

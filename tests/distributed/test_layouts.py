@@ -1,0 +1,161 @@
+"""Every parallel layout trains exactly like one process with the same global batch.
+
+One process reads micro-batches of GLOBAL_BATCH sequences; a layout with `dp` data ranks
+gives each GLOBAL_BATCH / dp of them (their slices of the same global batch), and its tensor,
+expert and pipeline ranks share their data rank's slice. The first steps' losses agree within
+1e-5 relative, and so do the gathered parameters after them (fp32; lr 1e-3 and eps 1e-6 keep
+AdamW's first steps from magnifying the reduction-order rounding of near-zero gradients).
+Checkpoints written at one layout resume at another.
+"""
+
+import pytest
+import torch
+from harness import run_distributed
+from torch.distributed.tensor import DTensor
+
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.trainer import Trainer
+
+STEPS = 3
+GLOBAL_BATCH = 4
+
+# name: (world size, data-parallel degree, overrides)
+LAYOUTS = {
+    "dp2": (2, 2, ["parallel.data_parallel_shard=2"]),
+    "hsdp2x2": (4, 4, ["parallel.data_parallel_replicate=2", "parallel.data_parallel_shard=2"]),
+    "tp2": (2, 1, ["parallel.tensor=2"]),
+    "ep2": (2, 2, ["parallel.data_parallel_shard=2", "parallel.expert=2"]),
+    "ep4": (4, 4, ["parallel.data_parallel_shard=4", "parallel.expert=4"]),
+    "tp2xdp2": (4, 2, ["parallel.tensor=2", "parallel.data_parallel_shard=2"]),
+    "ep2xtp2": (4, 2, ["parallel.tensor=2", "parallel.data_parallel_shard=2", "parallel.expert=2"]),
+}
+# Layouts only checkpoints are resumed at.
+RESUME_LAYOUTS = {"dp4": (4, 4, ["parallel.data_parallel_shard=4"])}
+BALANCING = {
+    "sequence-aux": [],  # the recipe: sequence-level aux loss and the auxiliary-loss-free bias
+    "global-aux": ["moe.aux_loss_level=global", "moe.aux_loss_coeff=0.01"],
+}
+
+
+def job(run_dir, dp, *overrides):
+    # Evaluation reads eval_batches micro-batches on every rank: dp of GLOBAL_BATCH / dp
+    # sequences, one of GLOBAL_BATCH in one process, so both evaluate the same sequences.
+    return load_job_config(
+        "debug-deepseek",
+        [
+            "model.n_layers=4",
+            f"trainer.steps={STEPS}",
+            f"trainer.micro_batch_size={GLOBAL_BATCH // dp}",
+            "trainer.grad_accum_steps=2",
+            "trainer.eval_interval=0",
+            f"trainer.eval_batches={dp}",
+            "schedule.warmup_steps=1",
+            "optimizer.lr=1e-3",
+            "optimizer.eps=1e-6",
+            "checkpoint.interval=2",
+            "metrics.console=none",
+            f"trainer.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
+
+
+def full_parameters(model):
+    """Every parameter this rank's model holds, gathered whole (a collective within its stage)."""
+    return {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        for name, p in model.named_parameters()
+    }
+
+
+def train_worker(run_dir, dp, overrides, resume=None):
+    trainer = Trainer(job(run_dir, dp, *overrides), resume=resume)
+    result = trainer.run()
+    # The plan counts exactly what this rank holds.
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
+    assert trainer.memory_plan.parameters == local, (trainer.memory_plan.parameters, local)
+    return result.losses, result.eval_losses, full_parameters(trainer.model)
+
+
+def run_layout(run_dir, layout, *overrides, resume=None):
+    """Train at `layout` on its world size; (losses, eval losses, every parameter gathered)."""
+    world, dp, layout_overrides = {**LAYOUTS, **RESUME_LAYOUTS}[layout]
+    results = run_distributed(
+        train_worker, world, str(run_dir), dp, [*layout_overrides, *overrides], resume, timeout=300
+    )
+    params = {}
+    for _, _, rank_params in results:  # pipeline stages each hold their own part
+        params.update(rank_params)
+    losses, eval_losses, _ = results[-1]  # the last rank holds the last stage
+    assert all(r[0] == losses and r[1] == eval_losses for r in results), "ranks report different losses"
+    return losses, eval_losses, params
+
+
+def single_process(run_dir, *overrides, resume=None):
+    trainer = Trainer(job(run_dir, 1, *overrides), resume=resume)
+    result = trainer.run()
+    return result.losses, result.eval_losses, full_parameters(trainer.model)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process's run for each balancing setting, computed once for the module."""
+    cache = {}
+
+    def get(balancing):
+        if balancing not in cache:
+            cache[balancing] = single_process(tmp_path_factory.mktemp(f"single-{balancing}"), *BALANCING[balancing])
+        return cache[balancing]
+
+    return get
+
+
+def assert_same_training(parallel, single):
+    losses, eval_losses, params = parallel
+    ref_losses, ref_eval, ref_params = single
+    assert losses.keys() == ref_losses.keys()
+    for step, loss in ref_losses.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    for step, loss in ref_eval.items():
+        assert eval_losses[step] == pytest.approx(loss, rel=1e-5), step
+    assert params.keys() == ref_params.keys()
+    for name, ref in ref_params.items():
+        torch.testing.assert_close(params[name], ref, rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layout_trains_like_one_process(tmp_path, reference, layout):
+    assert_same_training(run_layout(tmp_path, layout), reference("sequence-aux"))
+
+
+@pytest.mark.parametrize("layout", ["hsdp2x2", "ep2xtp2"])
+def test_global_aux_loss_counts_every_token_rank(tmp_path, reference, layout):
+    assert_same_training(run_layout(tmp_path, layout, *BALANCING["global-aux"]), reference("global-aux"))
+
+
+# A checkpoint written at one layout (two steps) resumes at another for the third step.
+RESHARDS = {
+    "dp2->one process": ("dp2", None),
+    "one process->dp2": (None, "dp2"),
+    "ep2xtp2->dp4": ("ep2xtp2", "dp4"),
+    "ep2->ep4": ("ep2", "ep4"),
+}
+
+
+@pytest.mark.parametrize("reshard", list(RESHARDS))
+def test_checkpoint_resumes_at_another_layout(tmp_path, reference, reshard):
+    before, after = RESHARDS[reshard]
+    run_dir = tmp_path / "run"
+    if before is None:
+        single_process(run_dir, "trainer.stop_at=2")
+    else:
+        run_layout(run_dir, before, "trainer.stop_at=2")
+    if after is None:
+        resumed = single_process(run_dir, resume="auto")
+    else:
+        resumed = run_layout(run_dir, after, resume="auto")
+    straight = reference("sequence-aux")
+    assert resumed[0].keys() == {3}
+    assert resumed[0][3] == pytest.approx(straight[0][3], rel=1e-5)
+    for name, ref in straight[2].items():
+        torch.testing.assert_close(resumed[2][name], ref, rtol=1e-5, atol=1e-5, msg=name)
