@@ -13,22 +13,26 @@ already summed the contributions of the ep ranks' tokens into each expert's grad
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from sparsetron.model.moe.balancing import moe_layers
 from sparsetron.parallel.dims import ParallelMesh
 from sparsetron.parallel.expert_parallel import ExpertParallelExperts
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh) -> None:
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | None = None) -> None:
     """Shard expert-parallel experts, then every block of `model.layers`, then the rest
     (embeddings, final norm, head) at the root.
 
     Inner units first: a block's fully_shard leaves out parameters a nested unit already holds.
+    `param_dtype` (bf16 under mixed precision) is what parameters are all-gathered and computed
+    in; the sharded fp32 parameters, the optimizer and the gradient reduction stay fp32.
     """
     dims = mesh.dims
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     dense_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate_enabled else mesh["dp_shard_cp"]
     expert_mesh = mesh["dp_replicate", "edp_shard"] if dims.dp_replicate_enabled else mesh["edp_shard"]
     for block in model.layers.values():
@@ -36,13 +40,28 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh) -> None:
             continue
         for layer in moe_layers(block):
             if isinstance(layer.experts, ExpertParallelExperts):
-                _shard_experts(layer.experts, expert_mesh, dims.dp_cp, dims.edp_shard)
-        fully_shard(block, mesh=dense_mesh)
-    fully_shard(model, mesh=dense_mesh)
+                _shard_experts(layer.experts, expert_mesh, dims.dp_cp, dims.edp_shard, policy)
+        fully_shard(block, mesh=dense_mesh, mp_policy=policy)
+    fully_shard(model, mesh=dense_mesh, mp_policy=policy)
 
 
-def _shard_experts(experts: nn.Module, mesh: DeviceMesh, dp_cp: int, edp_shard: int) -> None:
-    experts = fully_shard(experts, mesh=mesh)
+def reduce_across_replicas(model: nn.Module, enabled: bool) -> None:
+    """Whether this backward all-reduces gradients across HSDP replicas (dp_replicate).
+
+    With gradient accumulation only the last micro-batch needs to: every backward still
+    reduce-scatters within the shard group into the sharded gradient, which sums the
+    micro-batches, and the last one's all-reduce carries the sum across replicas (the
+    cross-node traffic, once per step instead of once per micro-batch).
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_requires_all_reduce(enabled, recurse=False)
+
+
+def _shard_experts(
+    experts: nn.Module, mesh: DeviceMesh, dp_cp: int, edp_shard: int, policy: MixedPrecisionPolicy
+) -> None:
+    experts = fully_shard(experts, mesh=mesh, mp_policy=policy)
     experts.set_gradient_divide_factor(dp_cp)
     # A custom factor makes FSDP reduce-scatter with PREMUL_SUM, which gloo lacks; plain SUM
     # and a division afterwards work on every backend. Not with one shard rank: there torch

@@ -17,6 +17,7 @@ Context parallelism is refused by name in `check_supported`, before any process 
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from sparsetron.model.config import ConfigError
@@ -41,9 +42,16 @@ def check_supported(dims: ParallelDims, seq_len: int) -> None:
     check_tp(dims.tp, seq_len)
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh: ParallelMesh | None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: ParallelConfig,
+    dims: ParallelDims,
+    mesh: ParallelMesh | None,
+    param_dtype: torch.dtype | None = None,
+) -> nn.Module:
     """Apply tensor, expert and data parallelism, activation checkpointing and compile as `cfg`
-    and `dims` ask, in the module docstring's order. `model` is this rank's (pipeline) piece."""
+    and `dims` ask, in the module docstring's order. `model` is this rank's (pipeline) piece;
+    `param_dtype` is FSDP's compute dtype for parameters (bf16 under mixed precision)."""
     if mesh is not None:
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
@@ -59,5 +67,5 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, dims: ParallelDims, mesh:
     if cfg.compile:
         apply_compile(model)
     if mesh is not None and dims.dp_enabled:
-        apply_fsdp(model, mesh)
+        apply_fsdp(model, mesh, param_dtype)
     return model

@@ -34,6 +34,7 @@ from sparsetron.model.moe.balancing import (
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.dims import ParallelDims
+from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.memory import memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize
@@ -157,7 +158,7 @@ class Trainer:
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
-        parallelize(self.model, job.parallel, self.dims, self.mesh)
+        parallelize(self.model, job.parallel, self.dims, self.mesh, self.autocast_dtype)
         self.memory_plan = memory_plan(
             self.model,
             job.model,
@@ -246,7 +247,9 @@ class Trainer:
         accum = self.job.trainer.grad_accum_steps
         self.model.train()
         total = torch.zeros((), device=self.device)
-        for _ in range(accum):
+        for i in range(accum):
+            if self.dims.dp_replicate_enabled:
+                reduce_across_replicas(self.model, i == accum - 1)
             loss = self._loss(next(self.loader))
             (loss / accum).backward()
             total += loss.detach()

@@ -133,6 +133,16 @@ def test_global_aux_loss_counts_every_token_rank(tmp_path, reference, layout):
     assert_same_training(run_layout(tmp_path, layout, *BALANCING["global-aux"]), reference("global-aux"))
 
 
+def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_weights(tmp_path, reference):
+    # FSDP all-gathers bf16 copies for the compute (CPU autocast here, as on a GPU); the
+    # sharded weights, gradients and optimizer stay fp32, so training follows fp32 closely.
+    losses, _, params = run_layout(tmp_path, "dp2", "trainer.precision=bf16")
+    ref_losses = reference("sequence-aux")[0]
+    for step, loss in ref_losses.items():
+        assert loss != losses[step] and losses[step] == pytest.approx(loss, rel=2e-2), step
+    assert all(p.dtype == torch.float32 for p in params.values())
+
+
 # A checkpoint written at one layout (two steps) resumes at another for the third step.
 RESHARDS = {
     "dp2->one process": ("dp2", None),
