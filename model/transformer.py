@@ -102,13 +102,16 @@ class Transformer(nn.Module):
         B, S = tokens_BS.shape[:2]
         if S > self.model_cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.model_cfg.max_seq_len}")
-        if not self.attn_cfg.document_masking:
-            doc_ids_BS = None
         if positions_BS is None:
-            if doc_ids_BS is not None:
+            if doc_ids_BS is not None and self.attn_cfg.document_masking:
                 positions_BS = positions_from_doc_ids(doc_ids_BS)
             else:
-                positions_BS = torch.arange(S, device=tokens_BS.device).expand(B, S)
+                # doc_ids span the whole sequence also where the hidden states hold a part of it
+                # (a pipeline stage under sequence parallelism).
+                length = doc_ids_BS.shape[1] if doc_ids_BS is not None else S
+                positions_BS = torch.arange(length, device=tokens_BS.device).expand(B, length)
+        if not self.attn_cfg.document_masking:
+            doc_ids_BS = None
 
         h_BSD = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
         for layer in self.layers.values() if self.layers is not None else ():

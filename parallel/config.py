@@ -7,6 +7,8 @@ from typing import Literal
 
 from sparsetron.model.config import check
 
+PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
+
 AXES = ("data_parallel_replicate", "data_parallel_shard", "context", "tensor", "pipeline", "expert")
 
 
@@ -23,16 +25,42 @@ class ParallelConfig:
     tensor: int = 1
     """Ranks each matrix is split over (tensor + sequence parallelism)."""
     pipeline: int = 1
-    """Pipeline stages."""
+    """Ranks the transformer's layers are split over, one after another (pipeline parallelism)."""
     expert: int = 1
     """Ranks the routed experts are split over, folded onto the data and context ranks."""
     activation_checkpointing: Literal["none", "full"] = "none"
     """Recompute each transformer block in the backward instead of keeping its activations."""
     compile: bool = False
     """Compile each transformer block with torch.compile."""
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b", "zero_bubble"] = "1f1b"
+    """Order of forwards and backwards over a step's micro-batches (trainer.grad_accum_steps of them) when
+    pipeline > 1: 1f1b (one stage per rank, needs grad_accum_steps >= pipeline); interleaved_1f1b (Megatron's
+    virtual stages, looped over the ranks); zero_bubble (torch's ScheduleZBVZeroBubble: two stages per rank in a
+    V, backward split into input and weight gradients to fill the bubble; refuses compile)."""
+    pipeline_stages_per_rank: int = 0
+    """Stages (virtual pipeline stages) each pipeline rank runs. 0 = the schedule's own: 1 for 1f1b, 2 for
+    interleaved_1f1b and zero_bubble; interleaved_1f1b takes any number >= 2, zero_bubble only 2."""
 
     def validate(self, prefix: str = "parallel") -> None:
         for axis in AXES:
             value = getattr(self, axis)
             fills_the_rest = axis == "data_parallel_shard" and value == -1
             check(value >= 1 or fills_the_rest, f"{prefix}.{axis}", f"must be a positive integer, got {value}")
+        check(
+            self.pipeline_schedule in PIPELINE_SCHEDULES,
+            f"{prefix}.pipeline_schedule",
+            f"must be one of {', '.join(PIPELINE_SCHEDULES)}, got {self.pipeline_schedule!r}",
+        )
+        n = self.stages_per_rank()
+        if self.pipeline_schedule == "1f1b":
+            check(n == 1, f"{prefix}.pipeline_stages_per_rank", f"1f1b runs one stage per rank, got {n}")
+        elif self.pipeline_schedule == "zero_bubble":
+            check(n == 2, f"{prefix}.pipeline_stages_per_rank", f"zero_bubble (ZBV) runs two stages per rank, got {n}")
+        else:
+            check(n >= 2, f"{prefix}.pipeline_stages_per_rank", f"interleaved_1f1b needs >= 2 stages per rank, got {n}")
+
+    def stages_per_rank(self) -> int:
+        """`pipeline_stages_per_rank`, with 0 resolved to the schedule's own number."""
+        if self.pipeline_stages_per_rank:
+            return self.pipeline_stages_per_rank
+        return 1 if self.pipeline_schedule == "1f1b" else 2

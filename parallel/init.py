@@ -24,7 +24,15 @@ INIT_OPS = frozenset(
 
 
 class SingleProcessInit(TorchFunctionMode):
-    """Context manager: `with SingleProcessInit(): model.init_weights()`."""
+    """Context manager: `with SingleProcessInit(device): model.init_weights()`.
+
+    `device` is where the model was materialised, the device whose random generator one
+    process would draw from; pieces still on the meta device draw there too.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        super().__init__()
+        self.device = torch.device(device)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -33,15 +41,16 @@ class SingleProcessInit(TorchFunctionMode):
         sharded = isinstance(target, DTensor)
         if getattr(func, "__name__", "") not in INIT_OPS or not (sharded or getattr(target, "is_meta", False)):
             return func(*args, **kwargs)
-        device = target.to_local().device if sharded else "cpu"
-        full = torch.empty(target.shape, dtype=target.dtype, device=device)
+        # A DTensor may itself be a meta piece (expert or tensor shards of another stage's layer).
+        meta = target.to_local().is_meta if sharded else True
+        full = torch.empty(target.shape, dtype=target.dtype, device=self.device)
         if args:
             args = (full, *args[1:])
         else:
             kwargs = {**kwargs, "tensor": full}
         with torch.no_grad():
             func(*args, **kwargs)
-            if sharded:
+            if sharded and not meta:
                 # src_data_rank=None: every rank holds `full` already, so this only slices.
                 shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
                 target.to_local().copy_(shard.to_local())

@@ -3,25 +3,27 @@
     pipeline split -> tensor + sequence parallel -> expert parallel -> MoE reducers
     -> activation checkpointing -> compile -> FSDP2 / HSDP
 
-The pipeline split comes first because every later step works on the pieces this rank
-holds (`parallel.pipeline`); the trainer does it and passes each piece here. Tensor and
-expert parallelism turn weights into DTensors on their meshes and must see the plain
-modules, before activation checkpointing and compile wrap them. FSDP comes last so that each
-compiled, checkpointed block is one FSDP unit, with the expert weights a nested unit on
-their own (expert-data-parallel) ranks. The model is still on the meta device here; the
-caller materialises it afterwards (`to_empty`, then `init_weights` under
-`parallel.init.SingleProcessInit`).
+Tensor and expert parallelism turn weights into DTensors on their meshes and must see the
+plain modules, before activation checkpointing and compile wrap them. The pipeline split
+(`parallel.pipeline`) then cuts the model to what this rank holds and builds its stage
+modules, views of the wrapped blocks. FSDP comes last so that each compiled, checkpointed
+block is one FSDP unit, with the expert weights a nested unit on their own
+(expert-data-parallel) ranks; under pipelining each stage module is an FSDP root. The model
+is still on the meta device here; the caller materialises it afterwards (`to_empty`, then
+`init_weights` under `parallel.init.SingleProcessInit`, inside `split.whole_model` when
+pipelined).
 
-Context parallelism is refused by name in `check_supported`, before any process group exists.
+`check_supported` refuses what cannot run (context parallelism, uneven sequence splits, pipeline
+schedules that do not fit) by name, before any process group exists.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from sparsetron.model.config import ConfigError
+from sparsetron.model.config import ConfigError, ModelConfig
 from sparsetron.model.moe.balancing import moe_layers
+from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.activation_checkpoint import apply_ac
 from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.compile import apply_compile
@@ -29,29 +31,36 @@ from sparsetron.parallel.config import ParallelConfig
 from sparsetron.parallel.dims import ParallelDims, ParallelMesh
 from sparsetron.parallel.expert_parallel import apply_ep
 from sparsetron.parallel.fsdp import apply_fsdp
+from sparsetron.parallel.pipeline import PipelineSplit, check_pipeline, pipeline_split
 from sparsetron.parallel.tensor_parallel import apply_tp, check_tp
 
 
-def check_supported(dims: ParallelDims, seq_len: int) -> None:
-    """Refuse, before any process group exists, what this version cannot apply."""
+def check_supported(cfg: ParallelConfig, dims: ParallelDims, model_cfg: ModelConfig, seq_len: int, accum: int) -> None:
+    """Refuse, before any process group exists, what this version cannot apply (errors name the key)."""
     if dims.cp_enabled:
         raise ConfigError(
             f"parallel.context={dims.cp}: context parallelism is not implemented yet; data, tensor, "
             "expert and pipeline parallelism are"
         )
     check_tp(dims.tp, seq_len)
+    check_pipeline(cfg, accum, model_cfg)
 
 
 def parallelize(
-    model: nn.Module,
+    model: Transformer,
     cfg: ParallelConfig,
     dims: ParallelDims,
     mesh: ParallelMesh | None,
+    seq_len: int,
     param_dtype: torch.dtype | None = None,
-) -> nn.Module:
-    """Apply tensor, expert and data parallelism, activation checkpointing and compile as `cfg`
-    and `dims` ask, in the module docstring's order. `model` is this rank's (pipeline) piece;
-    `param_dtype` is FSDP's compute dtype for parameters (bf16 under mixed precision)."""
+) -> PipelineSplit | None:
+    """Apply tensor, expert, pipeline and data parallelism, activation checkpointing and compile
+    as `cfg` and `dims` ask, in the module docstring's order, to `model` in place.
+
+    Returns this rank's pipeline split (its stage modules) when pipelined, else None. `seq_len`
+    weighs attention in the stage split; `param_dtype` is FSDP's compute dtype for parameters
+    (bf16 under mixed precision).
+    """
     if mesh is not None:
         if dims.tp_enabled:
             apply_tp(model, mesh["tp"])
@@ -66,6 +75,10 @@ def parallelize(
         apply_ac(model)
     if cfg.compile:
         apply_compile(model)
+    split = None
+    if mesh is not None and dims.pp_enabled:
+        split = pipeline_split(model, cfg, mesh["pp"].get_local_rank(), dims.pp, seq_len)
     if mesh is not None and dims.dp_enabled:
-        apply_fsdp(model, mesh, param_dtype)
-    return model
+        for unit in split.stages if split is not None else [model]:
+            apply_fsdp(unit, mesh, param_dtype)
+    return split

@@ -38,11 +38,12 @@ from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.memory import memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize
+from sparsetron.parallel.pipeline import PipelineRunner
 from sparsetron.parallel.tensor_parallel import sum_grads_over_tp
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
-from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
+from sparsetron.train.data import Batch, TrainLoader, build_datasets, build_tokenizer, eval_batches
 from sparsetron.train.distributed import local_device, process_group, rank, world_size_from_env
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
@@ -104,7 +105,7 @@ class Trainer:
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
-        check_supported(self.dims, job.data.seq_len)
+        check_supported(job.parallel, self.dims, job.model, job.data.seq_len, job.trainer.grad_accum_steps)
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.autocast_dtype = resolve_precision(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
@@ -158,7 +159,9 @@ class Trainer:
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
-        parallelize(self.model, job.parallel, self.dims, self.mesh, self.autocast_dtype)
+        self.pipeline_split = parallelize(
+            self.model, job.parallel, self.dims, self.mesh, job.data.seq_len, self.autocast_dtype
+        )
         self.memory_plan = memory_plan(
             self.model,
             job.model,
@@ -169,11 +172,31 @@ class Trainer:
             job.data.seq_len,
             torch.finfo(self.autocast_dtype or torch.float32).bits // 8,
             job.parallel.activation_checkpointing == "full",
+            # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
+            min(tc.grad_accum_steps, self.dims.pp),
         )
         self.model.to_empty(device=self.device)
-        with torch.no_grad(), SingleProcessInit() if self.mesh is not None else nullcontext():
+        split = self.pipeline_split
+        with (
+            torch.no_grad(),
+            split.whole_model(self.model) if split is not None else nullcontext(),
+            SingleProcessInit(self.device) if self.mesh is not None else nullcontext(),
+        ):
             self.model.init_weights()
-        set_aux_loss_scale(self.model, 1.0 / tc.grad_accum_steps)
+        self.pipeline = None
+        if split is not None:
+            self.pipeline = PipelineRunner(
+                split,
+                self.mesh.group("pp"),
+                tc.grad_accum_steps,
+                tc.micro_batch_size,
+                job.data.seq_len,
+                self.device,
+                self.autocast_dtype,
+                self.dims.tp,
+            )
+        # The pipeline schedule divides every gradient by the micro-batches itself.
+        set_aux_loss_scale(self.model, 1.0 if self.pipeline is not None else 1.0 / tc.grad_accum_steps)
 
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.scheduler = build_scheduler(self.optimizer, job.schedule, tc.steps)
@@ -246,13 +269,17 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
         accum = self.job.trainer.grad_accum_steps
         self.model.train()
-        total = torch.zeros((), device=self.device)
-        for i in range(accum):
-            if self.dims.dp_replicate_enabled:
-                reduce_across_replicas(self.model, i == accum - 1)
-            loss = self._loss(next(self.loader))
-            (loss / accum).backward()
-            total += loss.detach()
+        if self.pipeline is not None:
+            batch = Batch.stack([next(self.loader) for _ in range(accum)]).to(self.device, non_blocking=True)
+            total = self.pipeline.train_step(batch.tokens, batch.targets, batch.doc_ids) * accum
+        else:
+            total = torch.zeros((), device=self.device)
+            for i in range(accum):
+                if self.dims.dp_replicate_enabled:
+                    reduce_across_replicas(self.model, i == accum - 1)
+                loss = self._loss(next(self.loader))
+                (loss / accum).backward()
+                total += loss.detach()
         if self.dp_group is not None:
             # Every rank holds the same number of tokens, so the mean of the ranks' means is the global mean.
             dist.all_reduce(total, group=self.dp_group)
@@ -260,7 +287,8 @@ class Trainer:
         if self.dims.tp_enabled:
             sum_grads_over_tp(self.model, self.mesh["tp"])
         loss_value = (total / accum).item()
-        grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip).item()
+        pp_group = self.mesh.group("pp") if self.pipeline is not None else None
+        grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip, pp_group).item()
         self.last_lr = self.scheduler.get_last_lr()[0]
         if math.isfinite(loss_value) and math.isfinite(grad_norm):
             self.optimizer.step()
@@ -292,7 +320,13 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean cross-entropy over the fixed validation batches."""
         self.model.eval()
-        losses = [self._loss(batch) for batch in self.eval_set]
+        if self.pipeline is not None:
+            losses = []
+            for batch in self.eval_set:
+                batch = batch.to(self.device)
+                losses.append(self.pipeline.eval_loss(batch.tokens, batch.targets, batch.doc_ids))
+        else:
+            losses = [self._loss(batch) for batch in self.eval_set]
         self.model.train()
         return torch.stack(losses).mean().item()
 
@@ -366,7 +400,7 @@ class Trainer:
                 if self.step % job.metrics.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
-                    metrics.log(self.step, scalars, moe_load_histograms(self.model))
+                    metrics.log(self.step, scalars, self._from_every_stage(moe_load_histograms(self.model)))
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = time.perf_counter()
@@ -388,6 +422,14 @@ class Trainer:
         result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps
         return result
 
+    def _from_every_stage(self, values: dict) -> dict:
+        """`values` (per-layer MoE metrics) merged over the pipeline stages, each holding other layers."""
+        if self.pipeline is None:
+            return values
+        gathered: list[dict] = [{} for _ in range(self.dims.pp)]
+        dist.all_gather_object(gathered, values, group=self.mesh.group("pp"))
+        return {key: value for part in gathered for key, value in part.items()}
+
     def _scalars(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         scalars = {
             "loss": loss,
@@ -401,5 +443,5 @@ class Trainer:
             # tokens_per_s counts every rank's tokens; MFU is per accelerator.
             scalars["mfu"] = mfu(tokens_per_s / self.dims.world_size, self.flops_per_token, self.peak_tflops)
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
-        scalars.update(moe_metrics(self.model))
+        scalars.update(self._from_every_stage(moe_metrics(self.model)))
         return scalars

@@ -28,6 +28,11 @@ LAYOUTS = {
     "ep4": (4, 4, ["parallel.data_parallel_shard=4", "parallel.expert=4"]),
     "tp2xdp2": (4, 2, ["parallel.tensor=2", "parallel.data_parallel_shard=2"]),
     "ep2xtp2": (4, 2, ["parallel.tensor=2", "parallel.data_parallel_shard=2", "parallel.expert=2"]),
+    "pp2-1f1b": (2, 1, ["parallel.pipeline=2"]),
+    "pp2-interleaved_1f1b": (2, 1, ["parallel.pipeline=2", "parallel.pipeline_schedule=interleaved_1f1b"]),
+    "pp2-zero_bubble": (2, 1, ["parallel.pipeline=2", "parallel.pipeline_schedule=zero_bubble"]),
+    "pp2xep2": (4, 2, ["parallel.pipeline=2", "parallel.data_parallel_shard=2", "parallel.expert=2"]),
+    "pp2xtp2": (4, 1, ["parallel.pipeline=2", "parallel.tensor=2"]),
 }
 # Layouts only checkpoints are resumed at.
 RESUME_LAYOUTS = {"dp4": (4, 4, ["parallel.data_parallel_shard=4"])}
@@ -149,6 +154,8 @@ RESHARDS = {
     "one process->dp2": (None, "dp2"),
     "ep2xtp2->dp4": ("ep2xtp2", "dp4"),
     "ep2->ep4": ("ep2", "ep4"),
+    "pp2->one process": ("pp2-1f1b", None),
+    "pp2xtp2->pp2-zero_bubble": ("pp2xtp2", "pp2-zero_bubble"),
 }
 
 
