@@ -40,6 +40,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -51,7 +52,11 @@ __all__ = ["CheckpointError", "CheckpointManager", "is_complete", "list_complete
 MARKER = ".complete"
 CONFIG_FILE = "config.yaml"
 METADATA_FILE = ".metadata"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: optimizer state keyed by parameter name (layout-independent); 1 keyed it by param group."""
+# Optimizer state and hyperparameters keyed by parameter name, not by param-group index: the
+# groups differ between layouts (they are split by device mesh), the names do not.
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 STEP_RE = re.compile(r"^step_(\d+)$")
 # Hidden prefixes of this module's own scratch folders; none of them matches STEP_RE.
 TMP_PREFIX = ".tmp_"
@@ -283,6 +288,11 @@ class CheckpointManager:
         if not is_complete(path):
             raise CheckpointError(_half_written(path))
         marker = _read_marker(path)
+        if marker.get("format") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {path} has format {marker.get('format')}, this version reads format {FORMAT_VERSION} "
+                "(optimizer state keyed by parameter name); it was written by an older sparsetron"
+            )
         _check_sizes(path, marker)
         train_state = _read_train_state(path)
         metadata = _read_metadata(path)
@@ -299,9 +309,11 @@ class CheckpointManager:
                     f"checkpoint {path}: reading the tensor data files (*.distcp) failed, corrupt? {_summary(err)}"
                 ) from err
             if optimizer is None:
-                set_model_state_dict(model, state["model"])
+                set_model_state_dict(model, state["model"], options=OPTIONS)
             else:
-                set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+                set_state_dict(
+                    model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=OPTIONS
+                )
         except BaseException:
             if fresh:
                 optimizer.state.clear()
@@ -328,8 +340,8 @@ class CheckpointManager:
 
 def _state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
     if optimizer is None:
-        return {"model": get_model_state_dict(model)}
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+        return {"model": get_model_state_dict(model, options=OPTIONS)}
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
     return {"model": model_sd, "optim": optim_sd}
 
 

@@ -180,6 +180,30 @@ def test_missing_and_unexpected_keys_are_named(tmp_path):
     assert "model.out.weight" in str(info.value)
 
 
+def test_optimizer_state_is_keyed_by_parameter_name_whatever_the_groups(tmp_path):
+    # Layouts split parameters into different AdamW groups (one per device mesh); a checkpoint
+    # must load whatever the grouping.
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, keep_last=0)
+    folder = manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    other, _ = fresh()
+    params = list(other.parameters())
+    regrouped = torch.optim.AdamW([{"params": params[:1]}, {"params": params[1:2]}, {"params": params[2:]}], lr=0.1)
+    manager.load(folder, other, regrouped)
+    assert_same(snapshot(model), snapshot(other))
+    for mine, theirs in zip(params, model.parameters(), strict=True):
+        torch.testing.assert_close(regrouped.state[mine]["exp_avg"], opt.state[theirs]["exp_avg"], rtol=0, atol=0)
+
+
+def test_older_format_is_refused_by_name(tmp_path):
+    model, opt = trained()
+    folder = CheckpointManager(tmp_path, keep_last=0).save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    marker = json.loads((folder / ".complete").read_text())
+    (folder / ".complete").write_text(json.dumps({**marker, "format": 1}))
+    with pytest.raises(CheckpointError, match="has format 1, this version reads format 2"):
+        CheckpointManager(tmp_path).load(folder, *fresh())
+
+
 def test_folder_without_marker_is_ignored_and_refused(tmp_path):
     model, opt = trained()
     manager = CheckpointManager(tmp_path, keep_last=0)
