@@ -68,7 +68,10 @@ def job(run_dir, dp, *overrides):
 def full_parameters(model):
     """Every parameter this rank's model holds, gathered whole (a collective within its stage)."""
     return {
-        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        # Activation checkpointing's wrapper adds a prefix to names (not to state-dict keys).
+        name.replace("_checkpoint_wrapped_module.", ""): (p.full_tensor() if isinstance(p, DTensor) else p)
+        .detach()
+        .clone()
         for name, p in model.named_parameters()
     }
 
@@ -136,6 +139,12 @@ def test_layout_trains_like_one_process(tmp_path, reference, layout):
 @pytest.mark.parametrize("layout", ["hsdp2x2", "ep2xtp2"])
 def test_global_aux_loss_counts_every_token_rank(tmp_path, reference, layout):
     assert_same_training(run_layout(tmp_path, layout, *BALANCING["global-aux"]), reference("global-aux"))
+
+
+@pytest.mark.parametrize("layout", ["ep2xtp2", "pp2xep2"])
+def test_composes_with_activation_checkpointing(tmp_path, reference, layout):
+    ac = "parallel.activation_checkpointing=full"
+    assert_same_training(run_layout(tmp_path, layout, ac), reference("sequence-aux"))
 
 
 def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_weights(tmp_path, reference):

@@ -1,7 +1,13 @@
-"""Activation checkpointing and compile change how a step runs, never what it computes."""
+"""Activation checkpointing and compile change how a step runs, never what it computes; layouts that
+cannot run are refused before any process group exists."""
+
+import re
 
 import pytest
 
+from sparsetron.model.config import ConfigError
+from sparsetron.parallel.dims import ParallelDims
+from sparsetron.parallel.parallelize import check_supported
 from sparsetron.train.config_io import load_job_config
 from sparsetron.train.trainer import Trainer
 
@@ -45,3 +51,21 @@ def test_compiled_blocks_match_eager(tmp_path, eager):
     assert compiled.losses.keys() == eager.losses.keys()
     for step, loss in eager.losses.items():
         assert compiled.losses[step] == pytest.approx(loss, rel=1e-4), step
+
+
+REFUSED = {
+    "context": (2, ["parallel.data_parallel_shard=1", "parallel.context=2"], "parallel.context=2"),
+    "compile with tensor": (2, ["parallel.tensor=2", "parallel.compile=true"], "parallel.compile=true"),
+    "uneven sequence split": (2, ["parallel.tensor=2", "data.seq_len=63"], "data.seq_len=63"),
+    "too few micro-batches": (2, ["parallel.pipeline=2", "trainer.grad_accum_steps=1"], "trainer.grad_accum_steps"),
+    "tied pipeline": (2, ["parallel.pipeline=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED))
+def test_layouts_that_cannot_run_are_refused_by_key_before_any_process_group(case):
+    world, overrides, key = REFUSED[case]
+    cfg = load_job_config("debug-deepseek", overrides)
+    dims = ParallelDims.from_config(cfg.parallel, world)
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        check_supported(cfg.parallel, dims, cfg.model, cfg.data.seq_len, cfg.trainer.grad_accum_steps)
