@@ -8,6 +8,9 @@ AdamW's first steps from magnifying the reduction-order rounding of near-zero gr
 Checkpoints written at one layout resume at another.
 """
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from harness import run_distributed
@@ -85,8 +88,16 @@ def train_worker(run_dir, dp, overrides, resume=None):
     return result.losses, result.eval_losses, full_parameters(trainer.model)
 
 
+def expert_loads(run_dir):
+    """Tokens per expert of every MoE layer in the last step rank 0 logged (metrics.jsonl)."""
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in records if "loss" in r][-1]
+    return {key: value for key, value in last.items() if key.endswith("tokens_per_expert")}
+
+
 def run_layout(run_dir, layout, *overrides, resume=None):
-    """Train at `layout` on its world size; (losses, eval losses, every parameter gathered)."""
+    """Train at `layout` on its world size; (losses, eval losses, every parameter gathered,
+    the expert loads rank 0 logged for the last step)."""
     world, dp, layout_overrides = {**LAYOUTS, **RESUME_LAYOUTS}[layout]
     results = run_distributed(
         train_worker, world, str(run_dir), dp, [*layout_overrides, *overrides], resume, timeout=300
@@ -96,13 +107,13 @@ def run_layout(run_dir, layout, *overrides, resume=None):
         params.update(rank_params)
     losses, eval_losses, _ = results[-1]  # the last rank holds the last stage
     assert all(r[0] == losses and r[1] == eval_losses for r in results), "ranks report different losses"
-    return losses, eval_losses, params
+    return losses, eval_losses, params, expert_loads(run_dir)
 
 
 def single_process(run_dir, *overrides, resume=None):
     trainer = Trainer(job(run_dir, 1, *overrides), resume=resume)
     result = trainer.run()
-    return result.losses, result.eval_losses, full_parameters(trainer.model)
+    return result.losses, result.eval_losses, full_parameters(trainer.model), expert_loads(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +130,10 @@ def reference(tmp_path_factory):
 
 
 def assert_same_training(parallel, single):
-    losses, eval_losses, params = parallel
-    ref_losses, ref_eval, ref_params = single
+    losses, eval_losses, params, loads = parallel
+    ref_losses, ref_eval, ref_params, ref_loads = single
+    # Every layer's expert load summed over all ranks, whichever stage holds the layer, as one process counts it.
+    assert loads == ref_loads and len(ref_loads) == 3
     assert losses.keys() == ref_losses.keys()
     for step, loss in ref_losses.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
@@ -150,7 +163,7 @@ def test_composes_with_activation_checkpointing(tmp_path, reference, layout):
 def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_weights(tmp_path, reference):
     # FSDP all-gathers bf16 copies for the compute (CPU autocast here, as on a GPU); the
     # sharded weights, gradients and optimizer stay fp32, so training follows fp32 closely.
-    losses, _, params = run_layout(tmp_path, "dp2", "trainer.precision=bf16")
+    losses, _, params, _ = run_layout(tmp_path, "dp2", "trainer.precision=bf16")
     ref_losses = reference("sequence-aux")[0]
     for step, loss in ref_losses.items():
         assert loss != losses[step] and losses[step] == pytest.approx(loss, rel=2e-2), step
