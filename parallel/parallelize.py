@@ -1,10 +1,14 @@
 """Apply the parallel layout to a plain model, in one fixed order.
 
     pipeline split -> tensor + sequence parallel -> expert parallel -> MoE reducers
-    -> activation checkpointing -> compile -> FSDP2 / HSDP
+    -> compile -> activation checkpointing -> FSDP2 / HSDP
 
 Tensor and expert parallelism turn weights into DTensors on their meshes and must see the
-plain modules, before activation checkpointing and compile wrap them. The pipeline split
+plain modules, before compile and activation checkpointing wrap them. Each block is compiled
+before it is wrapped in its checkpoint, so the checkpoint runs (and reruns) the compiled block
+eagerly: with the checkpoint inside the compiled region, torch 2.13's partitioner saves a
+tensor-parallel block's DeviceMesh among the tensors for backward and fails
+("expected all tensors_saved_with_vc_check to be Tensors"). The pipeline split
 (`parallel.pipeline`) then cuts the model to what this rank holds and builds its stage
 modules, views of the wrapped blocks. FSDP comes last so that each compiled, checkpointed
 block is one FSDP unit, with the expert weights a nested unit on their own
@@ -43,13 +47,6 @@ def check_supported(cfg: ParallelConfig, dims: ParallelDims, model_cfg: ModelCon
             "expert and pipeline parallelism are"
         )
     check_tp(dims.tp, seq_len)
-    if cfg.compile and dims.tp_enabled:
-        # Measured on torch 2.13 (CPU, gloo): compiled tensor-parallel blocks fail inside DTensor
-        # dispatch or give wrong losses from the second step on.
-        raise ConfigError(
-            f"parallel.compile=true with parallel.tensor={dims.tp}: compiling tensor-parallel blocks is not "
-            "supported yet; turn one of them off"
-        )
     check_pipeline(cfg, accum, model_cfg)
 
 
@@ -78,10 +75,10 @@ def parallelize(
             reducer = sum_over(mesh.group("dp_cp_tp"))
             for layer in moe_layers(model):
                 layer.count_reducer = reducer
-    if cfg.activation_checkpointing == "full":
-        apply_ac(model)
     if cfg.compile:
         apply_compile(model)
+    if cfg.activation_checkpointing == "full":
+        apply_ac(model)
     split = None
     if mesh is not None and dims.pp_enabled:
         split = pipeline_split(model, cfg, mesh["pp"].get_local_rank(), dims.pp, seq_len)

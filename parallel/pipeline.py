@@ -19,7 +19,7 @@ Order of use (the model on the meta device until `to_empty`, as DESIGN.md's prin
 `parallel.parallelize` and the trainer do this):
 
     check_pipeline(cfg.parallel, cfg.trainer.grad_accum_steps, cfg.model)   # before any process group
-    apply_tp / apply_ep / apply_ac / apply_compile on model
+    apply_tp / apply_ep / apply_compile / apply_ac on model
     split = pipeline_split(model, cfg.parallel, pp_rank, pp, seq_len)     # model loses other ranks' pieces
     for stage in split.stages: apply_fsdp(stage, mesh)                    # when data parallel
     model.to_empty(device=device)

@@ -21,6 +21,12 @@ its own heads only), therefore get only this rank's share of their gradient;
 `MoE.token_split` that each holds one part of every sequence, so that balancing losses
 and expert counts are those of whole sequences.
 
+The embedding's output is waited for in eager mode (`_wait_for_collective`): RowwiseParallel
+leaves its reduce-scatter in flight as an AsyncCollectiveTensor, and torch 2.13's AOTAutograd
+unwraps such an input of a compiled block without its requires_grad, so the compiled first block
+would return no gradient for it and the embedding would silently stop learning
+(pytorch/pytorch#191113).
+
 Order: `apply_tp` runs on the meta-device model before activation checkpointing, compile and
 FSDP; the model is then materialised (`to_empty`, then `init_weights` under
 `parallel.init.SingleProcessInit`, which gives every rank its slice of the one-process init).
@@ -36,6 +42,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -81,6 +88,27 @@ def _check_sequence_split(tp: int):
             raise ValueError(f"sequence length {S} is not divisible by parallel.tensor={tp}")
 
     return hook
+
+
+class _WaitForCollective(torch.autograd.Function):
+    """Identity that finishes an in-flight collective: an AsyncCollectiveTensor in, a plain tensor out."""
+
+    @staticmethod
+    def forward(ctx, x: AsyncCollectiveTensor) -> torch.Tensor:
+        return x.wait()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad
+
+
+def _wait_for_collective(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook handing on a plain tensor where `output` is an AsyncCollectiveTensor.
+
+    What follows the embedding (the first block, which may be compiled) needs the reduce-scatter's
+    result at once, so waiting here costs no overlap; see the module docstring for why it must.
+    """
+    return _WaitForCollective.apply(output) if isinstance(output, AsyncCollectiveTensor) else output
 
 
 def _block_plan(block: Block) -> dict[str, object]:
@@ -148,6 +176,8 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     parallelize_module(model, tp_mesh, plan)
     if model.tok_embeddings is not None:
         model.register_forward_pre_hook(_check_sequence_split(tp), with_kwargs=True)
+        # Registered after RowwiseParallel's output hook, so it sees the local tensor that hook returns.
+        model.tok_embeddings.register_forward_hook(_wait_for_collective)
     if tied:
         # parallelize_module distributed the shared Parameter twice (once per module); both
         # copies are Shard(0) over the vocabulary on tp_mesh, so one can serve both modules.

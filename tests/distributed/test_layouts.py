@@ -154,10 +154,14 @@ def test_global_aux_loss_counts_every_token_rank(tmp_path, reference, layout):
     assert_same_training(run_layout(tmp_path, layout, *BALANCING["global-aux"]), reference("global-aux"))
 
 
-@pytest.mark.parametrize("layout", ["ep2xtp2", "pp2xep2"])
-def test_composes_with_activation_checkpointing(tmp_path, reference, layout):
-    ac = "parallel.activation_checkpointing=full"
-    assert_same_training(run_layout(tmp_path, layout, ac), reference("sequence-aux"))
+AC = "parallel.activation_checkpointing=full"
+WRAPPED = {"ep2xtp2+ac+compile": ("ep2xtp2", [AC, "parallel.compile=true"]), "pp2xep2+ac": ("pp2xep2", [AC])}
+
+
+@pytest.mark.parametrize("case", list(WRAPPED))
+def test_composes_with_activation_checkpointing_and_compile(tmp_path, reference, case):
+    layout, wrappers = WRAPPED[case]
+    assert_same_training(run_layout(tmp_path, layout, *wrappers), reference("sequence-aux"))
 
 
 def test_mixed_precision_gathers_bf16_and_keeps_fp32_master_weights(tmp_path, reference):

@@ -55,7 +55,6 @@ def test_compiled_blocks_match_eager(tmp_path, eager):
 
 REFUSED = {
     "context": (2, ["parallel.data_parallel_shard=1", "parallel.context=2"], "parallel.context=2"),
-    "compile with tensor": (2, ["parallel.tensor=2", "parallel.compile=true"], "parallel.compile=true"),
     "uneven sequence split": (2, ["parallel.tensor=2", "data.seq_len=63"], "data.seq_len=63"),
     "too few micro-batches": (2, ["parallel.pipeline=2", "trainer.grad_accum_steps=1"], "trainer.grad_accum_steps"),
     "tied pipeline": (2, ["parallel.pipeline=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
