@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from harness import run_distributed
+from recipes import recipe_moe
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.tensor import DTensor
 
@@ -147,25 +148,9 @@ def test_all_to_all_dispatcher_matches_local_dispatcher():
 # A whole MoE transformer against one process.
 
 MODELS = {
-    # configs/debug-deepseek.yaml in small: sigmoid scores, group-limited routing, a shared
-    # expert, a dense first layer, sequence-level aux loss; 16 experts, 4 per token.
-    "deepseek": (
-        dict(n_layers=3, ffn_hidden=64),
-        dict(
-            num_experts=4,
-            top_k=1,
-            granularity=4,
-            n_shared_experts=1,
-            first_k_dense=1,
-            score_func="sigmoid",
-            norm_topk_prob=True,
-            route_scale=2.5,
-            n_groups=4,
-            topk_groups=2,
-            aux_loss_coeff=0.001,
-            aux_loss_level="sequence",
-        ),
-    ),
+    # configs/debug-deepseek.yaml: sigmoid scores, group-limited routing, a shared expert, a
+    # dense first layer, sequence-level aux loss; 16 experts, 4 per token.
+    "deepseek": (dict(n_layers=3, ffn_hidden=64), recipe_moe("debug-deepseek")),
     # Softmax top-2 of 8 experts, a global aux loss (counts summed over the data ranks) and z-loss.
     "softmax-top2": (
         dict(n_layers=2, ffn_hidden=64),

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from harness import run_distributed
+from recipes import recipe_moe
 from torch.distributed.tensor import DTensor
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
@@ -28,22 +29,9 @@ from sparsetron.parallel.tensor_parallel import apply_tp, check_tp, sum_grads_ov
 V, S, B = 97, 32, 2  # an odd vocabulary: the embedding and head rows split unevenly
 TOL = 1e-5
 
-# debug-deepseek shrunk: sigmoid scores, group-limited routing, a shared expert, a dense first
-# layer, the sequence-level aux loss.
-DEEPSEEK = dict(
-    num_experts=4,
-    top_k=1,
-    granularity=2,
-    n_shared_experts=1,
-    first_k_dense=1,
-    score_func="sigmoid",
-    norm_topk_prob=True,
-    route_scale=2.5,
-    n_groups=4,
-    topk_groups=2,
-    aux_loss_coeff=0.01,
-    aux_loss_level="sequence",
-)
+# debug-deepseek with 8 experts of twice the size: sigmoid scores, group-limited routing, a shared
+# expert, a dense first layer, the sequence-level aux loss.
+DEEPSEEK = recipe_moe("debug-deepseek", granularity=2, aux_loss_coeff=0.01)
 SOFTMAX = dict(
     num_experts=8,
     top_k=2,
