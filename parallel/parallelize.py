@@ -1,7 +1,7 @@
 """Apply the parallel layout to a plain model, in one fixed order.
 
-    pipeline split -> tensor + sequence parallel -> expert parallel -> MoE reducers
-    -> compile -> activation checkpointing -> FSDP2 / HSDP
+    tensor + sequence parallel -> expert parallel -> MoE reducers -> compile
+    -> activation checkpointing -> pipeline split -> FSDP2 / HSDP
 
 Tensor and expert parallelism turn weights into DTensors on their meshes and must see the
 plain modules, before compile and activation checkpointing wrap them. Each block is compiled
