@@ -1,9 +1,11 @@
 """MoBA (Mixture of Block Attention): see ../shared/specs/moba.md for the exact function.
 
-Shape legend: T packed tokens, Hq query heads, Hkv key/value heads, D head dim.
+Shape legend: T tokens, Hq query heads, Hkv key/value heads, D head dim, K1 = topk - 1.
 
-Today `moba_attention` runs the reference on every device; the Triton kernels (forward and
-backward, routed without materializing the gate) are still to come.
+`moba_attention` runs the Triton kernels on CUDA (routing.py, forward.py, backward.py; the
+index bookkeeping in layout.py) and the pure-torch reference elsewhere. `moba_triton` calls
+the kernels directly; under TRITON_INTERPRET=1 they also run on CPU tensors (fp32), which is
+how the CPU tests check them against the reference.
 """
 
 from __future__ import annotations
@@ -12,7 +14,77 @@ import torch
 
 from .reference import moba_reference, moba_selection
 
-__all__ = ["moba_attention", "moba_reference", "moba_selection"]
+__all__ = ["moba_attention", "moba_reference", "moba_selection", "moba_triton"]
+
+
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int
+) -> None:
+    """Shape, dtype and device checks that need no look at the data (no host synchronization)."""
+    if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
+        raise ValueError(
+            f"MoBA takes packed q [T, Hq, D], k and v [T, Hkv, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be [T, Hkv, D] for q {tuple(q.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads {q.shape[1]} must be a multiple of key/value heads {k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype != torch.int32:
+        raise ValueError(
+            f"cu_seqlens must be a 1-D int32 tensor [S + 1], got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
+    if block_size < 1 or topk < 1:
+        raise ValueError(f"MoBA needs block_size >= 1 and topk >= 1, got {block_size} and {topk}")
+
+
+class _MobaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, block_size, topk):
+        # Imported here so that CPU-only users never load triton.
+        from .forward import moba_fwd
+        from .layout import block_layout, gather_lists
+        from .routing import route
+        from .tiles import launch_tiles
+
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        T, Hq, _ = q.shape
+        tiles = launch_tiles(q)
+        layout = block_layout(cu_seqlens, T, block_size)
+        # No query has more than max_blocks_per_seq - 1 fully past blocks: slots past that stay empty.
+        k1 = max(min(topk - 1, layout.max_blocks_per_seq - 1), 0)
+        if k1:
+            sel_THK = route(q, k, layout, block_size, k1, tiles)
+        else:
+            sel_THK = torch.empty(T, Hq, 0, dtype=torch.int32, device=q.device)
+        lists = gather_lists(sel_THK, layout.n_blocks, tiles.block_m)
+        o, lse = moba_fwd(q, k, v, layout, sel_THK, lists, block_size, tiles)
+        ctx.save_for_backward(q, k, v, o, lse, sel_THK)
+        # Index tensors of the op's own making: kept as plain attributes.
+        ctx.meta = (layout, lists, block_size, tiles)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        from .backward import moba_bwd
+
+        q, k, v, o, lse, sel_THK = ctx.saved_tensors
+        layout, lists, block_size, tiles = ctx.meta
+        dq, dk, dv = moba_bwd(do.contiguous(), q, k, v, o, lse, layout, sel_THK, lists, block_size, tiles)
+        return dq, dk, dv, None, None, None
+
+
+def moba_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int
+) -> torch.Tensor:
+    """MoBA by the Triton kernels, whatever the device (CPU tensors need TRITON_INTERPRET=1)."""
+    _check_inputs(q, k, v, cu_seqlens, block_size, topk)
+    if q.shape[0] == 0:
+        return moba_reference(q, k, v, cu_seqlens, block_size, topk)
+    return _MobaFunction.apply(q, k, v, cu_seqlens, block_size, topk)
 
 
 def moba_attention(
@@ -21,6 +93,11 @@ def moba_attention(
     """Differentiable MoBA: q [T, Hq, D], k and v [T, Hkv, D], cu_seqlens [S+1] int32 -> o [T, Hq, D].
 
     Each query attends causally to its current block and the top-K-1 fully past blocks of its
-    sequence chosen by q . mean(k of the block); `topk` counts the current block.
+    sequence chosen by q . mean(k of the block); `topk` counts the current block. Query head h
+    reads key/value head h // (Hq / Hkv). On CUDA the Triton kernels run without any host
+    synchronization (the op can be captured in a CUDA graph), so there `cu_seqlens` is trusted:
+    it must rise from 0 to T (the reference, used elsewhere, checks it).
     """
+    if q.is_cuda:
+        return moba_triton(q, k, v, cu_seqlens, block_size, topk)
     return moba_reference(q, k, v, cu_seqlens, block_size, topk)

@@ -1,0 +1,244 @@
+"""MoBA backward in Triton: dense-attention gradients under the (fixed) selected mask, deterministic.
+
+Spec step 7: nothing flows through the block means or the top-k. With P = softmax under the
+mask (rebuilt from the forward's log-sum-exp) and delta_t = do_t . o_t:
+dv_u = sum_t P_tu do_t, dk_u = scale sum_t dS_tu q_t, dq_t = scale sum_u dS_tu k_u, where
+dS_tu = P_tu (do_t . v_u - delta_t).
+
+- `_bwd_dkdv_kernel`: one program per (block, key tile, KV head) walks every query that reads
+  those keys: for each query head of the group, the block's own later queries (causal), then
+  the gathered queries that chose the block. Sums in registers, one write: no atomics.
+- `_bwd_dq_routed_kernel`: per work tile of gathered queries, their dq from the chosen block,
+  written per routed entry.
+- `_bwd_dq_current_kernel`: per query tile, dq from the current block plus the K - 1 routed
+  partials, added in slot order.
+
+Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots, E = T*Hq*K1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockLayout, GatherLists
+from .tiles import LOG2E, LaunchTiles, dot_precision, load_rows, store_rows
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    o_ptr, do_ptr, delta_ptr, T, HQ, stride_ot, stride_oh, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
+    h = tl.program_id(1)
+    t = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t_ok = t < T
+    o = load_rows(o_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
+    do = load_rows(do_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
+    tl.store(delta_ptr + t * HQ + h, tl.sum(o * do, axis=1), mask=t_ok)
+
+
+@triton.jit
+def _dkdv_from_queries(
+    k, v, dk, dv, u, t, t_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D, qk_scale,
+    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add the contribution of query rows t (head h) to the key tile's dk and dv."""
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
+    # Transposed scores [keys, queries], so that dk and dv come out as plain products.
+    s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    ok = t_ok[None, :]
+    if CAUSAL:
+        ok = ok & (u[:, None] <= t[None, :])
+    p_T = tl.where(ok, tl.exp2(s_T - lse[None, :]), 0.0)
+    dv += tl.dot(p_T.to(do.dtype), do, input_precision=PRECISION)
+    dp_T = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    ds_T = p_T * (dp_T - delta[None, :])
+    dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    entries_ptr, list_start_ptr, start_ptr, end_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    NB, HQ, K1, D, qk_scale, sm_scale,
+    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    hk = tl.program_id(2)
+    end = tl.load(end_ptr + g)
+    key_lo = tl.load(start_ptr + g) + tl.program_id(1) * BLOCK_N
+    if key_lo >= end:
+        return
+    u = (key_lo + tl.arange(0, BLOCK_N)).to(tl.int64)
+    u_ok = u < end
+    k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+    v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for i in range(GROUPS):
+        h = hk * GROUPS + i
+        # The block's own queries at or after the tile's first key.
+        for m0 in range(key_lo, end, BLOCK_M):
+            t = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            dk, dv = _dkdv_from_queries(
+                k, v, dk, dv, u, t, t < end, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
+                qk_scale, True, BLOCK_D, PRECISION,
+            )  # fmt: skip
+        # The later queries that chose this block, gathered (list h * NB + g).
+        lst = h * NB + g
+        rows_hi = tl.load(list_start_ptr + lst + 1)
+        for r0 in range(tl.load(list_start_ptr + lst), rows_hi, BLOCK_M):
+            rows = r0 + tl.arange(0, BLOCK_M)
+            rows_ok = rows < rows_hi
+            t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
+            dk, dv = _dkdv_from_queries(
+                k, v, dk, dv, u, t, rows_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
+                qk_scale, False, BLOCK_D, PRECISION,
+            )  # fmt: skip
+    store_rows(dk_ptr, dk * sm_scale, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+    store_rows(dv_ptr, dv, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+
+
+@triton.jit
+def _dq_from_keys(
+    q, do, lse, delta, dq, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, key_lo, key_hi, qk_scale, D,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Add the query tile's dq (unscaled) from keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
+    for n0 in range(key_lo, key_hi, BLOCK_N):
+        u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        u_ok = u < key_hi
+        k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+        v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = u_ok[None, :]
+        if CAUSAL:
+            ok = ok & (u[None, :] <= t[:, None])
+        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_routed_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dq_ptr,
+    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, start_ptr, end_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    NB, HQ, K1, D, qk_scale, sm_scale,
+    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    w = tl.program_id(0)
+    lst = tl.load(tile_list_ptr + w)
+    if lst >= HQ * NB:
+        return
+    h = lst // NB
+    j = lst % NB
+    rows = tl.load(tile_row0_ptr + w) + tl.arange(0, BLOCK_M)
+    rows_ok = rows < tl.load(list_start_ptr + lst + 1)
+    e = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
+    t = e // (HQ * K1)
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=rows_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + t * HQ + h, mask=rows_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_from_keys(
+        q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
+        tl.load(start_ptr + j), tl.load(end_ptr + j), qk_scale, D, False, BLOCK_N, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    store_rows(part_dq_ptr, dq * sm_scale, e, 0, D, 0, rows_ok, D, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dq_current_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sel_ptr, part_dq_ptr, start_ptr, end_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    HQ, K1, D, qk_scale, sm_scale,
+    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):  # fmt: skip
+    g = tl.program_id(0)
+    h = tl.program_id(2)
+    start = tl.load(start_ptr + g)
+    end = tl.load(end_ptr + g)
+    q0 = start + tl.program_id(1) * BLOCK_M
+    if q0 >= end:
+        return
+    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t_ok = t < end
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _dq_from_keys(
+        q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
+        start, tl.minimum(q0 + BLOCK_M, end), qk_scale, D, True, BLOCK_N, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    dq = dq * sm_scale
+    for s in range(K1):
+        e = (t * HQ + h) * K1 + s
+        picked = t_ok & (tl.load(sel_ptr + e, mask=t_ok, other=-1) >= 0)
+        dq += load_rows(part_dq_ptr, e, 0, D, 0, picked, D, BLOCK_D).to(tl.float32)
+    store_rows(dq_ptr, dq, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+
+
+def moba_bwd(
+    do_THD: torch.Tensor,
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THD: torch.Tensor,
+    o_THD: torch.Tensor,
+    lse_TH: torch.Tensor,
+    layout: BlockLayout,
+    sel_THK: torch.Tensor,
+    lists: GatherLists,
+    block_size: int,
+    tiles: LaunchTiles,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv in the inputs' dtypes. q, o and do share one layout (contiguous [T, Hq, D])."""
+    T, Hq, D = q_THD.shape
+    Hkv = k_THD.shape[1]
+    K1 = sel_THK.shape[2]
+    NB = layout.n_blocks
+    BLOCK_D = triton.next_power_of_2(max(D, 16))
+    sm_scale = D**-0.5
+    qk_scale = sm_scale * LOG2E
+    precision = dot_precision(q_THD.dtype)
+    sizes = dict(GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D, PRECISION=precision)
+    strides = (q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1))
+
+    delta_TH = torch.empty(T, Hq, dtype=torch.float32, device=q_THD.device)
+    _bwd_delta_kernel[(triton.cdiv(T, tiles.block_m), Hq)](
+        o_THD, do_THD, delta_TH, T, Hq, o_THD.stride(0), o_THD.stride(1), D, BLOCK_M=tiles.block_m, BLOCK_D=BLOCK_D
+    )
+    dk_THD = torch.empty_like(k_THD)
+    dv_THD = torch.empty_like(v_THD)
+    _bwd_dkdv_kernel[(NB, triton.cdiv(block_size, tiles.block_n), Hkv)](
+        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dk_THD, dv_THD,
+        lists.entries_E, lists.list_start, layout.start_NB, layout.end_NB, *strides,
+        NB, Hq, max(K1, 1), D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+    )  # fmt: skip
+    part_dq_ED = torch.empty(max(T * Hq * K1, 1), D, dtype=q_THD.dtype, device=q_THD.device)
+    if K1:
+        _bwd_dq_routed_kernel[(lists.n_tiles,)](
+            q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, part_dq_ED,
+            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, layout.start_NB, layout.end_NB,
+            *strides, NB, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+        )  # fmt: skip
+    dq_THD = torch.empty_like(q_THD)
+    _bwd_dq_current_kernel[(NB, triton.cdiv(block_size, tiles.block_m), Hq)](
+        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dq_THD, sel_THK, part_dq_ED, layout.start_NB, layout.end_NB,
+        *strides, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+    )  # fmt: skip
+    return dq_THD, dk_THD, dv_THD

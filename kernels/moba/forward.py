@@ -1,0 +1,226 @@
+"""MoBA forward in Triton: routed blocks by gathered queries, then the current block and the merge.
+
+Spec step 6 is one softmax over the union of a query's blocks. It is computed in two kernels:
+1. `_fwd_routed_kernel`: one program per work tile of a (head, block) list, i.e. the queries
+   that chose that fully past block, gathered by index; it attends them to the block's keys
+   (no causal mask: every key is in their past) and writes a normalized partial output and its
+   log-sum-exp per routed entry. Work follows the routing, so sparsity is realized.
+2. `_fwd_current_kernel`: one program per query tile of a block, causal attention within the
+   block, then the query's K - 1 partials merged in slot order (an exact log-sum-exp merge).
+   It writes the output and the log-sum-exp the backward needs.
+
+Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots, E = T*Hq*K1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockLayout, GatherLists
+from .tiles import LOG2E, LaunchTiles, dot_precision, load_rows, store_rows
+
+
+@triton.jit
+def _attend(
+    q,
+    m,
+    denom,
+    acc,
+    t,
+    k_ptr,
+    v_ptr,
+    hk,
+    stride_kt,
+    stride_kh,
+    key_lo,
+    key_hi,
+    qk_scale,
+    D,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Online softmax of the query tile over keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
+    for n0 in range(key_lo, key_hi, BLOCK_N):
+        u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        u_ok = u < key_hi
+        k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+        v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        ok = u_ok[None, :]
+        if CAUSAL:
+            ok = ok & (u[None, :] <= t[:, None])
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        # A row with nothing allowed yet keeps m = -inf; shift by 0 instead of -inf - -inf.
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m - shift)
+        p = tl.exp2(s - shift[:, None])
+        denom = denom * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m = m_new
+    return m, denom, acc
+
+
+@triton.jit
+def _fwd_routed_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    entries_ptr,
+    list_start_ptr,
+    tile_list_ptr,
+    tile_row0_ptr,
+    start_ptr,
+    end_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    NB,
+    HQ,
+    K1,
+    D,
+    qk_scale,
+    GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    u = tl.program_id(0)
+    lst = tl.load(tile_list_ptr + u)
+    if lst >= HQ * NB:
+        return
+    h = lst // NB
+    j = lst % NB
+    rows = tl.load(tile_row0_ptr + u) + tl.arange(0, BLOCK_M)
+    rows_ok = rows < tl.load(list_start_ptr + lst + 1)
+    e = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
+    t = e // (HQ * K1)
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    key_lo = tl.load(start_ptr + j)
+    key_hi = tl.load(end_ptr + j)
+    m, denom, acc = _attend(
+        q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, key_lo, key_hi, qk_scale, D,
+        False, BLOCK_N, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    # Entry e's partial lives at row e of the [E, D] buffer.
+    store_rows(part_o_ptr, acc / denom[:, None], e, 0, D, 0, rows_ok, D, BLOCK_D)
+    tl.store(part_lse_ptr + e, (m + tl.log2(denom)) / LOG2E, mask=rows_ok)
+
+
+@triton.jit
+def _fwd_current_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    lse_ptr,
+    sel_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    start_ptr,
+    end_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ot,
+    stride_oh,
+    HQ,
+    K1,
+    D,
+    qk_scale,
+    GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    g = tl.program_id(0)
+    h = tl.program_id(2)
+    start = tl.load(start_ptr + g)
+    end = tl.load(end_ptr + g)
+    q0 = start + tl.program_id(1) * BLOCK_M
+    if q0 >= end:
+        return
+    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t_ok = t < end
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    key_hi = tl.minimum(q0 + BLOCK_M, end)
+    m, denom, acc = _attend(
+        q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, start, key_hi, qk_scale, D,
+        True, BLOCK_N, BLOCK_D, PRECISION,
+    )  # fmt: skip
+    # Merge the routed partials in slot order: a fixed order, so the result is deterministic.
+    for s in range(K1):
+        e = (t * HQ + h) * K1 + s
+        picked = t_ok & (tl.load(sel_ptr + e, mask=t_ok, other=-1) >= 0)
+        lse_s = tl.load(part_lse_ptr + e, mask=picked, other=float("-inf")) * LOG2E
+        o_s = load_rows(part_o_ptr, e, 0, D, 0, picked, D, BLOCK_D).to(tl.float32)
+        m_new = tl.maximum(m, lse_s)
+        alpha = tl.exp2(m - m_new)
+        w = tl.exp2(lse_s - m_new)
+        acc = acc * alpha[:, None] + o_s * w[:, None]
+        denom = denom * alpha + w
+        m = m_new
+    store_rows(o_ptr, acc / denom[:, None], t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D)
+    tl.store(lse_ptr + t * HQ + h, (m + tl.log2(denom)) / LOG2E, mask=t_ok)
+
+
+def moba_fwd(
+    q_THD: torch.Tensor,
+    k_THD: torch.Tensor,
+    v_THD: torch.Tensor,
+    layout: BlockLayout,
+    sel_THK: torch.Tensor,
+    lists: GatherLists,
+    block_size: int,
+    tiles: LaunchTiles,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o [T, Hq, D] in q's dtype and the natural-log lse [T, Hq] fp32 of every query."""
+    T, Hq, D = q_THD.shape
+    Hkv = k_THD.shape[1]
+    K1 = sel_THK.shape[2]
+    NB = layout.n_blocks
+    BLOCK_D = triton.next_power_of_2(max(D, 16))
+    qk_scale = D**-0.5 * LOG2E
+    precision = dot_precision(q_THD.dtype)
+    # Partials are kept in the input dtype: K1 of them per query is the op's largest buffer.
+    # (At least one row, so that K = 1 still hands the kernel a real pointer.)
+    part_o_ED = torch.empty(max(T * Hq * K1, 1), D, dtype=q_THD.dtype, device=q_THD.device)
+    part_lse_E = torch.empty(max(T * Hq * K1, 1), dtype=torch.float32, device=q_THD.device)
+    if K1:
+        _fwd_routed_kernel[(lists.n_tiles,)](
+            q_THD, k_THD, v_THD, part_o_ED, part_lse_E,
+            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U,
+            layout.start_NB, layout.end_NB,
+            q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1),
+            NB, Hq, K1, D, qk_scale,
+            GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,
+            PRECISION=precision, num_warps=tiles.warps,
+        )  # fmt: skip
+    o_THD = torch.empty_like(q_THD)
+    lse_TH = torch.empty(T, Hq, dtype=torch.float32, device=q_THD.device)
+    grid = (NB, triton.cdiv(block_size, tiles.block_m), Hq)
+    _fwd_current_kernel[grid](
+        q_THD, k_THD, v_THD, o_THD, lse_TH, sel_THK, part_o_ED, part_lse_E,
+        layout.start_NB, layout.end_NB,
+        q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), o_THD.stride(0), o_THD.stride(1),
+        Hq, K1, D, qk_scale,
+        GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,
+        PRECISION=precision, num_warps=tiles.warps,
+    )  # fmt: skip
+    return o_THD, lse_TH

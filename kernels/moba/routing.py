@@ -1,0 +1,160 @@
+"""MoBA routing in Triton: block mean keys, then each query's top K - 1 fully past blocks.
+
+Spec steps 2-5 (../shared/specs/moba.md): kbar_j is the fp32 mean key of block j, the gate is
+q_t . kbar_j in fp32 (no scale), and each query keeps its current block plus the K - 1 best
+fully past blocks of its sequence. The gate is streamed: a program holds the gates of one
+tile of queries against one chunk of candidate blocks at a time, so the [n_blocks, H, T]
+tensor never exists. The K - 1 picks are made in K - 1 passes, each taking the best block
+strictly below the previous pick in the order (gate descending, block number ascending),
+which also breaks exact ties deterministically.
+
+Shape legend: T tokens, Hq/Hkv query/key-value heads, D head dim, NB blocks (bound), K1 = K - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .layout import BlockLayout
+from .tiles import LaunchTiles, load_rows
+
+
+@triton.jit
+def _block_means_kernel(
+    k_ptr,
+    kbar_ptr,
+    start_ptr,
+    end_ptr,
+    stride_kt,
+    stride_kh,
+    stride_bn,
+    stride_bh,
+    D,
+    ROWS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(0)
+    hk = tl.program_id(1)
+    start = tl.load(start_ptr + g)
+    end = tl.load(end_ptr + g)
+    if end <= start:
+        return
+    d = tl.arange(0, BLOCK_D)
+    sum_D = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for r0 in range(start, end, ROWS):
+        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
+        k = load_rows(k_ptr, rows, hk, stride_kt, stride_kh, rows < end, D, BLOCK_D)
+        sum_D += tl.sum(k.to(tl.float32), axis=0)
+    out = kbar_ptr + g.to(tl.int64) * stride_bn + hk * stride_bh + d
+    tl.store(out, sum_D / (end - start).to(tl.float32), mask=d < D)
+
+
+@triton.jit
+def _route_kernel(
+    q_ptr,
+    kbar_ptr,
+    sel_ptr,
+    start_ptr,
+    end_ptr,
+    first_ptr,
+    stride_qt,
+    stride_qh,
+    stride_bn,
+    stride_bh,
+    stride_st,
+    stride_sh,
+    D,
+    K1,
+    GROUPS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    g = tl.program_id(0)
+    h = tl.program_id(2)
+    start = tl.load(start_ptr + g)
+    end = tl.load(end_ptr + g)
+    q0 = start + tl.program_id(1) * BLOCK_M
+    if q0 >= end:
+        return
+    first = tl.load(first_ptr + g)
+    hk = h // GROUPS
+    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t_ok = t < end
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D).to(tl.float32)
+    NONE: tl.constexpr = 2147483647
+    # The previous pick; (+inf, -1) lets every candidate through in the first pass.
+    prev_s = tl.full([BLOCK_M], float("inf"), tl.float32)
+    prev_j = tl.full([BLOCK_M], -1, tl.int32)
+    for r in range(K1):
+        best_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        best_j = tl.full([BLOCK_M], NONE, tl.int32)
+        # Candidates: the fully past blocks of this sequence, first .. g - 1, the same for every
+        # query of block g.
+        for c0 in range(first, g, CHUNK):
+            c = c0 + tl.arange(0, CHUNK)
+            c_ok = c < g
+            kbar = load_rows(kbar_ptr, c.to(tl.int64), hk, stride_bn, stride_bh, c_ok, D, BLOCK_D)
+            gate = tl.dot(q, tl.trans(kbar), input_precision="ieee")
+            below_prev = (gate < prev_s[:, None]) | ((gate == prev_s[:, None]) & (c[None, :] > prev_j[:, None]))
+            open_ = c_ok[None, :] & below_prev
+            gate = tl.where(open_, gate, float("-inf"))
+            top = tl.max(gate, axis=1)
+            top_j = tl.min(tl.where(open_ & (gate == top[:, None]), c[None, :], NONE), axis=1)
+            better = (top > best_s) | ((top == best_s) & (top_j < best_j))
+            best_s = tl.where(better, top, best_s)
+            best_j = tl.where(better, top_j, best_j)
+        sel = tl.where(best_j == NONE, -1, best_j)
+        tl.store(sel_ptr + t * stride_st + h * stride_sh + r, sel, mask=t_ok)
+        prev_s = best_s
+        prev_j = best_j
+
+
+def route(
+    q_THD: torch.Tensor, k_THD: torch.Tensor, layout: BlockLayout, block_size: int, k1: int, tiles: LaunchTiles
+) -> torch.Tensor:
+    """The routed blocks of every query: int32 [T, Hq, K1], global block numbers, -1 for none."""
+    T, Hq, D = q_THD.shape
+    Hkv = k_THD.shape[1]
+    NB = layout.n_blocks
+    BLOCK_D = triton.next_power_of_2(max(D, 16))
+    kbar_NHD = torch.empty(NB, Hkv, D, dtype=torch.float32, device=q_THD.device)
+    _block_means_kernel[(NB, Hkv)](
+        k_THD,
+        kbar_NHD,
+        layout.start_NB,
+        layout.end_NB,
+        k_THD.stride(0),
+        k_THD.stride(1),
+        kbar_NHD.stride(0),
+        kbar_NHD.stride(1),
+        D,
+        ROWS=tiles.rows,
+        BLOCK_D=BLOCK_D,
+    )
+    sel_THK = torch.empty(T, Hq, k1, dtype=torch.int32, device=q_THD.device)
+    grid = (NB, triton.cdiv(block_size, tiles.block_m), Hq)
+    _route_kernel[grid](
+        q_THD,
+        kbar_NHD,
+        sel_THK,
+        layout.start_NB,
+        layout.end_NB,
+        layout.first_NB,
+        q_THD.stride(0),
+        q_THD.stride(1),
+        kbar_NHD.stride(0),
+        kbar_NHD.stride(1),
+        sel_THK.stride(0),
+        sel_THK.stride(1),
+        D,
+        k1,
+        GROUPS=Hq // Hkv,
+        BLOCK_M=tiles.block_m,
+        CHUNK=tiles.chunk,
+        BLOCK_D=BLOCK_D,
+        num_warps=tiles.warps,
+    )
+    return sel_THK

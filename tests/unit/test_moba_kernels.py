@@ -1,0 +1,209 @@
+"""The MoBA Triton kernels against the reference, on the CPU through Triton's interpreter.
+
+tests/conftest.py sets TRITON_INTERPRET=1 where there is no GPU; the interpreter computes in
+fp32, so these are fp32 tests on small odd shapes (tests/gpu/test_moba_gpu.py repeats them in
+bf16 at larger sizes). Every output buffer the kernels allocate starts as NaN, so an element no
+kernel writes fails the comparison.
+
+Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
+"""
+
+import types
+
+import pytest
+import torch
+
+from sparsetron.kernels import moba
+from sparsetron.kernels.moba import backward as moba_backward
+from sparsetron.kernels.moba import forward as moba_forward
+from sparsetron.kernels.moba import moba_reference, moba_selection, moba_triton
+from sparsetron.kernels.moba import routing as moba_routing
+from sparsetron.kernels.moba.layout import block_layout, gather_lists
+from sparsetron.kernels.moba.tiles import launch_tiles
+
+
+def _poisoned(t: torch.Tensor) -> torch.Tensor:
+    # An unwritten float reads NaN; an unwritten block number points past every block.
+    return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(1 << 30)
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_buffers(monkeypatch):
+    """The kernels' modules allocate through a torch whose empty tensors are poisoned."""
+    poisoned_torch = types.SimpleNamespace(
+        **{name: getattr(torch, name) for name in dir(torch) if not name.startswith("__")},
+    )
+    poisoned_torch.empty = lambda *a, **kw: _poisoned(torch.empty(*a, **kw))
+    poisoned_torch.empty_like = lambda *a, **kw: _poisoned(torch.empty_like(*a, **kw))
+    for module in (moba_forward, moba_backward, moba_routing):
+        monkeypatch.setattr(module, "torch", poisoned_torch)
+
+
+def packed(lengths, hq, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, d, generator=g) for h in (hq, hkv, hkv))
+    do = torch.randn(T, hq, d, generator=g)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return q, k, v, do, cu
+
+
+def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, cu, block_size, topk)
+    return (o, *torch.autograd.grad(o, (q, k, v), do.to(dtype)))
+
+
+def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
+    """Kernel o, dq, dk, dv in fp32 against the fp64 reference, within a few times torch's own fp32 error."""
+    q, k, v, do, cu = packed(lengths, hq, hkv, d, seed)
+    exact = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float64)
+    torch_fp32 = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float32)
+    kernel = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
+    for name, ours, theirs, truth in zip(("o", "dq", "dk", "dv"), kernel, torch_fp32, exact, strict=True):
+        assert ours.dtype == torch.float32 and ours.shape == truth.shape
+        err = (ours.double() - truth).abs().max().item()
+        torch_err = (theirs.double() - truth).abs().max().item()
+        assert err <= 8 * torch_err + 1e-6, f"{name}: kernel error {err:.2e}, torch fp32 error {torch_err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "lengths, hq, hkv, d, block_size, topk",
+    [
+        ([83], 2, 2, 16, 16, 3),  # partial last block, GQA 1
+        ([77], 4, 2, 32, 8, 2),  # GQA 2, many blocks
+        ([70], 4, 1, 16, 8, 4),  # GQA 4
+        ([61, 5, 40], 2, 1, 24, 12, 3),  # a sequence shorter than a block; head dim 24, block 12 (not powers of 2)
+        ([9, 30, 1, 0, 17, 22, 3], 2, 2, 16, 8, 2),  # many documents in one pack, an empty one
+        ([100], 2, 2, 16, 24, 3),  # blocks of 24 cut into tiles of 16
+    ],
+)
+def test_kernels_equal_reference(lengths, hq, hkv, d, block_size, topk):
+    assert_matches_reference(lengths, hq, hkv, d, block_size, topk)
+
+
+def test_k1_is_block_diagonal_causal():
+    """K = 1: no routing; each query sees the causal part of its own block only."""
+    assert_matches_reference([50, 21], 2, 1, 16, 16, 1)
+    q, k, v, _, cu = packed([50], 2, 2, 16, seed=3)
+    o = moba_triton(q, k, v, cu, 16, 1)
+    # Token 20 (block 1) must not depend on block 0: change block 0's values.
+    v2 = v.clone()
+    v2[:16] = torch.randn_like(v2[:16])
+    assert torch.equal(o[16:], moba_triton(q, k, v2, cu, 16, 1)[16:])
+    assert not torch.allclose(o[:16], moba_triton(q, k, v2, cu, 16, 1)[:16])
+
+
+def test_short_sequences_are_full_causal_attention():
+    """L <= K * B: every past block is selected, so MoBA is plain causal attention."""
+    lengths, block_size, topk = [47, 13], 16, 3
+    q, k, v, _, cu = packed(lengths, 4, 2, 16, seed=4)
+    o = moba_triton(q, k, v, cu, block_size, topk)
+    start = 0
+    for L in lengths:
+        sl = slice(start, start + L)
+        dense = torch.nn.functional.scaled_dot_product_attention(
+            q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1), is_causal=True, enable_gqa=True
+        ).transpose(0, 1)
+        torch.testing.assert_close(o[sl], dense, rtol=1e-5, atol=1e-5)
+        start += L
+
+
+def test_many_past_blocks_with_large_k():
+    """K larger than the number of past blocks: every past block is read, nothing invalid is."""
+    assert_matches_reference([45], 2, 2, 16, 8, 12)
+
+
+def test_routing_picks_the_reference_blocks():
+    """The streamed top-k equals the reference's selection (per query and head) exactly."""
+    lengths, hq, hkv, d, block_size, topk = [90, 37], 4, 2, 16, 8, 4
+    q, k, _, _, cu = packed(lengths, hq, hkv, d, seed=5)
+    tiles = launch_tiles(q)
+    layout = block_layout(cu, q.shape[0], block_size)
+    sel_THK = moba_routing.route(q, k, layout, block_size, topk - 1, tiles)
+    start = 0
+    for seq, L in enumerate(lengths):
+        chosen_HLn = moba_selection(
+            q[start : start + L], k[start : start + L].repeat_interleave(hq // hkv, 1), block_size, topk
+        )
+        first_block = sum(-(-x // block_size) for x in lengths[:seq])
+        n = chosen_HLn.shape[2]
+        ours_HLn = torch.zeros_like(chosen_HLn)
+        sel_LHK = sel_THK[start : start + L].long()
+        for t in range(L):
+            ours_HLn[:, t, t // block_size] = True
+            for h in range(hq):
+                for j in sel_LHK[t, h].tolist():
+                    if j >= 0:
+                        assert first_block <= j < first_block + n
+                        ours_HLn[h, t, j - first_block] = True
+        assert torch.equal(ours_HLn, chosen_HLn)
+        start += L
+
+
+def test_block_layout_covers_every_sequence():
+    """Blocks tile each sequence in order; past the real count they are empty."""
+    g = torch.Generator().manual_seed(6)
+    for _ in range(20):
+        lengths = torch.randint(0, 50, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        block_size = int(torch.randint(1, 20, (1,), generator=g))
+        T = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        layout = block_layout(cu, T, block_size)
+        expected = []
+        for s, L in enumerate(lengths):
+            base = int(cu[s])
+            first = len(expected)
+            expected += [(base + b, min(base + b + block_size, base + L), first) for b in range(0, L, block_size)]
+        real = len(expected)
+        assert layout.n_blocks >= real
+        got = list(zip(layout.start_NB.tolist(), layout.end_NB.tolist(), layout.first_NB.tolist(), strict=True))
+        assert got[:real] == expected
+        assert all(start == end for start, end, _ in got[real:])
+
+
+def test_gather_lists_group_entries_by_head_and_block():
+    g = torch.Generator().manual_seed(7)
+    T, Hq, K1, NB, rows = 23, 3, 2, 5, 4
+    sel = torch.randint(-1, NB, (T, Hq, K1), generator=g, dtype=torch.int32)
+    lists = gather_lists(sel, NB, rows)
+    for h in range(Hq):
+        for j in range(NB):
+            lst = h * NB + j
+            entries = lists.entries_E[lists.list_start[lst] : lists.list_start[lst + 1]].long()
+            t, h_of, s = entries // (Hq * K1), (entries // K1) % Hq, entries % K1
+            assert (h_of == h).all() and (sel[t, h, s] == j).all()
+            assert torch.equal(t, torch.sort(t).values)
+            assert len(entries) == int((sel[:, h] == j).sum())
+    # Tiles: each list's entries are covered once, tile by tile.
+    covered = []
+    for u in range(lists.n_tiles):
+        lst = int(lists.tile_list_U[u])
+        if lst == Hq * NB:
+            continue
+        row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_start[lst + 1])
+        covered += list(range(row0, min(row0 + rows, row_end)))
+    assert sorted(covered) == list(range(int(lists.list_start[-1])))
+
+
+def test_public_op_runs_the_reference_off_cuda():
+    q, k, v, _, cu = packed([40], 2, 1, 16, seed=8)
+    assert torch.equal(moba.moba_attention(q, k, v, cu, 8, 2), moba_reference(q, k, v, cu, 8, 2))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v, cu: (q, k[:, :, :8], v[:, :, :8], cu), "must be \\[T, Hkv, D\\]"),
+        (
+            lambda q, k, v, cu: (q, k.repeat(1, 3, 1)[:, :3], v.repeat(1, 3, 1)[:, :3], cu),
+            "multiple of key/value heads",
+        ),
+        (lambda q, k, v, cu: (q, k, v, cu.long()), "int32"),
+        (lambda q, k, v, cu: (q, k.double(), v, cu), "share a dtype"),
+    ],
+)
+def test_bad_inputs_name_the_problem(change, message):
+    q, k, v, _, cu = packed([20], 4, 2, 16, seed=9)
+    with pytest.raises(ValueError, match=message):
+        moba_triton(*change(q, k, v, cu), 8, 2)
