@@ -4,9 +4,9 @@ Spec steps 2-5 (../shared/specs/moba.md): kbar_j is the fp32 mean key of block j
 q_t . kbar_j in fp32 (no scale), and each query keeps its current block plus the K - 1 best
 fully past blocks of its sequence. The gate is streamed: a program holds the gates of one
 tile of queries against one chunk of candidate blocks at a time, so the [n_blocks, H, T]
-tensor never exists. The K - 1 picks are made in K - 1 passes, each taking the best block
-strictly below the previous pick in the order (gate descending, block number ascending),
-which also breaks exact ties deterministically.
+tensor never exists, and merges each chunk into a running top K - 1 kept in registers. The
+order is (gate descending, block number ascending), which also breaks exact ties
+deterministically. Each gate is computed once, in fp32 products (not tf32).
 
 Shape legend: T tokens, Hq/Hkv query/key-value heads, D head dim, NB blocks (bound), K1 = K - 1.
 """
@@ -66,7 +66,8 @@ def _route_kernel(
     stride_st,
     stride_sh,
     D,
-    K1,
+    K1: tl.constexpr,
+    K1_PAD: tl.constexpr,
     GROUPS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -85,31 +86,39 @@ def _route_kernel(
     t_ok = t < end
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D).to(tl.float32)
     NONE: tl.constexpr = 2147483647
-    # The previous pick; (+inf, -1) lets every candidate through in the first pass.
-    prev_s = tl.full([BLOCK_M], float("inf"), tl.float32)
-    prev_j = tl.full([BLOCK_M], -1, tl.int32)
-    for r in range(K1):
-        best_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        best_j = tl.full([BLOCK_M], NONE, tl.int32)
-        # Candidates: the fully past blocks of this sequence, first .. g - 1, the same for every
-        # query of block g.
-        for c0 in range(first, g, CHUNK):
-            c = c0 + tl.arange(0, CHUNK)
-            c_ok = c < g
-            kbar = load_rows(kbar_ptr, c.to(tl.int64), hk, stride_bn, stride_bh, c_ok, D, BLOCK_D)
-            gate = tl.dot(q, tl.trans(kbar), input_precision="ieee")
-            below_prev = (gate < prev_s[:, None]) | ((gate == prev_s[:, None]) & (c[None, :] > prev_j[:, None]))
-            open_ = c_ok[None, :] & below_prev
-            gate = tl.where(open_, gate, float("-inf"))
+    slot = tl.arange(0, K1_PAD)
+    # The best K1 blocks so far, by (gate descending, block number ascending); -inf marks none.
+    kept_s = tl.full([BLOCK_M, K1_PAD], float("-inf"), tl.float32)
+    kept_j = tl.full([BLOCK_M, K1_PAD], NONE, tl.int32)
+    # Candidates: the fully past blocks of this sequence, first .. g - 1, the same for every
+    # query of block g.
+    for c0 in range(first, g, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        c_ok = c < g
+        kbar = load_rows(kbar_ptr, c.to(tl.int64), hk, stride_bn, stride_bh, c_ok, D, BLOCK_D)
+        gate = tl.dot(q, tl.trans(kbar), input_precision="ieee")
+        gate = tl.where(c_ok[None, :], gate, float("-inf"))
+        # Merge: take the best of chunk and kept list K1 times, removing each pick from its side.
+        merged_s = tl.full([BLOCK_M, K1_PAD], float("-inf"), tl.float32)
+        merged_j = tl.full([BLOCK_M, K1_PAD], NONE, tl.int32)
+        for r in tl.static_range(K1):
             top = tl.max(gate, axis=1)
-            top_j = tl.min(tl.where(open_ & (gate == top[:, None]), c[None, :], NONE), axis=1)
-            better = (top > best_s) | ((top == best_s) & (top_j < best_j))
-            best_s = tl.where(better, top, best_s)
-            best_j = tl.where(better, top_j, best_j)
-        sel = tl.where(best_j == NONE, -1, best_j)
-        tl.store(sel_ptr + t * stride_st + h * stride_sh + r, sel, mask=t_ok)
-        prev_s = best_s
-        prev_j = best_j
+            top_j = tl.min(tl.where(gate == top[:, None], c[None, :], NONE), axis=1)
+            kept_top = tl.max(kept_s, axis=1)
+            kept_top_j = tl.min(tl.where(kept_s == kept_top[:, None], kept_j, NONE), axis=1)
+            from_chunk = (top > kept_top) | ((top == kept_top) & (top_j < kept_top_j))
+            pick_s = tl.where(from_chunk, top, kept_top)
+            pick_j = tl.where(from_chunk, top_j, kept_top_j)
+            merged_s = tl.where(slot[None, :] == r, pick_s[:, None], merged_s)
+            merged_j = tl.where(slot[None, :] == r, pick_j[:, None], merged_j)
+            gate = tl.where(c[None, :] == pick_j[:, None], float("-inf"), gate)
+            kept_s = tl.where(kept_j == pick_j[:, None], float("-inf"), kept_s)
+        kept_s = merged_s
+        kept_j = merged_j
+    # Gates of real blocks are finite: a -inf pick is a slot left empty.
+    sel = tl.where(kept_s > float("-inf"), kept_j, -1)
+    sel_ptrs = sel_ptr + t[:, None] * stride_st + h * stride_sh + slot[None, :]
+    tl.store(sel_ptrs, sel, mask=t_ok[:, None] & (slot[None, :] < K1))
 
 
 def route(
@@ -150,7 +159,8 @@ def route(
         sel_THK.stride(0),
         sel_THK.stride(1),
         D,
-        k1,
+        K1=k1,
+        K1_PAD=triton.next_power_of_2(k1),
         GROUPS=Hq // Hkv,
         BLOCK_M=tiles.block_m,
         CHUNK=tiles.chunk,

@@ -114,9 +114,13 @@ def test_many_past_blocks_with_large_k():
     assert_matches_reference([45], 2, 2, 16, 8, 12)
 
 
-def test_routing_picks_the_reference_blocks():
+@pytest.mark.parametrize(
+    "lengths, hq, hkv, block_size, topk",
+    [([90, 37], 4, 2, 8, 4), ([150, 61], 2, 1, 3, 6)],  # the second has 49 past blocks: chunks merge
+)
+def test_routing_picks_the_reference_blocks(lengths, hq, hkv, block_size, topk):
     """The streamed top-k equals the reference's selection (per query and head) exactly."""
-    lengths, hq, hkv, d, block_size, topk = [90, 37], 4, 2, 16, 8, 4
+    d = 16
     q, k, _, _, cu = packed(lengths, hq, hkv, d, seed=5)
     tiles = launch_tiles(q)
     layout = block_layout(cu, q.shape[0], block_size)
@@ -139,6 +143,20 @@ def test_routing_picks_the_reference_blocks():
                         ours_HLn[h, t, j - first_block] = True
         assert torch.equal(ours_HLn, chosen_HLn)
         start += L
+
+
+def test_routing_breaks_ties_by_block_number():
+    """Equal gates (identical blocks) are ordered by block number, also across candidate chunks."""
+    block_size, n_blocks = 2, 40
+    g = torch.Generator().manual_seed(10)
+    k = 0.01 * torch.randn(block_size * n_blocks, 1, 16, generator=g)
+    k[2:4] = k[34:36] = 5.0  # blocks 1 and 17 tie, far above the rest
+    q = torch.rand(k.shape[0], 1, 16, generator=g) + 0.5  # every gate against them is positive
+    cu = torch.tensor([0, k.shape[0]], dtype=torch.int32)
+    layout = block_layout(cu, k.shape[0], block_size)
+    for topk, expected in ((2, [1]), (3, [1, 17])):
+        sel_THK = moba_routing.route(q, k, layout, block_size, topk - 1, launch_tiles(q))
+        assert sel_THK[-4:, 0].tolist() == [expected] * 4
 
 
 def test_block_layout_covers_every_sequence():

@@ -1,0 +1,119 @@
+"""The MoBA Triton kernels compiled for the GPU: bf16/fp16/fp32 at larger shapes, determinism,
+CUDA-graph capture and memory. Run: pytest -m gpu tests/gpu/test_moba_gpu.py.
+
+Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparsetron.kernels.moba import moba_attention, moba_reference
+
+pytestmark = pytest.mark.gpu
+
+# Largest error against the fp64 reference, relative to the largest magnitude of the truth. The
+# kernels round the probabilities to the input dtype before the P.V product, as FlashAttention
+# does, and keep the routed partials in the input dtype.
+RELATIVE_TOLERANCE = {torch.bfloat16: 3e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+
+
+def packed(lengths, hq, hkv, d, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    T = sum(lengths)
+    q, k, v, do = (torch.randn(T, h, d, generator=g, device="cuda") for h in (hq, hkv, hkv, hq))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    return q, k, v, do, cu
+
+
+def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype):
+    q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
+    o = fn(q, k, v, cu, block_size, topk)
+    return (o, *torch.autograd.grad(o, (q, k, v), do.to(dtype)))
+
+
+@pytest.mark.parametrize(
+    "lengths, hq, hkv, d, block_size, topk, dtype",
+    [
+        ([4096], 4, 4, 128, 512, 3, torch.bfloat16),
+        ([3000, 1111, 77, 2500], 8, 2, 64, 256, 3, torch.float16),  # GQA 4, partial blocks, a short doc
+        ([8192], 4, 1, 128, 64, 8, torch.bfloat16),  # small blocks: many lists, many tiles
+        ([6000, 300], 2, 2, 128, 4096, 12, torch.bfloat16),  # B = 4096 with a partial last block
+        ([5000], 4, 2, 64, 128, 1, torch.bfloat16),  # K = 1: block-diagonal
+        ([3333], 4, 2, 128, 128, 4, torch.float32),
+    ],
+)
+def test_kernels_equal_reference(lengths, hq, hkv, d, block_size, topk, dtype):
+    q, k, v, do, cu = packed(lengths, hq, hkv, d)
+    # The reference routes on the same rounded inputs, so both pick the same blocks.
+    rounded = [x.to(dtype).double() for x in (q, k, v, do)]
+    exact = output_and_grads(moba_reference, *rounded, cu, block_size, topk, torch.float64)
+    kernel = output_and_grads(moba_attention, q, k, v, do, cu, block_size, topk, dtype)
+    for name, ours, truth in zip(("o", "dq", "dk", "dv"), kernel, exact, strict=True):
+        assert ours.dtype == dtype and torch.isfinite(ours).all(), name
+        err = (ours.double() - truth).abs().max().item() / truth.abs().max().item()
+        assert err <= RELATIVE_TOLERANCE[dtype], f"{name}: relative error {err:.2e}"
+
+
+def test_long_sequence_within_k_blocks_is_full_causal_attention():
+    q, k, v, _, cu = packed([12288], 16, 4, 128)
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    o = moba_attention(q, k, v, cu, 4096, 3)
+    dense = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(), is_causal=True, enable_gqa=True
+    ).transpose(0, 1)
+    assert (o.float() - dense).abs().max().item() <= 3e-2 * dense.abs().max().item()
+
+
+def test_backward_is_deterministic():
+    q, k, v, do, cu = packed([20000, 4000], 8, 2, 128, seed=1)
+    first = output_and_grads(moba_attention, q, k, v, do, cu, 512, 3, torch.bfloat16)
+    second = output_and_grads(moba_attention, q, k, v, do, cu, 512, 3, torch.bfloat16)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_captured_in_a_cuda_graph():
+    """No host synchronization: forward and backward replay from a graph on new data."""
+    q, k, v, do, cu = packed([5000, 3192], 4, 2, 128, seed=2)
+    static = [x.bfloat16().requires_grad_() for x in (q, k, v)]
+    static_do = do.bfloat16()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles the kernels) outside the capture
+        o = moba_attention(*static, cu, 512, 3)
+        torch.autograd.grad(o, static, static_do)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = moba_attention(*static, cu, 512, 3)
+        grads = torch.autograd.grad(o, static, static_do)
+    fresh = packed([5000, 3192], 4, 2, 128, seed=3)
+    for dst, src in zip(static, fresh[:3], strict=True):
+        dst.data.copy_(src)
+    static_do.copy_(fresh[3])
+    graph.replay()
+    eager = output_and_grads(moba_attention, *fresh[:4], cu, 512, 3, torch.bfloat16)
+    for a, b in zip((o, *grads), eager, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_memory_stays_linear_in_tokens():
+    """At 64K tokens in blocks of 64, the fp32 [n_blocks, H, T] gate alone would be 4 GiB; the
+    op needs less than half: its output, K - 1 partials per query and index arrays of the routed
+    entries."""
+    T, H, D, block_size, topk = 65536, 16, 128, 64, 3
+    q, k, v, do, cu = packed([T], H, H, D, seed=4)
+    q, k, v, do = (x.bfloat16() for x in (q, k, v, do))
+    q.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    o = moba_attention(q, k, v, cu, block_size, topk)
+    torch.autograd.grad(o, q, do)
+    extra = torch.cuda.max_memory_allocated() - base
+    entries = T * H * (topk - 1)
+    # o and dq (2 x q), the forward's or the backward's partials ((K-1) x q), dk/dv, 64 bytes per entry.
+    bound = (2 + (topk - 1) + 2) * q.numel() * q.element_size() + 64 * entries
+    gate_bytes = (T // block_size) * H * T * 4
+    assert extra <= bound < gate_bytes / 2, (extra, bound, gate_bytes)
