@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout, GatherLists
-from .tiles import LOG2E, LaunchTiles, dot_precision, load_rows, store_rows
+from .tiles import LOG2E, LOG2E_K, LaunchTiles, dot_precision, load_rows, store_rows
 
 
 @triton.jit
@@ -46,7 +46,7 @@ def _dkdv_from_queries(
     """Add the contribution of query rows t (head h) to the key tile's dk and dv."""
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
     do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E
+    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E_K
     delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
     # Transposed scores [keys, queries], so that dk and dv come out as plain products.
     s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -149,7 +149,7 @@ def _bwd_dq_routed_kernel(
     t = e // (HQ * K1)
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
     do = load_rows(do_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=rows_ok, other=0.0) * LOG2E
+    lse = tl.load(lse_ptr + t * HQ + h, mask=rows_ok, other=0.0) * LOG2E_K
     delta = tl.load(delta_ptr + t * HQ + h, mask=rows_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(
@@ -178,7 +178,7 @@ def _bwd_dq_current_kernel(
     t_ok = t < end
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
     do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E
+    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E_K
     delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(

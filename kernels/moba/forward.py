@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout, GatherLists
-from .tiles import LOG2E, LaunchTiles, dot_precision, load_rows, store_rows
+from .tiles import LOG2E, LOG2E_K, LaunchTiles, dot_precision, load_rows, store_rows
 
 
 @triton.jit
@@ -115,7 +115,7 @@ def _fwd_routed_kernel(
     )  # fmt: skip
     # Entry e's partial lives at row e of the [E, D] buffer.
     store_rows(part_o_ptr, acc / denom[:, None], e, 0, D, 0, rows_ok, D, BLOCK_D)
-    tl.store(part_lse_ptr + e, (m + tl.log2(denom)) / LOG2E, mask=rows_ok)
+    tl.store(part_lse_ptr + e, (m + tl.log2(denom)) / LOG2E_K, mask=rows_ok)
 
 
 @triton.jit
@@ -168,7 +168,7 @@ def _fwd_current_kernel(
     for s in range(K1):
         e = (t * HQ + h) * K1 + s
         picked = t_ok & (tl.load(sel_ptr + e, mask=t_ok, other=-1) >= 0)
-        lse_s = tl.load(part_lse_ptr + e, mask=picked, other=float("-inf")) * LOG2E
+        lse_s = tl.load(part_lse_ptr + e, mask=picked, other=float("-inf")) * LOG2E_K
         o_s = load_rows(part_o_ptr, e, 0, D, 0, picked, D, BLOCK_D).to(tl.float32)
         m_new = tl.maximum(m, lse_s)
         alpha = tl.exp2(m - m_new)
@@ -177,7 +177,7 @@ def _fwd_current_kernel(
         denom = denom * alpha + w
         m = m_new
     store_rows(o_ptr, acc / denom[:, None], t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D)
-    tl.store(lse_ptr + t * HQ + h, (m + tl.log2(denom)) / LOG2E, mask=t_ok)
+    tl.store(lse_ptr + t * HQ + h, (m + tl.log2(denom)) / LOG2E_K, mask=t_ok)
 
 
 def moba_fwd(

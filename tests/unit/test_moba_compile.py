@@ -1,0 +1,101 @@
+"""The MoBA kernels compile for a Hopper GPU (sm_90), ahead of time, on a machine without one.
+
+The interpreter (tests/unit/test_moba_kernels.py) checks what the kernels compute but not
+that Triton's compiler accepts them: globals, dtypes of dot operands, shared memory. This
+compiles every kernel for sm_90 with the launch sizes `launch_tiles` picks for bf16, in a
+subprocess without TRITON_INTERPRET (the interpreter decides at definition time).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+FLOATS = {"lse_ptr", "delta_ptr", "part_lse_ptr", "kbar_ptr"}
+INDICES = {
+    "sel_ptr",
+    "entries_ptr",
+    "list_start_ptr",
+    "tile_list_ptr",
+    "tile_row0_ptr",
+    "start_ptr",
+    "end_ptr",
+    "first_ptr",
+}
+
+
+def compile_for_hopper(head_dim: int) -> list[str]:
+    import torch
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsetron.kernels.moba import backward, forward, routing
+    from sparsetron.kernels.moba.tiles import dot_precision, launch_tiles
+
+    tiles = launch_tiles(_CudaBf16())
+    sizes = dict(GROUPS=2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=head_dim)
+    attention = dict(sizes, PRECISION=dot_precision(torch.bfloat16))
+    kernels = [
+        (routing._block_means_kernel, dict(ROWS=tiles.rows, BLOCK_D=head_dim)),
+        (
+            routing._route_kernel,
+            dict(K1=11, K1_PAD=16, GROUPS=2, BLOCK_M=tiles.block_m, CHUNK=tiles.chunk, BLOCK_D=head_dim),
+        ),
+        (forward._fwd_routed_kernel, attention),
+        (forward._fwd_current_kernel, attention),
+        (backward._bwd_delta_kernel, dict(BLOCK_M=tiles.block_m, BLOCK_D=head_dim)),
+        (backward._bwd_dkdv_kernel, attention),
+        (backward._bwd_dq_routed_kernel, attention),
+        (backward._bwd_dq_current_kernel, attention),
+    ]
+    report = []
+    for kernel, constexprs in kernels:
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in FLOATS:
+                signature[name] = "*fp32"
+            elif name in INDICES:
+                signature[name] = "*i32"
+            elif name.endswith("_ptr"):
+                signature[name] = "*bf16"
+            elif name.endswith("scale"):
+                signature[name] = "fp32"
+            else:
+                signature[name] = "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": tiles.warps})
+        report.append(f"{kernel.__name__} {compiled.metadata.shared}")
+    return report
+
+
+class _CudaBf16:
+    """Stands in for a bf16 CUDA tensor, for which `launch_tiles` picks the GPU sizes."""
+
+    is_cuda = True
+
+    @property
+    def dtype(self):
+        import torch
+
+        return torch.bfloat16
+
+
+def test_kernels_compile_for_sm90():
+    pytest.importorskip("triton.backends.nvidia")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(
+        [sys.executable, __file__], env=env, capture_output=True, text=True, timeout=500, check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    shared = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()}
+    assert len(shared) == 8, result.stdout
+    # An H100 gives a block at most 227 KiB of shared memory.
+    assert max(shared.values()) <= 227 * 1024, shared
+
+
+if __name__ == "__main__":
+    print("\n".join(compile_for_hopper(128)))
