@@ -8,12 +8,11 @@ dS_tu = P_tu (do_t . v_u - delta_t).
 - `_bwd_dkdv_kernel`: one program per (block, key tile, KV head) walks every query that reads
   those keys: for each query head of the group, the block's own later queries (causal), then
   the gathered queries that chose the block. Sums in registers, one write: no atomics.
-- `_bwd_dq_routed_kernel`: per work tile of gathered queries, their dq from the chosen block,
-  written per routed entry.
-- `_bwd_dq_current_kernel`: per query tile, dq from the current block plus the K - 1 routed
-  partials, added in slot order.
+- `_bwd_dq_routed_kernel`, launched once per slot: per work tile of gathered queries, their
+  dq from the chosen block, added to an fp32 dq of the routed blocks (slot order, no races).
+- `_bwd_dq_current_kernel`: per query tile, dq from the current block plus the routed dq.
 
-Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots, E = T*Hq*K1.
+Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots.
 """
 
 from __future__ import annotations
@@ -91,17 +90,18 @@ def _bwd_dkdv_kernel(
                 k, v, dk, dv, u, t, t < end, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
                 qk_scale, True, BLOCK_D, PRECISION,
             )  # fmt: skip
-        # The later queries that chose this block, gathered (list h * NB + g).
-        lst = h * NB + g
-        rows_hi = tl.load(list_start_ptr + lst + 1)
-        for r0 in range(tl.load(list_start_ptr + lst), rows_hi, BLOCK_M):
-            rows = r0 + tl.arange(0, BLOCK_M)
-            rows_ok = rows < rows_hi
-            t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
-            dk, dv = _dkdv_from_queries(
-                k, v, dk, dv, u, t, rows_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
-                qk_scale, False, BLOCK_D, PRECISION,
-            )  # fmt: skip
+        # The later queries that chose this block in any slot, gathered (lists (s * Hq + h) * NB + g).
+        for slot in range(K1):
+            lst = (slot * HQ + h) * NB + g
+            rows_hi = tl.load(list_start_ptr + lst + 1)
+            for r0 in range(tl.load(list_start_ptr + lst), rows_hi, BLOCK_M):
+                rows = r0 + tl.arange(0, BLOCK_M)
+                rows_ok = rows < rows_hi
+                t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
+                dk, dv = _dkdv_from_queries(
+                    k, v, dk, dv, u, t, rows_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ,
+                    D, qk_scale, False, BLOCK_D, PRECISION,
+                )  # fmt: skip
     store_rows(dk_ptr, dk * sm_scale, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
     store_rows(dv_ptr, dv, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
 
@@ -130,23 +130,22 @@ def _dq_from_keys(
 
 @triton.jit
 def _bwd_dq_routed_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, part_dq_ptr,
-    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, state_dq_ptr,
+    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    NB, HQ, K1, D, qk_scale, sm_scale,
-    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    slot, NB, HQ, K1, D, qk_scale, sm_scale,
+    FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    w = tl.program_id(0)
-    lst = tl.load(tile_list_ptr + w)
-    if lst >= HQ * NB:
+    w = tl.load(slot_tile_start_ptr + slot) + tl.program_id(0)
+    if w >= tl.load(slot_tile_start_ptr + slot + 1):
         return
-    h = lst // NB
+    lst = tl.load(tile_list_ptr + w)
+    h = (lst // NB) % HQ
     j = lst % NB
     rows = tl.load(tile_row0_ptr + w) + tl.arange(0, BLOCK_M)
     rows_ok = rows < tl.load(list_start_ptr + lst + 1)
-    e = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
-    t = e // (HQ * K1)
+    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
     do = load_rows(do_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
     lse = tl.load(lse_ptr + t * HQ + h, mask=rows_ok, other=0.0) * LOG2E_K
@@ -156,12 +155,16 @@ def _bwd_dq_routed_kernel(
         q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
         tl.load(start_ptr + j), tl.load(end_ptr + j), qk_scale, D, False, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
-    store_rows(part_dq_ptr, dq * sm_scale, e, 0, D, 0, rows_ok, D, BLOCK_D)
+    dq = dq * sm_scale
+    # Query t's dq from its routed blocks, summed slot after slot in fp32; slot 0 starts it.
+    if not FIRST:
+        dq += load_rows(state_dq_ptr, t, h, HQ * D, D, rows_ok, D, BLOCK_D)
+    store_rows(state_dq_ptr, dq, t, h, HQ * D, D, rows_ok, D, BLOCK_D)
 
 
 @triton.jit
 def _bwd_dq_current_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sel_ptr, part_dq_ptr, start_ptr, end_ptr,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sel_ptr, state_dq_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
     HQ, K1, D, qk_scale, sm_scale,
     GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -186,10 +189,10 @@ def _bwd_dq_current_kernel(
         start, tl.minimum(q0 + BLOCK_M, end), qk_scale, D, True, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
     dq = dq * sm_scale
-    for s in range(K1):
-        e = (t * HQ + h) * K1 + s
-        picked = t_ok & (tl.load(sel_ptr + e, mask=t_ok, other=-1) >= 0)
-        dq += load_rows(part_dq_ptr, e, 0, D, 0, picked, D, BLOCK_D).to(tl.float32)
+    if K1 > 0:
+        # Slots fill in order: slot 0 empty means no routed block.
+        routed = t_ok & (tl.load(sel_ptr + (t * HQ + h) * K1, mask=t_ok, other=-1) >= 0)
+        dq += load_rows(state_dq_ptr, t, h, HQ * D, D, routed, D, BLOCK_D)
     store_rows(dq_ptr, dq, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
 
 
@@ -227,18 +230,19 @@ def moba_bwd(
     _bwd_dkdv_kernel[(NB, triton.cdiv(block_size, tiles.block_n), Hkv)](
         q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dk_THD, dv_THD,
         lists.entries_E, lists.list_start, layout.start_NB, layout.end_NB, *strides,
-        NB, Hq, max(K1, 1), D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+        NB, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
     )  # fmt: skip
-    part_dq_ED = torch.empty(max(T * Hq * K1, 1), D, dtype=q_THD.dtype, device=q_THD.device)
-    if K1:
-        _bwd_dq_routed_kernel[(lists.n_tiles,)](
-            q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, part_dq_ED,
-            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, layout.start_NB, layout.end_NB,
-            *strides, NB, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+    state_dq_THD = torch.empty(T, Hq, D if K1 else 1, dtype=torch.float32, device=q_THD.device)
+    for slot in range(K1):
+        _bwd_dq_routed_kernel[(lists.tiles_per_slot,)](
+            q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, state_dq_THD,
+            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
+            layout.start_NB, layout.end_NB, *strides, slot, NB, Hq, K1, D, qk_scale, sm_scale,
+            FIRST=slot == 0, **sizes, num_warps=tiles.warps,
         )  # fmt: skip
     dq_THD = torch.empty_like(q_THD)
     _bwd_dq_current_kernel[(NB, triton.cdiv(block_size, tiles.block_m), Hq)](
-        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dq_THD, sel_THK, part_dq_ED, layout.start_NB, layout.end_NB,
+        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dq_THD, sel_THK, state_dq_THD, layout.start_NB, layout.end_NB,
         *strides, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
     )  # fmt: skip
     return dq_THD, dk_THD, dv_THD

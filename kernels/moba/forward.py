@@ -1,15 +1,18 @@
 """MoBA forward in Triton: routed blocks by gathered queries, then the current block and the merge.
 
 Spec step 6 is one softmax over the union of a query's blocks. It is computed in two kernels:
-1. `_fwd_routed_kernel`: one program per work tile of a (head, block) list, i.e. the queries
-   that chose that fully past block, gathered by index; it attends them to the block's keys
-   (no causal mask: every key is in their past) and writes a normalized partial output and its
-   log-sum-exp per routed entry. Work follows the routing, so sparsity is realized.
+1. `_fwd_routed_kernel`, launched once per routed slot s = 0 .. K1 - 1: one program per work
+   tile of a (slot, head, block) list, i.e. queries that chose that fully past block, gathered
+   by index; it attends them to the block's keys (no causal mask: every key is in their past)
+   and folds the result into the query's running fp32 state (normalized output and log2-sum-
+   exp). A query appears once per slot, so the updates never race and always happen in slot
+   order. Work follows the routing, so sparsity is realized; the state costs 4 (D + 1) bytes
+   per (query, head) whatever K is.
 2. `_fwd_current_kernel`: one program per query tile of a block, causal attention within the
-   block, then the query's K - 1 partials merged in slot order (an exact log-sum-exp merge).
-   It writes the output and the log-sum-exp the backward needs.
+   block, merged with the routed state (an exact log-sum-exp merge). It writes the output and
+   the log-sum-exp the backward needs.
 
-Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots, E = T*Hq*K1.
+Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots.
 """
 
 from __future__ import annotations
@@ -67,55 +70,44 @@ def _attend(
 
 @triton.jit
 def _fwd_routed_kernel(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    part_o_ptr,
-    part_lse_ptr,
-    entries_ptr,
-    list_start_ptr,
-    tile_list_ptr,
-    tile_row0_ptr,
-    start_ptr,
-    end_ptr,
-    stride_qt,
-    stride_qh,
-    stride_kt,
-    stride_kh,
-    NB,
-    HQ,
-    K1,
-    D,
-    qk_scale,
-    GROUPS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    u = tl.program_id(0)
-    lst = tl.load(tile_list_ptr + u)
-    if lst >= HQ * NB:
+    q_ptr, k_ptr, v_ptr, state_o_ptr, state_lse_ptr,
+    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
+    stride_qt, stride_qh, stride_kt, stride_kh,
+    slot, NB, HQ, K1, D, qk_scale,
+    FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    u = tl.load(slot_tile_start_ptr + slot) + tl.program_id(0)
+    if u >= tl.load(slot_tile_start_ptr + slot + 1):
         return
-    h = lst // NB
+    lst = tl.load(tile_list_ptr + u)
+    h = (lst // NB) % HQ
     j = lst % NB
     rows = tl.load(tile_row0_ptr + u) + tl.arange(0, BLOCK_M)
     rows_ok = rows < tl.load(list_start_ptr + lst + 1)
-    e = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
-    t = e // (HQ * K1)
+    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    key_lo = tl.load(start_ptr + j)
-    key_hi = tl.load(end_ptr + j)
     m, denom, acc = _attend(
-        q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, key_lo, key_hi, qk_scale, D,
-        False, BLOCK_N, BLOCK_D, PRECISION,
+        q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
+        tl.load(start_ptr + j), tl.load(end_ptr + j), qk_scale, D, False, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
-    # Entry e's partial lives at row e of the [E, D] buffer.
-    store_rows(part_o_ptr, acc / denom[:, None], e, 0, D, 0, rows_ok, D, BLOCK_D)
-    tl.store(part_lse_ptr + e, (m + tl.log2(denom)) / LOG2E_K, mask=rows_ok)
+    o = acc / denom[:, None]
+    lse = m + tl.log2(denom)
+    # The running (normalized output, log2-sum-exp) of query t over its earlier slots: this
+    # slot's block joins it. Slot 0 starts it.
+    if not FIRST:
+        state_lse = tl.load(state_lse_ptr + t * HQ + h, mask=rows_ok, other=0.0)
+        state_o = load_rows(state_o_ptr, t, h, HQ * D, D, rows_ok, D, BLOCK_D)
+        top = tl.maximum(lse, state_lse)
+        w_new = tl.exp2(lse - top)
+        w_state = tl.exp2(state_lse - top)
+        o = (o * w_new[:, None] + state_o * w_state[:, None]) / (w_new + w_state)[:, None]
+        lse = top + tl.log2(w_new + w_state)
+    store_rows(state_o_ptr, o, t, h, HQ * D, D, rows_ok, D, BLOCK_D)
+    tl.store(state_lse_ptr + t * HQ + h, lse, mask=rows_ok)
 
 
 @triton.jit
@@ -126,8 +118,8 @@ def _fwd_current_kernel(
     o_ptr,
     lse_ptr,
     sel_ptr,
-    part_o_ptr,
-    part_lse_ptr,
+    state_o_ptr,
+    state_lse_ptr,
     start_ptr,
     end_ptr,
     stride_qt,
@@ -164,16 +156,16 @@ def _fwd_current_kernel(
         q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, start, key_hi, qk_scale, D,
         True, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
-    # Merge the routed partials in slot order: a fixed order, so the result is deterministic.
-    for s in range(K1):
-        e = (t * HQ + h) * K1 + s
-        picked = t_ok & (tl.load(sel_ptr + e, mask=t_ok, other=-1) >= 0)
-        lse_s = tl.load(part_lse_ptr + e, mask=picked, other=float("-inf")) * LOG2E_K
-        o_s = load_rows(part_o_ptr, e, 0, D, 0, picked, D, BLOCK_D).to(tl.float32)
-        m_new = tl.maximum(m, lse_s)
+    if K1 > 0:
+        # The routed blocks' running state; slots fill in order, so slot 0 empty means none.
+        e0 = (t * HQ + h) * K1
+        routed = t_ok & (tl.load(sel_ptr + e0, mask=t_ok, other=-1) >= 0)
+        state_lse = tl.load(state_lse_ptr + t * HQ + h, mask=routed, other=float("-inf"))
+        state_o = load_rows(state_o_ptr, t, h, HQ * D, D, routed, D, BLOCK_D)
+        m_new = tl.maximum(m, state_lse)
         alpha = tl.exp2(m - m_new)
-        w = tl.exp2(lse_s - m_new)
-        acc = acc * alpha[:, None] + o_s * w[:, None]
+        w = tl.exp2(state_lse - m_new)
+        acc = acc * alpha[:, None] + state_o * w[:, None]
         denom = denom * alpha + w
         m = m_new
     store_rows(o_ptr, acc / denom[:, None], t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D)
@@ -198,25 +190,24 @@ def moba_fwd(
     BLOCK_D = triton.next_power_of_2(max(D, 16))
     qk_scale = D**-0.5 * LOG2E
     precision = dot_precision(q_THD.dtype)
-    # Partials are kept in the input dtype: K1 of them per query is the op's largest buffer.
-    # (At least one row, so that K = 1 still hands the kernel a real pointer.)
-    part_o_ED = torch.empty(max(T * Hq * K1, 1), D, dtype=q_THD.dtype, device=q_THD.device)
-    part_lse_E = torch.empty(max(T * Hq * K1, 1), dtype=torch.float32, device=q_THD.device)
-    if K1:
-        _fwd_routed_kernel[(lists.n_tiles,)](
-            q_THD, k_THD, v_THD, part_o_ED, part_lse_E,
-            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U,
+    # fp32 running state of the routed blocks per (query, head); written by slot 0, so no fill.
+    state_o_THD = torch.empty(T, Hq, D if K1 else 1, dtype=torch.float32, device=q_THD.device)
+    state_lse_TH = torch.empty(T, Hq, dtype=torch.float32, device=q_THD.device)
+    for slot in range(K1):
+        _fwd_routed_kernel[(lists.tiles_per_slot,)](
+            q_THD, k_THD, v_THD, state_o_THD, state_lse_TH,
+            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
             layout.start_NB, layout.end_NB,
             q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1),
-            NB, Hq, K1, D, qk_scale,
-            GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,
+            slot, NB, Hq, K1, D, qk_scale,
+            FIRST=slot == 0, GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,
             PRECISION=precision, num_warps=tiles.warps,
         )  # fmt: skip
     o_THD = torch.empty_like(q_THD)
     lse_TH = torch.empty(T, Hq, dtype=torch.float32, device=q_THD.device)
     grid = (NB, triton.cdiv(block_size, tiles.block_m), Hq)
     _fwd_current_kernel[grid](
-        q_THD, k_THD, v_THD, o_THD, lse_TH, sel_THK, part_o_ED, part_lse_E,
+        q_THD, k_THD, v_THD, o_THD, lse_TH, sel_THK, state_o_THD, state_lse_TH,
         layout.start_NB, layout.end_NB,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), o_THD.stride(0), o_THD.stride(1),
         Hq, K1, D, qk_scale,

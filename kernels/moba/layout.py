@@ -59,46 +59,56 @@ def block_layout(cu_seqlens: torch.Tensor, n_tokens: int, block_size: int) -> Bl
 
 @dataclass
 class GatherLists:
-    """For each (query head h, block j), the routed entries that chose j: the queries to gather.
+    """For each (slot s, query head h, block j), the routed entries that chose j in slot s.
 
-    An entry e = (t * Hq + h) * K1 + s is slot s of query t at head h; `entries_E` holds the
-    entries sorted by list h * NB + j and, within a list, by t. List l occupies
-    entries_E[list_start[l] : list_start[l + 1]]. The lists are cut into tiles of `tile_rows`
-    entries; tile u belongs to list tile_list[u] (== Hq * NB past the real tiles) and starts at
-    entries_E[tile_row0[u]].
+    An entry e = (t * Hq + h) * K1 + s is slot s of query t at head h. `entries_E` holds the
+    entries sorted by list (s * Hq + h) * NB + j and, within a list, by t; list l occupies
+    entries_E[list_start[l] : list_start[l + 1]]. Lists are cut into tiles of `tile_rows`
+    entries: tile u belongs to list tile_list[u] and starts at entries_E[tile_row0[u]]. Slot s
+    owns tiles slot_tile_start[s] .. slot_tile_start[s + 1] - 1, at most `tiles_per_slot`.
+
+    Within one slot a (query, head) appears at most once, so kernels launched slot by slot
+    can update per-query accumulators without races, in a fixed order.
     """
 
     entries_E: torch.Tensor
     list_start: torch.Tensor
     tile_list_U: torch.Tensor
     tile_row0_U: torch.Tensor
-    n_tiles: int
-    """U: a bound on the tile count."""
+    slot_tile_start: torch.Tensor
+    tiles_per_slot: int
 
 
 def gather_lists(sel_THK: torch.Tensor, n_blocks: int, tile_rows: int) -> GatherLists:
-    """Group the routed picks `sel_THK` (block number, or -1 for none) by (head, block)."""
+    """Group the routed picks `sel_THK` (block number, or -1 for none) by (slot, head, block)."""
     T, Hq, K1 = sel_THK.shape
-    n_lists = Hq * n_blocks
-    h_1H1 = torch.arange(Hq, device=sel_THK.device).view(1, Hq, 1)
+    device = sel_THK.device
+    lists_per_slot = Hq * n_blocks
+    n_lists = K1 * lists_per_slot
+    # Each list's tiles hold at most tile_rows - 1 unused rows.
+    tiles_per_slot = -(-T * Hq // tile_rows) + lists_per_slot
+    if K1 == 0:
+        nothing = torch.zeros(1, dtype=torch.int32, device=device)
+        return GatherLists(nothing, nothing, nothing, nothing, nothing, 0)
+    s_11K = torch.arange(K1, device=device).view(1, 1, K1)
+    h_1H1 = torch.arange(Hq, device=device).view(1, Hq, 1)
     # Unused slots sort past every list.
-    key_E = torch.where(sel_THK >= 0, h_1H1 * n_blocks + sel_THK, n_lists).flatten()
+    key_E = torch.where(sel_THK >= 0, (s_11K * Hq + h_1H1) * n_blocks + sel_THK, n_lists).flatten()
     # A stable sort keeps each list in entry order, which is query order.
     key_sorted_E, entries_E = torch.sort(key_E, stable=True)
-    list_ids = torch.arange(n_lists + 1, device=sel_THK.device)
-    list_start = torch.searchsorted(key_sorted_E, list_ids)
+    list_start = torch.searchsorted(key_sorted_E, torch.arange(n_lists + 1, device=device))
     tiles_L = (list_start[1:] - list_start[:-1] + tile_rows - 1) // tile_rows
     tile_end_L = tiles_L.cumsum(0)
-    # Each list's tiles hold at most tile_rows - 1 unused rows.
-    U = max(-(-T * Hq * K1 // tile_rows) + n_lists, 1)
-    u_U = torch.arange(U, device=sel_THK.device)
-    tile_list_U = torch.searchsorted(tile_end_L, u_U, right=True)
-    list_U = tile_list_U.clamp(max=n_lists - 1)
-    tile_row0_U = list_start[list_U] + (u_U - (tile_end_L - tiles_L)[list_U]) * tile_rows
+    tile_first_L = tile_end_L - tiles_L
+    u_U = torch.arange(K1 * tiles_per_slot, device=device)
+    tile_list_U = torch.searchsorted(tile_end_L, u_U, right=True).clamp(max=n_lists - 1)
+    tile_row0_U = list_start[tile_list_U] + (u_U - tile_first_L[tile_list_U]) * tile_rows
+    slot_tile_start = torch.cat([tile_first_L[::lists_per_slot], tile_end_L[-1:]])
     return GatherLists(
         entries_E=entries_E.to(torch.int32),
         list_start=list_start.to(torch.int32),
         tile_list_U=tile_list_U.to(torch.int32),
         tile_row0_U=tile_row0_U.to(torch.int32),
-        n_tiles=U,
+        slot_tile_start=slot_tile_start.to(torch.int32),
+        tiles_per_slot=tiles_per_slot,
     )

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-FLOATS = {"lse_ptr", "delta_ptr", "part_lse_ptr", "kbar_ptr"}
+FLOATS = {"lse_ptr", "delta_ptr", "kbar_ptr", "state_o_ptr", "state_lse_ptr", "state_dq_ptr"}
 INDICES = {
     "sel_ptr",
     "entries_ptr",
@@ -22,6 +22,7 @@ INDICES = {
     "start_ptr",
     "end_ptr",
     "first_ptr",
+    "slot_tile_start_ptr",
 }
 
 
@@ -43,11 +44,11 @@ def compile_for_hopper(head_dim: int) -> list[str]:
             routing._route_kernel,
             dict(K1=11, K1_PAD=16, GROUPS=2, BLOCK_M=tiles.block_m, CHUNK=tiles.chunk, BLOCK_D=head_dim),
         ),
-        (forward._fwd_routed_kernel, attention),
+        (forward._fwd_routed_kernel, dict(attention, FIRST=False)),
         (forward._fwd_current_kernel, attention),
         (backward._bwd_delta_kernel, dict(BLOCK_M=tiles.block_m, BLOCK_D=head_dim)),
         (backward._bwd_dkdv_kernel, attention),
-        (backward._bwd_dq_routed_kernel, attention),
+        (backward._bwd_dq_routed_kernel, dict(attention, FIRST=False)),
         (backward._bwd_dq_current_kernel, attention),
     ]
     report = []

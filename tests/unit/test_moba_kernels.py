@@ -180,28 +180,32 @@ def test_block_layout_covers_every_sequence():
         assert all(start == end for start, end, _ in got[real:])
 
 
-def test_gather_lists_group_entries_by_head_and_block():
+def test_gather_lists_group_entries_by_slot_head_and_block():
     g = torch.Generator().manual_seed(7)
     T, Hq, K1, NB, rows = 23, 3, 2, 5, 4
     sel = torch.randint(-1, NB, (T, Hq, K1), generator=g, dtype=torch.int32)
     lists = gather_lists(sel, NB, rows)
-    for h in range(Hq):
-        for j in range(NB):
-            lst = h * NB + j
-            entries = lists.entries_E[lists.list_start[lst] : lists.list_start[lst + 1]].long()
-            t, h_of, s = entries // (Hq * K1), (entries // K1) % Hq, entries % K1
-            assert (h_of == h).all() and (sel[t, h, s] == j).all()
-            assert torch.equal(t, torch.sort(t).values)
-            assert len(entries) == int((sel[:, h] == j).sum())
-    # Tiles: each list's entries are covered once, tile by tile.
-    covered = []
-    for u in range(lists.n_tiles):
-        lst = int(lists.tile_list_U[u])
-        if lst == Hq * NB:
-            continue
-        row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_start[lst + 1])
-        covered += list(range(row0, min(row0 + rows, row_end)))
-    assert sorted(covered) == list(range(int(lists.list_start[-1])))
+    for s in range(K1):
+        for h in range(Hq):
+            for j in range(NB):
+                lst = (s * Hq + h) * NB + j
+                entries = lists.entries_E[lists.list_start[lst] : lists.list_start[lst + 1]].long()
+                t, h_of, s_of = entries // (Hq * K1), (entries // K1) % Hq, entries % K1
+                assert (h_of == h).all() and (s_of == s).all() and (sel[t, h, s] == j).all()
+                assert torch.equal(t, torch.sort(t).values)
+                assert len(entries) == int((sel[:, h, s] == j).sum())
+    # Tiles: slot by slot, each list's entries are covered once, within the per-slot bound.
+    for s in range(K1):
+        first, end = int(lists.slot_tile_start[s]), int(lists.slot_tile_start[s + 1])
+        assert end - first <= lists.tiles_per_slot
+        covered = []
+        for u in range(first, end):
+            lst = int(lists.tile_list_U[u])
+            assert lst // (Hq * NB) == s
+            row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_start[lst + 1])
+            covered += list(range(row0, min(row0 + rows, row_end)))
+        lo, hi = int(lists.list_start[s * Hq * NB]), int(lists.list_start[(s + 1) * Hq * NB])
+        assert sorted(covered) == list(range(lo, hi))
 
 
 def test_public_op_runs_the_reference_off_cuda():
