@@ -22,7 +22,17 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout, GatherLists
-from .tiles import LOG2E, LOG2E_K, LaunchTiles, dot_precision, load_rows, store_rows
+from .tiles import (
+    LOG2E,
+    LOG2E_K,
+    LaunchTiles,
+    block_query_rows,
+    dot_precision,
+    key_tile,
+    load_rows,
+    routed_rows,
+    store_rows,
+)
 
 
 @triton.jit
@@ -38,15 +48,22 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, ok, HQ, D, BLOCK_D: tl.constexpr):
+    """What a query row brings to every gradient: q, do, its log2-sum-exp and delta = do . o."""
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=ok, other=0.0) * LOG2E_K
+    delta = tl.load(delta_ptr + t * HQ + h, mask=ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
 def _dkdv_from_queries(
     k, v, dk, dv, u, t, t_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D, qk_scale,
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Add the contribution of query rows t (head h) to the key tile's dk and dv."""
-    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E_K
-    delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
+    q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
     # Transposed scores [keys, queries], so that dk and dv come out as plain products.
     s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
     ok = t_ok[None, :]
@@ -113,15 +130,10 @@ def _dq_from_keys(
 ):  # fmt: skip
     """Add the query tile's dq (unscaled) from keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
     for n0 in range(key_lo, key_hi, BLOCK_N):
-        u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        u_ok = u < key_hi
-        k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-        v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        ok = u_ok[None, :]
-        if CAUSAL:
-            ok = ok & (u[None, :] <= t[:, None])
-        p = tl.where(ok, tl.exp2(s - lse[:, None]), 0.0)
+        k, v, s = key_tile(
+            q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D, CAUSAL, BLOCK_N, BLOCK_D, PRECISION
+        )
+        p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -137,19 +149,14 @@ def _bwd_dq_routed_kernel(
     FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    w = tl.load(slot_tile_start_ptr + slot) + tl.program_id(0)
-    if w >= tl.load(slot_tile_start_ptr + slot + 1):
+    live, h, j, t, rows_ok = routed_rows(
+        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1, BLOCK_M
+    )
+    if not live:
         return
-    lst = tl.load(tile_list_ptr + w)
-    h = (lst // NB) % HQ
-    j = lst % NB
-    rows = tl.load(tile_row0_ptr + w) + tl.arange(0, BLOCK_M)
-    rows_ok = rows < tl.load(list_start_ptr + lst + 1)
-    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
-    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
-    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=rows_ok, other=0.0) * LOG2E_K
-    delta = tl.load(delta_ptr + t * HQ + h, mask=rows_ok, other=0.0)
+    q, do, lse, delta = _grad_rows(
+        q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, rows_ok, HQ, D, BLOCK_D
+    )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(
         q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
@@ -170,19 +177,11 @@ def _bwd_dq_current_kernel(
     GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    g = tl.program_id(0)
     h = tl.program_id(2)
-    start = tl.load(start_ptr + g)
-    end = tl.load(end_ptr + g)
-    q0 = start + tl.program_id(1) * BLOCK_M
+    start, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
     if q0 >= end:
         return
-    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    t_ok = t < end
-    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=t_ok, other=0.0) * LOG2E_K
-    delta = tl.load(delta_ptr + t * HQ + h, mask=t_ok, other=0.0)
+    q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(
         q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,

@@ -22,7 +22,17 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout, GatherLists
-from .tiles import LOG2E, LOG2E_K, LaunchTiles, dot_precision, load_rows, store_rows
+from .tiles import (
+    LOG2E,
+    LOG2E_K,
+    LaunchTiles,
+    block_query_rows,
+    dot_precision,
+    key_tile,
+    load_rows,
+    routed_rows,
+    store_rows,
+)
 
 
 @triton.jit
@@ -48,15 +58,9 @@ def _attend(
 ):
     """Online softmax of the query tile over keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
     for n0 in range(key_lo, key_hi, BLOCK_N):
-        u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        u_ok = u < key_hi
-        k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-        v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        ok = u_ok[None, :]
-        if CAUSAL:
-            ok = ok & (u[None, :] <= t[:, None])
-        s = tl.where(ok, s, float("-inf"))
+        _, v, s = key_tile(
+            q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D, CAUSAL, BLOCK_N, BLOCK_D, PRECISION
+        )
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing allowed yet keeps m = -inf; shift by 0 instead of -inf - -inf.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -77,15 +81,11 @@ def _fwd_routed_kernel(
     FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    u = tl.load(slot_tile_start_ptr + slot) + tl.program_id(0)
-    if u >= tl.load(slot_tile_start_ptr + slot + 1):
+    live, h, j, t, rows_ok = routed_rows(
+        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1, BLOCK_M
+    )
+    if not live:
         return
-    lst = tl.load(tile_list_ptr + u)
-    h = (lst // NB) % HQ
-    j = lst % NB
-    rows = tl.load(tile_row0_ptr + u) + tl.arange(0, BLOCK_M)
-    rows_ok = rows < tl.load(list_start_ptr + lst + 1)
-    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, rows_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -138,15 +138,10 @@ def _fwd_current_kernel(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    g = tl.program_id(0)
     h = tl.program_id(2)
-    start = tl.load(start_ptr + g)
-    end = tl.load(end_ptr + g)
-    q0 = start + tl.program_id(1) * BLOCK_M
+    start, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
     if q0 >= end:
         return
-    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    t_ok = t < end
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)

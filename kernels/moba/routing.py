@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .layout import BlockLayout
-from .tiles import LaunchTiles, load_rows
+from .tiles import LaunchTiles, block_query_rows, load_rows
 
 
 @triton.jit
@@ -75,15 +75,11 @@ def _route_kernel(
 ):
     g = tl.program_id(0)
     h = tl.program_id(2)
-    start = tl.load(start_ptr + g)
-    end = tl.load(end_ptr + g)
-    q0 = start + tl.program_id(1) * BLOCK_M
+    _, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
     if q0 >= end:
         return
     first = tl.load(first_ptr + g)
     hk = h // GROUPS
-    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    t_ok = t < end
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D).to(tl.float32)
     NONE: tl.constexpr = 2147483647
     slot = tl.arange(0, K1_PAD)

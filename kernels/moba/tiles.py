@@ -58,3 +58,51 @@ def store_rows(ptr, x, t, h, stride_t, stride_h, ok, D, BLOCK_D: tl.constexpr):
     d = tl.arange(0, BLOCK_D)
     ptrs = ptr + t[:, None] * stride_t + h * stride_h + d[None, :]
     tl.store(ptrs, x.to(ptr.dtype.element_ty), mask=ok[:, None] & (d[None, :] < D))
+
+
+@triton.jit
+def block_query_rows(start_ptr, end_ptr, BLOCK_M: tl.constexpr):
+    """The query tile of a program launched over (block, tile of the block, head): the block's
+    [start, end), the tile's first row q0, its rows t (int64) and which of them are real."""
+    g = tl.program_id(0)
+    start = tl.load(start_ptr + g)
+    end = tl.load(end_ptr + g)
+    q0 = start + tl.program_id(1) * BLOCK_M
+    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    return start, end, q0, t, t < end
+
+
+@triton.jit
+def routed_rows(
+    slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """The work tile of a program launched over slot `slot`'s tiles (see layout.GatherLists):
+    whether it is a real tile, its query head h and block j, the gathered query rows t (int64)
+    and which of them are real. Every load stays in bounds also for a program past the tiles."""
+    u = tl.load(slot_tile_start_ptr + slot) + tl.program_id(0)
+    live = u < tl.load(slot_tile_start_ptr + slot + 1)
+    lst = tl.load(tile_list_ptr + u)
+    rows = tl.load(tile_row0_ptr + u) + tl.arange(0, BLOCK_M)
+    # (No real row past the tiles; `live & block` would trip the interpreter.)
+    rows_ok = rows < tl.where(live, tl.load(list_start_ptr + lst + 1), 0)
+    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
+    return live, (lst // NB) % HQ, lst % NB, t, rows_ok
+
+
+@triton.jit
+def key_tile(
+    q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D,
+    CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Keys n0 .. n0 + BLOCK_N - 1 (below key_hi) of KV head hk: k, v and the query tile's scores
+    in log2 units, -inf where a key is out of range (or after the query, if CAUSAL)."""
+    u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    u_ok = u < key_hi
+    k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+    v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    ok = u_ok[None, :]
+    if CAUSAL:
+        ok = ok & (u[None, :] <= t[:, None])
+    return k, v, tl.where(ok, s, float("-inf"))
