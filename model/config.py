@@ -6,7 +6,8 @@ config --doc` prints them and a test checks that none is missing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 
@@ -70,14 +71,45 @@ class AttentionConfig:
     """RMSNorm on queries and keys per head before rotary (as in Qwen3)."""
     document_masking: bool = True
     """When several documents are packed into one sequence, positions restart at each and no token attends across documents."""
-    backend: Literal["sdpa"] = "sdpa"
-    """Attention implementation: torch scaled_dot_product_attention."""
+    backend: Literal["sdpa", "moba"] = "sdpa"
+    """sdpa: full causal attention through torch scaled_dot_product_attention. moba: Mixture of Block Attention (../shared/specs/moba.md) in every layer but the moba_full_* ones."""
+    moba_block_size: int = 512
+    """MoBA: tokens per key block, cut from the first token of each document (the paper: 512 at 8K, 2048 at 32K, 4096 at 1M)."""
+    moba_topk: int = 3
+    """MoBA: blocks each query reads, counting its own (current) block; the rest are the best fully past blocks by q . mean(k). A sequence of at most moba_topk x moba_block_size tokens gets exactly full attention."""
+    moba_full_layers: list[int] = field(default_factory=list)
+    """MoBA hybrid: indices (0-based, < model.n_layers) of layers that keep full attention. Give this or moba_full_last, not both."""
+    moba_full_last: int = 0
+    """MoBA hybrid: the last this many layers keep full attention (the paper: the last 3 of 32). Give this or moba_full_layers, not both."""
+    moba_full_after: float = 1.0
+    """MoBA schedule: fraction of trainer.steps trained with MoBA; the steps after it run every layer with full attention (the paper: 0.9). 1.0 = MoBA to the end."""
 
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
     def head_size(self, dim: int) -> int:
         return self.head_dim or dim // self.n_heads
+
+    def full_attention_layers(self, n_layers: int) -> list[int]:
+        """Indices of the layers that use full attention even when backend is moba (all of them under sdpa)."""
+        if self.backend != "moba":
+            return list(range(n_layers))
+        if self.moba_full_last:
+            return list(range(n_layers - self.moba_full_last, n_layers))
+        return sorted(self.moba_full_layers)
+
+    def uses_moba(self, layer_id: int, n_layers: int) -> bool:
+        """Whether layer `layer_id` of `n_layers` runs MoBA (before the moba_full_after switch)."""
+        return layer_id not in self.full_attention_layers(n_layers)
+
+    def moba_switch_step(self, steps: int) -> int | None:
+        """The first (0-based) optimizer step of `steps` at which MoBA layers run full attention,
+        or None when they never do (backend sdpa, or moba_full_after = 1)."""
+        if self.backend != "moba":
+            return None
+        # The fewest steps that cover the fraction; the epsilon absorbs float noise (0.7 * 10 = 7.000000000000001).
+        switch = math.ceil(self.moba_full_after * steps - 1e-9)
+        return switch if switch < steps else None
 
     def validate(self, model: ModelConfig, prefix: str = "attention") -> None:
         check(self.n_heads > 0, f"{prefix}.n_heads", f"must be positive, got {self.n_heads}")
@@ -98,6 +130,37 @@ class AttentionConfig:
             head > 0 and head % 2 == 0, f"{prefix}.head_dim", f"must be a positive even number for rotary, got {head}"
         )
         check(self.rope_theta > 0, f"{prefix}.rope_theta", f"must be > 0, got {self.rope_theta}")
+        # The MoBA keys are checked under sdpa too, so that flipping backend alone never makes a config invalid.
+        check(self.moba_block_size >= 1, f"{prefix}.moba_block_size", f"must be >= 1, got {self.moba_block_size}")
+        check(
+            self.moba_topk >= 1,
+            f"{prefix}.moba_topk",
+            f"must be >= 1 (it counts the current block), got {self.moba_topk}",
+        )
+        n = model.n_layers
+        bad = [i for i in self.moba_full_layers if not 0 <= i < n]
+        check(
+            not bad,
+            f"{prefix}.moba_full_layers",
+            f"layer indices must be in [0, model.n_layers={n}), got {bad}",
+        )
+        repeated = sorted({i for i in self.moba_full_layers if self.moba_full_layers.count(i) > 1})
+        check(not repeated, f"{prefix}.moba_full_layers", f"lists layers {repeated} more than once")
+        check(
+            0 <= self.moba_full_last <= n,
+            f"{prefix}.moba_full_last",
+            f"must be in [0, model.n_layers={n}], got {self.moba_full_last}",
+        )
+        check(
+            not (self.moba_full_layers and self.moba_full_last),
+            f"{prefix}.moba_full_last",
+            f"give either moba_full_layers={self.moba_full_layers} or moba_full_last={self.moba_full_last}, not both",
+        )
+        check(
+            0.0 <= self.moba_full_after <= 1.0,
+            f"{prefix}.moba_full_after",
+            f"must be in [0, 1] (a fraction of trainer.steps), got {self.moba_full_after}",
+        )
 
 
 @dataclass

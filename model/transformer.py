@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from sparsetron.model.attention import Attention
+from sparsetron.model.attention import Attention, sequence_bounds
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
 from sparsetron.model.layers import FeedForward, RMSNorm, positions_from_doc_ids
 from sparsetron.model.moe.layer import MoE
@@ -44,7 +44,7 @@ class Block(nn.Module):
         self.layer_id = layer_id
         self.is_moe = uses_moe(layer_id, moe_cfg)
         self.attention_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
-        self.attention = Attention(model_cfg.dim, attn_cfg, model_cfg)
+        self.attention = Attention(model_cfg.dim, attn_cfg, model_cfg, layer_id)
         self.ffn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         if self.is_moe:
             self.feed_forward = MoE(model_cfg.dim, model_cfg, moe_cfg)
@@ -52,9 +52,14 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 
     def forward(
-        self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
+        self,
+        x_BSD: torch.Tensor,
+        positions_BS: torch.Tensor,
+        doc_ids_BS: torch.Tensor | None = None,
+        cu_seqlens_N: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), positions_BS, doc_ids_BS)
+        """`cu_seqlens_N`: the batch's sequence bounds for MoBA (see `Attention.forward`)."""
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), positions_BS, doc_ids_BS, cu_seqlens_N)
         return h_BSD + self.feed_forward(self.ffn_norm(h_BSD))
 
     @torch.no_grad()
@@ -112,11 +117,18 @@ class Transformer(nn.Module):
                 positions_BS = torch.arange(length, device=tokens_BS.device).expand(B, length)
         if not self.attn_cfg.document_masking:
             doc_ids_BS = None
+        cu_seqlens_N = None
+        if self.attn_cfg.backend == "moba" and self.layers is not None:
+            # Once per forward (per pipeline stage), for all MoBA layers: with documents this is
+            # the model's one host sync (see `sequence_bounds`; the CUDA kernels have none).
+            # Under sequence parallelism the hidden states hold S / tp positions, the positions all S.
+            if any(m.runs_moba for m in self.layers.modules() if isinstance(m, Attention)):
+                cu_seqlens_N = sequence_bounds(doc_ids_BS, B, positions_BS.shape[-1], positions_BS.device)
 
         h_BSD = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
         for layer in self.layers.values() if self.layers is not None else ():
             if layer is not None:
-                h_BSD = layer(h_BSD, positions_BS, doc_ids_BS)
+                h_BSD = layer(h_BSD, positions_BS, doc_ids_BS, cu_seqlens_N)
         if self.norm is not None:
             h_BSD = self.norm(h_BSD)
         return self.output(h_BSD) if self.output is not None else h_BSD

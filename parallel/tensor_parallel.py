@@ -115,9 +115,10 @@ def _block_plan(block: Block) -> dict[str, object]:
     """Parallel styles for one block, keyed by submodule path."""
     plan: dict[str, object] = {
         "attention_norm": SequenceParallel(),
-        # positions and doc_ids are whole [B, S] plain tensors on every rank; only x is gathered.
+        # positions, doc_ids and MoBA's cu_seqlens (or None) are whole plain tensors on every
+        # rank; only x is gathered. Attention then sees its rank's heads, each computed whole.
         "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None), desired_input_layouts=(Replicate(), None, None)
+            input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
         ),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),

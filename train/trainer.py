@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import (
     moe_load_histograms,
@@ -221,6 +222,8 @@ class Trainer:
         )
         self.peak_tflops = job.metrics.peak_tflops or peak_tflops(self.device)
         self._stop_requested = False
+        # attention.moba_full_after: the first step whose MoBA layers run full attention (None = never).
+        self.full_attention_from = job.attention.moba_switch_step(tc.steps)
 
     # ---- state --------------------------------------------------------------------------
 
@@ -259,6 +262,14 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
+    def _set_attention_mode(self, step: int) -> None:
+        """MoBA or full attention in the MoBA layers, as the schedule has it for 0-based step `step`.
+
+        A function of the step number alone, so a resumed run attends as the straight run did.
+        """
+        if self.full_attention_from is not None:
+            set_full_attention(self.model, step >= self.full_attention_from)
+
     def _loss(self, batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)
         with self._autocast():
@@ -269,6 +280,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
         accum = self.job.trainer.grad_accum_steps
         self.model.train()
+        self._set_attention_mode(self.step)
         if self.pipeline is not None:
             batch = Batch.stack([next(self.loader) for _ in range(accum)]).to(self.device, non_blocking=True)
             total = self.pipeline.train_step(batch.tokens, batch.targets, batch.doc_ids) * accum
@@ -318,8 +330,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean cross-entropy over the fixed validation batches."""
+        """Mean cross-entropy over the fixed validation batches, attending as the last step trained
+        (or the first step, before any)."""
         self.model.eval()
+        self._set_attention_mode(max(self.step - 1, 0))
         if self.pipeline is not None:
             losses = []
             for batch in self.eval_set:
@@ -385,8 +399,16 @@ class Trainer:
                 result.eval_losses[0] = self.evaluate()
                 metrics.log(0, {"eval/loss": result.eval_losses[0]})
                 progress.message(f"step 0: eval loss {result.eval_losses[0]:.4f}")
+            switch = self.full_attention_from
+            if switch is not None and self.step > switch:
+                progress.message(f"MoBA layers run full attention since step {switch + 1} (attention.moba_full_after)")
             window_start, window_tokens = time.perf_counter(), 0
             while self.step < stop_at and not self._should_stop():
+                if self.step == switch:
+                    progress.message(
+                        f"step {self.step + 1}: MoBA layers switch to full attention for the last "
+                        f"{tc.steps - self.step} steps (attention.moba_full_after={job.attention.moba_full_after})"
+                    )
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
                 window_tokens += self.tokens_per_step

@@ -45,6 +45,12 @@ MODELS = {
     "dense-gqa-qknorm-tied": ({}, dict(n_kv_heads=2, qk_norm=True), True),
     "moe-deepseek": (DEEPSEEK, {}, False),
     "moe-softmax-zloss": (SOFTMAX, dict(n_kv_heads=2), False),
+    # MoBA on each rank's heads, in layers 0 and 2 (blocks of 4, so documents span several).
+    "dense-moba-hybrid": (
+        {},
+        dict(n_kv_heads=2, backend="moba", moba_block_size=4, moba_topk=2, moba_full_layers=[1]),
+        False,
+    ),
 }
 
 
