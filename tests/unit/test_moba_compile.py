@@ -26,7 +26,8 @@ INDICES = {
 }
 
 
-def compile_for_hopper(head_dim: int) -> list[str]:
+def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]:
+    """`kernel shared-memory-bytes` lines, for inputs of torch.<dtype_name>."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -35,9 +36,10 @@ def compile_for_hopper(head_dim: int) -> list[str]:
     from sparsetron.kernels.moba import backward, forward, routing
     from sparsetron.kernels.moba.tiles import dot_precision, launch_tiles
 
-    tiles = launch_tiles(_CudaBf16())
+    dtype = getattr(torch, dtype_name)
+    tiles = launch_tiles(_CudaTensor(dtype))
     sizes = dict(GROUPS=2, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=head_dim)
-    attention = dict(sizes, PRECISION=dot_precision(torch.bfloat16))
+    attention = dict(sizes, PRECISION=dot_precision(dtype))
     kernels = [
         (routing._block_means_kernel, dict(ROWS=tiles.rows, BLOCK_D=head_dim)),
         (
@@ -62,7 +64,7 @@ def compile_for_hopper(head_dim: int) -> list[str]:
             elif name in INDICES:
                 signature[name] = "*i32"
             elif name.endswith("_ptr"):
-                signature[name] = "*bf16"
+                signature[name] = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype_name]
             elif name.endswith("scale"):
                 signature[name] = "fp32"
             else:
@@ -73,16 +75,13 @@ def compile_for_hopper(head_dim: int) -> list[str]:
     return report
 
 
-class _CudaBf16:
-    """Stands in for a bf16 CUDA tensor, for which `launch_tiles` picks the GPU sizes."""
+class _CudaTensor:
+    """Stands in for a CUDA tensor, for which `launch_tiles` picks the GPU sizes."""
 
     is_cuda = True
 
-    @property
-    def dtype(self):
-        import torch
-
-        return torch.bfloat16
+    def __init__(self, dtype):
+        self.dtype = dtype
 
 
 def test_kernels_compile_for_sm90():
@@ -99,4 +98,5 @@ def test_kernels_compile_for_sm90():
 
 
 if __name__ == "__main__":
-    print("\n".join(compile_for_hopper(128)))
+    # CI compiles bf16 only (about 25 s); `python tests/unit/test_moba_compile.py float32` checks another dtype.
+    print("\n".join(compile_for_hopper(128, *sys.argv[1:])))
