@@ -92,9 +92,10 @@ class Attention(nn.Module):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=False)
+        bias = attn_cfg.qkv_bias
+        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
         self.q_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
@@ -164,6 +165,8 @@ class Attention(nn.Module):
     def init_weights(self, std: float, out_std: float) -> None:
         for linear in (self.wq, self.wk, self.wv):
             nn.init.normal_(linear.weight, std=std)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
         # wo writes into the residual stream; see FeedForward.init_weights.
         nn.init.normal_(self.wo.weight, std=out_std)
         if self.q_norm is not None:

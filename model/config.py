@@ -57,7 +57,7 @@ class ModelConfig:
 class AttentionConfig:
     """Grouped-query attention with rotary positions."""
 
-    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("n_heads", "n_kv_heads", "head_dim", "qk_norm")
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("n_heads", "n_kv_heads", "head_dim", "qk_norm", "qkv_bias")
 
     n_heads: int = 4
     """Query heads."""
@@ -69,6 +69,8 @@ class AttentionConfig:
     """Base of the rotary position frequencies."""
     qk_norm: bool = False
     """RMSNorm on queries and keys per head before rotary (as in Qwen3)."""
+    qkv_bias: bool = False
+    """Add a learned bias to the query, key and value projections (as in Qwen2); the output projection has none."""
     document_masking: bool = True
     """When several documents are packed into one sequence, positions restart at each and no token attends across documents."""
     backend: Literal["sdpa", "moba"] = "sdpa"

@@ -37,6 +37,8 @@ def active_params(model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: Mo
     D = model_cfg.dim
     H, K, d = attn_cfg.n_heads, attn_cfg.kv_heads(), attn_cfg.head_size(D)
     attention = D * H * d + 2 * D * K * d + H * d * D + (2 * d if attn_cfg.qk_norm else 0)
+    if attn_cfg.qkv_bias:
+        attention += H * d + 2 * K * d
     norms = 2 * D
     total = 0
     for layer_id in range(model_cfg.n_layers):
