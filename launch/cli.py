@@ -6,6 +6,10 @@
     sparsetron config tiny --set moe.top_k=4           # print the resolved config
     sparsetron config --doc                            # every key, its default and meaning
     sparsetron recipes                                 # the shipped recipes
+    sparsetron convert --from HF_DIR --to CKPT_DIR --format sparsetron   # import a Hugging Face checkpoint
+    sparsetron convert --from CKPT_DIR --to HF_DIR --format hf           # export one
+    sparsetron upcycle --from DENSE --recipe tiny --out DIR              # dense checkpoint -> MoE step 0
+    sparsetron train tiny --resume DIR                                   # continue the upcycled MoE
     launch/torchrun.sh 2 tiny --set parallel.data_parallel_shard=2   # FSDP over 2 processes
 
 Bad input (config, data, checkpoint) prints one `error:` message and exits with status 2.
@@ -62,6 +66,62 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--doc", action="store_true", help="list every key with its default and meaning")
 
     commands.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert between Hugging Face and sparsetron checkpoints",
+        description="Convert a checkpoint; the source format is detected, the target format is named.",
+    )
+    convert.add_argument("--from", dest="source", required=True, metavar="DIR", help="checkpoint folder to read")
+    convert.add_argument("--to", dest="target", required=True, metavar="DIR", help="new (or empty) folder to write")
+    convert.add_argument("--format", required=True, choices=("hf", "sparsetron"), help="format to write")
+    convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="tensor dtype of an hf export")
+    convert.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="sparsetron target: set a data/trainer/... value of its config.yaml (repeatable), as `train --set`",
+    )
+
+    upcycle = commands.add_parser(
+        "upcycle",
+        help="turn a dense checkpoint into the step-0 checkpoint of an MoE recipe",
+        description="Upcycle a dense model into a fine-grained MoE that computes the same function "
+        "(train it with `sparsetron train RECIPE --resume OUT`).",
+    )
+    upcycle.add_argument(
+        "--from", dest="source", required=True, metavar="DENSE", help="sparsetron checkpoint or Hugging Face folder"
+    )
+    upcycle.add_argument("--recipe", required=True, metavar="CONFIG_OR_NAME", help="the MoE recipe to upcycle into")
+    upcycle.add_argument("--out", required=True, metavar="DIR", help="new (or empty) checkpoint folder to write")
+    upcycle.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one value of the recipe (repeatable); give the same ones to `train`",
+    )
+    upcycle.add_argument(
+        "--router",
+        choices=("auto", "virtual_groups", "zero"),
+        default="auto",
+        help="router init: virtual_groups (identical rows per copy), zero, or auto (whichever is exact)",
+    )
+    upcycle.add_argument(
+        "--shared-fraction",
+        type=float,
+        default=0.5,
+        metavar="B",
+        help="share of the dense shards 0..n_shared-1 the shared experts carry (0 < B <= 1; default 0.5)",
+    )
+    upcycle.add_argument(
+        "--allow-inexact",
+        action="store_true",
+        help="accept settings that do not preserve the dense function (each is warned about by name)",
+    )
     return parser
 
 
@@ -110,12 +170,61 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from sparsetron.model.hf import HFFormatError
+    from sparsetron.train.checkpoint import CheckpointError
+    from sparsetron.train.hf_convert import convert
+
+    try:
+        written = convert(args.source, args.target, args.format, args.dtype, args.overrides)
+    except (ConfigError, HFFormatError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"wrote {written}")
+    return 0
+
+
+def _upcycle(args: argparse.Namespace) -> int:
+    import warnings
+
+    from sparsetron.model.hf import HFFormatError
+    from sparsetron.model.upcycle import UpcycleError
+    from sparsetron.train.checkpoint import CheckpointError
+    from sparsetron.train.data import DataError
+    from sparsetron.train.upcycle import upcycle_checkpoint
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the accepted inexact settings are printed below
+            result = upcycle_checkpoint(
+                args.source,
+                args.recipe,
+                args.out,
+                args.overrides,
+                allow_inexact=args.allow_inexact,
+                router=args.router,
+                shared_fraction=args.shared_fraction,
+            )
+    except (ConfigError, UpcycleError, HFFormatError, CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for message in result.warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    print(result.plan.describe())
+    print(f"wrote {result.checkpoint}; continue with: sparsetron train {args.recipe} --resume {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "train":
         return _train(args)
     if args.command == "config":
         return _config(args)
+    if args.command == "convert":
+        return _convert(args)
+    if args.command == "upcycle":
+        return _upcycle(args)
     print("\n".join(recipe_names()))
     return 0
 

@@ -393,9 +393,10 @@ class Trainer:
                     progress.message(f"  changed since the checkpoint: {line}")
                 for path in self.set_aside:
                     progress.message(f"  set aside a checkpoint newer than the resumed one: {path}")
-            else:
-                if self.resume_requested:
-                    progress.message(f"no complete checkpoint in {self.checkpoints.folder}; starting from step 0")
+            elif self.resume_requested:
+                progress.message(f"no complete checkpoint in {self.checkpoints.folder}; starting from step 0")
+            if self.step == 0:
+                # Also a step-0 checkpoint (upcycled or imported) is measured before it trains.
                 result.eval_losses[0] = self.evaluate()
                 metrics.log(0, {"eval/loss": result.eval_losses[0]})
                 progress.message(f"step 0: eval loss {result.eval_losses[0]:.4f}")

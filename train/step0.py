@@ -1,0 +1,46 @@
+"""A step-0 checkpoint of weights made outside training (imported from Hugging Face, upcycled),
+which `sparsetron train ... --resume` continues with a fresh optimizer and fresh data."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from torch import nn
+
+from sparsetron.train.checkpoint import CheckpointManager
+from sparsetron.train.config import JobConfig
+from sparsetron.train.config_io import dump_yaml
+from sparsetron.train.optim import build_optimizer
+from sparsetron.train.resume import rng_state
+from sparsetron.train.schedule import build_scheduler
+
+
+def save_step0(
+    manager: CheckpointManager, model: nn.Module, job: JobConfig, after_save: Callable[[], None] | None = None
+) -> Path:
+    """Save `model` as step 0 of `job` in `manager`'s folder with a never-stepped optimizer; returns
+    the step folder. `after_save` writes any companion file; if anything fails, a folder this call
+    created is removed again, so a failed run leaves nothing behind."""
+    optimizer = build_optimizer(model, job.optimizer)
+    # The scheduler adds initial_lr to the param groups, which a resumed trainer's optimizer holds.
+    build_scheduler(optimizer, job.schedule, job.trainer.steps)
+    train_state = {
+        "step": 0,
+        "tokens_seen": 0,
+        "nonfinite_in_a_row": 0,
+        "skipped_steps": 0,
+        "loader": {"epoch": 0, "index": 0},
+        "rng": rng_state(),
+    }
+    created = not manager.folder.exists()
+    try:
+        written = manager.save(0, model, optimizer, train_state, dump_yaml(job))
+        if after_save is not None:
+            after_save()
+    except BaseException:
+        if created:
+            shutil.rmtree(manager.folder, ignore_errors=True)
+        raise
+    return written
