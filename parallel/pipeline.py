@@ -57,7 +57,8 @@ would never compute their gradients.
 
 Stage split. `split_layers` balances estimated cost per stage; `layer_costs` estimates each piece's
 training FLOPs per token by the 6N + attention rule of train/flops.py: a block 6 x its active
-parameters (top-k experts for MoE) + 6 S H d for causal attention; the head 6 x (D V + D); the
+parameters (top-k experts for MoE) + 12 H d x the keys a query attends (S / 2 causal, fewer in
+MoBA layers: `AttentionConfig.attended_keys`); the head 6 x (D V + D); the
 embedding 0 (a lookup multiplies nothing).
 """
 
@@ -151,8 +152,8 @@ def layer_costs(
         return active_params(replace(model_cfg, n_layers=n_blocks), attn_cfg, moe_cfg)
 
     totals = [active_through(n) for n in range(model_cfg.n_layers + 1)]
-    attention = 6.0 * seq_len * H * d
-    blocks = [6.0 * (totals[i + 1] - totals[i]) + attention for i in range(model_cfg.n_layers)]
+    keys = attn_cfg.attended_keys(model_cfg.n_layers, seq_len)
+    blocks = [6.0 * (totals[i + 1] - totals[i]) + 12.0 * H * d * keys[i] for i in range(model_cfg.n_layers)]
     head = 6.0 * totals[0]  # the final norm and output head: what a model of no blocks holds
     return 0.0, blocks, head
 

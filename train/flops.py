@@ -9,8 +9,8 @@ The count is the usual "6N + attention" one (PaLM, appendix B):
 - attention scores (Q K^T) and the weighted sum (A V) each cost 2 * seq_len * head_dim
   FLOPs per head per token in the forward, 3x that forward + backward: 12 * n_layers *
   n_heads * head_dim * seq_len. A causal mask leaves half of the score matrix to
-  compute, so the count is halved. For block-sparse attention (MoBA) pass the mean
-  number of keys a query attends, times two, as `seq_len` to get effective FLOPs.
+  compute, so the count is halved. Block-sparse attention (MoBA) passes, per layer, the mean
+  number of keys a query attends (`AttentionConfig.attended_keys`) instead.
 
 Recomputation under activation checkpointing is not counted: MFU measures useful work.
 """
@@ -45,14 +45,23 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 
-def flops_per_token(n_active_params: int, n_layers: int, n_heads: int, head_dim: int, seq_len: int) -> float:
+def flops_per_token(
+    n_active_params: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    seq_len: int,
+    attended_keys: list[float] | None = None,
+) -> float:
     """Training FLOPs (forward + backward) per token; see the module docstring.
 
     `n_active_params` counts the non-embedding weights one token passes through (for
-    MoE: shared experts plus top-k routed experts, not all experts).
+    MoE: shared experts plus top-k routed experts, not all experts). `attended_keys`: per
+    layer, the mean keys a query attends (default: seq_len / 2 each, causal full attention).
     """
+    keys = attended_keys if attended_keys is not None else [seq_len / 2.0] * n_layers
     dense = 6.0 * n_active_params
-    attention = 12.0 * n_layers * n_heads * head_dim * seq_len / 2.0
+    attention = 12.0 * n_heads * head_dim * sum(keys)
     return dense + attention
 
 

@@ -213,13 +213,19 @@ class Trainer:
 
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * self.dims.dp * job.data.seq_len
         head_dim = job.attention.head_size(job.model.dim)
-        self.flops_per_token = flops_per_token(
-            active_params(job.model, job.attention, job.moe),
-            job.model.n_layers,
-            job.attention.n_heads,
-            head_dim,
-            job.data.seq_len,
+        # MoBA layers attend fewer keys until the schedule switches them to full attention.
+        self.flops_per_token_moba, self.flops_per_token_full = (
+            flops_per_token(
+                active_params(job.model, job.attention, job.moe),
+                job.model.n_layers,
+                job.attention.n_heads,
+                head_dim,
+                job.data.seq_len,
+                job.attention.attended_keys(job.model.n_layers, job.data.seq_len, moba=moba),
+            )
+            for moba in (True, False)
         )
+        self.flops_per_token = self.flops_per_token_moba
         self.peak_tflops = job.metrics.peak_tflops or peak_tflops(self.device)
         self._stop_requested = False
         # attention.moba_full_after: the first step whose MoBA layers run full attention (None = never).
@@ -263,12 +269,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def _set_attention_mode(self, step: int) -> None:
-        """MoBA or full attention in the MoBA layers, as the schedule has it for 0-based step `step`.
+        """MoBA or full attention in the MoBA layers (and the FLOPs per token MFU counts), as the
+        schedule has it for 0-based step `step`.
 
         A function of the step number alone, so a resumed run attends as the straight run did.
         """
-        if self.full_attention_from is not None:
-            set_full_attention(self.model, step >= self.full_attention_from)
+        if self.full_attention_from is None:
+            return
+        full = step >= self.full_attention_from
+        set_full_attention(self.model, full)
+        self.flops_per_token = self.flops_per_token_full if full else self.flops_per_token_moba
 
     def _loss(self, batch) -> torch.Tensor:
         batch = batch.to(self.device, non_blocking=True)

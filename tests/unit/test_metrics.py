@@ -95,6 +95,30 @@ def test_flops_per_token_by_hand():
     assert flops_per_token(1000, 2, 4, 8, 16) == 12144.0
 
 
+@pytest.mark.parametrize(("seq_len", "block_size", "topk"), [(100, 8, 3), (61, 16, 2), (64, 8, 1), (40, 16, 3)])
+def test_moba_layers_count_the_keys_the_op_attends(seq_len, block_size, topk):
+    """The mean attended keys equals what the MoBA function's own mask allows (any routing)."""
+    from sparsetron.kernels.moba import moba_selection
+    from sparsetron.model.config import AttentionConfig
+
+    g = torch.Generator().manual_seed(seq_len)
+    q, k = torch.randn(seq_len, 2, 8, generator=g), torch.randn(seq_len, 2, 8, generator=g)
+    chosen_HLn = moba_selection(q, k, block_size, topk)
+    t, u = torch.arange(seq_len).view(-1, 1), torch.arange(seq_len).view(1, -1)
+    allowed_HLL = chosen_HLn[:, :, u.flatten() // block_size] & (u <= t)
+    attended = allowed_HLL.sum().item() / (2 * seq_len)
+    attn = AttentionConfig(backend="moba", moba_block_size=block_size, moba_topk=topk, moba_full_layers=[1])
+    keys = attn.attended_keys(3, seq_len)
+    # Full attention's convention is seq_len / 2; MoBA counts exactly, but never above that.
+    assert keys == [min(attended, seq_len / 2), seq_len / 2, min(attended, seq_len / 2)]
+    assert attn.attended_keys(3, seq_len, moba=False) == [seq_len / 2] * 3
+    assert AttentionConfig().attended_keys(2, seq_len) == [seq_len / 2] * 2
+    # The default keys are the causal convention; fewer keys, fewer FLOPs.
+    assert flops_per_token(1000, 3, 4, 8, seq_len, [seq_len / 2] * 3) == flops_per_token(1000, 3, 4, 8, seq_len)
+    if attended < seq_len / 2:
+        assert flops_per_token(1000, 3, 4, 8, seq_len, keys) < flops_per_token(1000, 3, 4, 8, seq_len)
+
+
 def test_mfu_matches_the_h100_anchor():
     # anchors.md: dense 0.89B non-embedding params, 16 layers of width 2048 (16 x 128),
     # sequence 4096, 72,500 tok/s on one H100 = 44.9% MFU.
