@@ -16,6 +16,8 @@ from .reference import moba_reference, moba_selection
 
 __all__ = ["moba_attention", "moba_reference", "moba_selection", "moba_triton"]
 
+MAX_HEAD_DIM = 256
+
 
 def _check_inputs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int
@@ -39,6 +41,10 @@ def _check_inputs(
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, q on {q.device}")
     if block_size < 1 or topk < 1:
         raise ValueError(f"MoBA needs block_size >= 1 and topk >= 1, got {block_size} and {topk}")
+    if q.shape[2] > MAX_HEAD_DIM:
+        raise ValueError(
+            f"the MoBA kernels take head dims up to {MAX_HEAD_DIM} (a tile row in registers), got {q.shape[2]}"
+        )
 
 
 class _MobaFunction(torch.autograd.Function):

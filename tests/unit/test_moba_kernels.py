@@ -223,6 +223,7 @@ def test_public_op_runs_the_reference_off_cuda():
         ),
         (lambda q, k, v, cu: (q, k, v, cu.long()), "int32"),
         (lambda q, k, v, cu: (q, k.double(), v, cu), "share a dtype"),
+        (lambda q, k, v, cu: (q.repeat(1, 1, 20), k.repeat(1, 1, 20), v.repeat(1, 1, 20), cu), "head dims up to 256"),
     ],
 )
 def test_bad_inputs_name_the_problem(change, message):
