@@ -21,8 +21,8 @@ def save_step0(
     manager: CheckpointManager, model: nn.Module, job: JobConfig, after_save: Callable[[], None] | None = None
 ) -> Path:
     """Save `model` as step 0 of `job` in `manager`'s folder with a never-stepped optimizer; returns
-    the step folder. `after_save` writes any companion file; if anything fails, a folder this call
-    created is removed again, so a failed run leaves nothing behind."""
+    the step folder. `after_save` writes any companion file; if anything fails, what this call
+    wrote is removed again (the folder, if it created it), so a failed run leaves nothing behind."""
     optimizer = build_optimizer(model, job.optimizer)
     # The scheduler adds initial_lr to the param groups, which a resumed trainer's optimizer holds.
     build_scheduler(optimizer, job.schedule, job.trainer.steps)
@@ -35,12 +35,14 @@ def save_step0(
         "rng": rng_state(),
     }
     created = not manager.folder.exists()
+    written = None
     try:
         written = manager.save(0, model, optimizer, train_state, dump_yaml(job))
         if after_save is not None:
             after_save()
     except BaseException:
-        if created:
-            shutil.rmtree(manager.folder, ignore_errors=True)
+        # Also the step folder in a folder that existed (empty) before: a retry must find it empty.
+        for leftover in [manager.folder] if created else [written] if written is not None else []:
+            shutil.rmtree(leftover, ignore_errors=True)
         raise
     return written

@@ -4,7 +4,7 @@
     sparsetron train tiny --resume runs/tiny-up/init        # a fresh optimizer, data from the start
 
 DENSE is a sparsetron checkpoint (a complete step folder, or a folder of them: the newest) or a
-local Hugging Face Llama / Qwen2-style folder (config.json + safetensors, read by model/hf.py).
+local Hugging Face Llama / Qwen2-style folder (config.json + safetensors, read by model/hf/).
 The recipe (with its --set overrides) gives the MoE job; its model and attention sections must
 match the dense model's (model/upcycle.py names every difference). The output is an ordinary
 checkpoint folder `<out>/step_00000000` written by CheckpointManager: the MoE weights, a
@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from sparsetron.model.config import ConfigError
+from sparsetron.model.hf import CONFIG_FILE, load_hf
 from sparsetron.model.transformer import Transformer
 from sparsetron.model.upcycle import UpcycleError, UpcyclePlan, UpcycleWarning, upcycle
-from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, is_complete, list_complete, step_of
+from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import from_dict, load_job_config
 from sparsetron.train.data import build_tokenizer
@@ -36,7 +37,6 @@ from sparsetron.train.trainer import resolve_vocab
 
 __all__ = ["UpcycleResult", "load_dense", "upcycle_checkpoint"]
 
-HF_CONFIG = "config.json"
 REPORT_FILE = "upcycle.json"
 
 
@@ -57,29 +57,24 @@ def _materialise(job_model, job_attention, job_moe) -> Transformer:
     return model
 
 
-def load_dense(source: str | Path, manager: CheckpointManager) -> tuple[Transformer, str]:
+def load_dense(source: str | Path) -> tuple[Transformer, str]:
     """The dense model held by `source` (sparsetron or Hugging Face), and a description of where it came from."""
     source = Path(source).expanduser()
     if not source.is_dir():
         raise ConfigError(f"upcycle: --from {source} is not a folder")
-    if (source / HF_CONFIG).is_file():
-        from sparsetron.model.hf import load_hf
-
+    if (source / CONFIG_FILE).is_file():
         ckpt = load_hf(source)
         if ckpt.moe.enabled:
             raise UpcycleError(f"upcycle: {source} is a Hugging Face MoE ({ckpt.family}), not a dense model")
         return ckpt.build(), f"Hugging Face {ckpt.family} {source}"
-    if is_complete(source):
-        path = source
-    elif step_of(source) is not None:
-        raise CheckpointError(f"upcycle: {source} is a half-written checkpoint (no .complete marker)")
-    elif list_complete(source):
-        path = list_complete(source)[-1]
-    else:
+    manager = CheckpointManager(source)
+    try:
+        path = manager.resolve(str(source))
+    except CheckpointError as err:
         raise ConfigError(
-            f"upcycle: --from {source} is neither a sparsetron checkpoint (step_NNNNNNNN/ folders) "
-            f"nor a Hugging Face folder ({HF_CONFIG} + safetensors)"
-        )
+            f"upcycle: --from {source} is neither a sparsetron checkpoint nor a Hugging Face folder "
+            f"({CONFIG_FILE} + safetensors): {err}"
+        ) from err
     try:
         job = from_dict(JobConfig, manager.read_config(path), "")
     except ConfigError as err:
@@ -114,7 +109,7 @@ def upcycle_checkpoint(
     # As the trainer does, so that config.yaml is what `sparsetron train RECIPE` resolves to.
     resolve_vocab(job, build_tokenizer(job.data.tokenizer).vocab_size)
     manager = CheckpointManager(out)
-    dense, origin = load_dense(source, manager)
+    dense, origin = load_dense(source)
 
     # The trainer's seed and order, so the router rows are those a fresh run of the recipe starts from.
     torch.manual_seed(job.trainer.seed)

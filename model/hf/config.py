@@ -29,7 +29,9 @@ def _require(cfg: dict, key: str, allowed: Any, default: Any, why: str) -> None:
 
 
 def _int(cfg: dict, key: str, default: int | None = None) -> int:
-    value = cfg.get(key, default)
+    value = cfg.get(key)
+    if value is None:  # absent, or null (what transformers writes for "derive it")
+        value = default
     if isinstance(value, bool) or not isinstance(value, int):
         raise config_error(key, value, "expected an integer")
     return value
@@ -107,8 +109,8 @@ def config_from_hf(cfg: dict) -> tuple[str, ModelConfig, AttentionConfig, MoECon
 
     dim, n_layers = _int(cfg, "hidden_size"), _int(cfg, "num_hidden_layers")
     n_heads = _int(cfg, "num_attention_heads")
-    n_kv = cfg.get("num_key_value_heads") or n_heads
-    head_dim = cfg.get("head_dim") or dim // n_heads
+    n_kv = _int(cfg, "num_key_value_heads", n_heads)
+    head_dim = _int(cfg, "head_dim", dim // n_heads)
     model = ModelConfig(
         vocab_size=_int(cfg, "vocab_size"),
         dim=dim,

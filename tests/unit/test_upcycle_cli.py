@@ -122,7 +122,7 @@ def test_refusals_name_the_setting_and_write_nothing(tmp_path, dense_run, capsys
 def test_hugging_face_source_gives_the_same_checkpoint(tmp_path, dense_run):
     """A dense model exported to a Hugging Face (Llama) folder upcycles to the same MoE as its checkpoint."""
     run, _ = dense_run
-    dense, _ = load_dense(run / "checkpoints", CheckpointManager(tmp_path / "unused"))
+    dense, _ = load_dense(run / "checkpoints")
     hf = save_hf(tmp_path / "hf", dense.model_cfg, dense.attn_cfg, MoEConfig(), dense.state_dict())
     recipe = moe_recipe(tmp_path)
     from_hf = upcycle_checkpoint(hf, recipe, tmp_path / "from_hf", COMMON)
