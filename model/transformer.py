@@ -7,6 +7,8 @@ Built on the meta device and materialised afterwards (DESIGN.md, principle 3):
     model.to_empty(device="cpu")
     model.init_weights()
 
+which `materialised_transformer` does in one call, for a whole model on one device.
+
 Pipeline stages cut the model by setting `tok_embeddings`, `norm`, `output` or entries of
 `layers` to None (or deleting layers); forward skips whatever is missing.
 
@@ -182,3 +184,15 @@ class Transformer(nn.Module):
         self._tie_embeddings()
         self._share_rope_tables()
         return self
+
+
+def materialised_transformer(
+    model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None, device="cpu"
+) -> Transformer:
+    """A whole Transformer built on the meta device, then materialised and initialised on `device`
+    (from torch's current random state)."""
+    with torch.device("meta"):
+        model = Transformer(model_cfg, attn_cfg, moe_cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

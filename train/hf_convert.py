@@ -18,11 +18,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
-
 from sparsetron.model.config import ConfigError
 from sparsetron.model.hf import CONFIG_FILE, DTYPES, config_from_hf, export_family, load_hf, read_hf_config, save_hf
-from sparsetron.model.transformer import Transformer
+from sparsetron.model.transformer import materialised_transformer
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, is_complete, list_complete, step_of
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import apply_override, from_dict, to_dict
@@ -120,10 +118,7 @@ def sparsetron_to_hf(source: Path, target: Path, dtype: str | None) -> Path:
     except ConfigError as err:
         raise ConfigError(f"checkpoint {path}: its config.yaml does not load: {err}") from err
     export_family(job.model, job.attention, job.moe)  # refuse before reading any tensor
-    with torch.device("meta"):
-        model = Transformer(job.model, job.attention, job.moe)
-    model.to_empty(device="cpu")
-    model.init_weights()
+    model = materialised_transformer(job.model, job.attention, job.moe)
     manager.load(path, model)
     written = save_hf(target, job.model, job.attention, job.moe, model.state_dict(), dtype or "float32")
     tokenizer = Path(job.data.tokenizer)

@@ -19,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from sparsetron.model.config import ConfigError
-from sparsetron.model.hf import CONFIG_FILE, load_hf
-from sparsetron.model.transformer import Transformer
-from sparsetron.model.upcycle import UpcycleError, UpcyclePlan, UpcycleWarning, upcycle
+from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig
+from sparsetron.model.hf import CONFIG_FILE, config_from_hf, load_hf, read_hf_config
+from sparsetron.model.transformer import Transformer, materialised_transformer
+from sparsetron.model.upcycle import UpcycleError, UpcyclePlan, UpcycleWarning, plan_upcycle, upcycle
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import from_dict, load_job_config
@@ -49,24 +50,28 @@ class UpcycleResult:
     """The inexact settings accepted (empty when the MoE computes what the dense model did)."""
 
 
-def _materialise(job_model, job_attention, job_moe) -> Transformer:
-    with torch.device("meta"):
-        model = Transformer(job_model, job_attention, job_moe)
-    model.to_empty(device="cpu")
-    model.init_weights()
-    return model
+@dataclass
+class DenseSource:
+    """A dense model on disk, opened by its config files alone; `load()` reads the weights."""
+
+    model: ModelConfig
+    attention: AttentionConfig
+    origin: str
+    """Where it came from, for upcycle.json and messages."""
+    load: Callable[[], Transformer]
 
 
-def load_dense(source: str | Path) -> tuple[Transformer, str]:
-    """The dense model held by `source` (sparsetron or Hugging Face), and a description of where it came from."""
+def open_dense(source: str | Path) -> DenseSource:
+    """The dense model at `source` (a sparsetron checkpoint or a Hugging Face folder), checked to
+    be dense without reading any tensor."""
     source = Path(source).expanduser()
     if not source.is_dir():
         raise ConfigError(f"upcycle: --from {source} is not a folder")
     if (source / CONFIG_FILE).is_file():
-        ckpt = load_hf(source)
-        if ckpt.moe.enabled:
-            raise UpcycleError(f"upcycle: {source} is a Hugging Face MoE ({ckpt.family}), not a dense model")
-        return ckpt.build(), f"Hugging Face {ckpt.family} {source}"
+        family, model_cfg, attn_cfg, moe_cfg = config_from_hf(read_hf_config(source))
+        if moe_cfg.enabled:
+            raise UpcycleError(f"upcycle: {source} is a Hugging Face MoE ({family}), not a dense model")
+        return DenseSource(model_cfg, attn_cfg, f"Hugging Face {family} {source}", lambda: load_hf(source).build())
     manager = CheckpointManager(source)
     try:
         path = manager.resolve(str(source))
@@ -84,9 +89,19 @@ def load_dense(source: str | Path) -> tuple[Transformer, str]:
             f"upcycle: checkpoint {path} is already an MoE (moe.num_experts={job.moe.num_experts}); "
             "upcycling starts from a dense model"
         )
-    model = _materialise(job.model, job.attention, None)
-    manager.load(path, model)
-    return model, f"sparsetron checkpoint {path}"
+
+    def load() -> Transformer:
+        model = materialised_transformer(job.model, job.attention, None)
+        manager.load(path, model)
+        return model
+
+    return DenseSource(job.model, job.attention, f"sparsetron checkpoint {path}", load)
+
+
+def load_dense(source: str | Path) -> tuple[Transformer, str]:
+    """The dense model held by `source` (sparsetron or Hugging Face), and a description of where it came from."""
+    dense = open_dense(source)
+    return dense.load(), dense.origin
 
 
 def upcycle_checkpoint(
@@ -109,11 +124,23 @@ def upcycle_checkpoint(
     # As the trainer does, so that config.yaml is what `sparsetron train RECIPE` resolves to.
     resolve_vocab(job, build_tokenizer(job.data.tokenizer).vocab_size)
     manager = CheckpointManager(out)
-    dense, origin = load_dense(source)
+    dense_source = open_dense(source)
+    # Every refusal the configs decide comes before any weight is read or built.
+    plan_upcycle(
+        dense_source.model,
+        dense_source.attention,
+        job.model,
+        job.attention,
+        job.moe,
+        router=router,
+        shared_fraction=shared_fraction,
+        allow_inexact=allow_inexact,
+    )
+    dense, origin = dense_source.load(), dense_source.origin
 
     # The trainer's seed and order, so the router rows are those a fresh run of the recipe starts from.
     torch.manual_seed(job.trainer.seed)
-    moe = _materialise(job.model, job.attention, job.moe)
+    moe = materialised_transformer(job.model, job.attention, job.moe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UpcycleWarning)
         plan = upcycle(dense, moe, router=router, shared_fraction=shared_fraction, allow_inexact=allow_inexact)

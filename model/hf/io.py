@@ -36,13 +36,11 @@ class HFCheckpoint:
 
     def build(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """A Transformer holding these weights (fp32 parameters)."""
-        from sparsetron.model.transformer import Transformer
+        from sparsetron.model.transformer import materialised_transformer
 
-        with torch.device("meta"):
-            model = Transformer(self.model, self.attention, self.moe)
-        model.to_empty(device=device)
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream where it was
-            model.init_weights()  # rotary tables; every parameter is overwritten below
+        # Leave the caller's random stream where it was: every parameter is overwritten below.
+        with torch.random.fork_rng(devices=[]):
+            model = materialised_transformer(self.model, self.attention, self.moe, device)
         model.load_state_dict({k: v.float() for k, v in self.state_dict.items()}, strict=True)
         return model
 
