@@ -177,7 +177,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     try:
         written = convert(args.source, args.target, args.format, args.dtype, args.overrides)
-    except (ConfigError, HFFormatError, CheckpointError) as err:
+    except (ConfigError, HFFormatError, CheckpointError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"wrote {written}")
@@ -205,7 +205,7 @@ def _upcycle(args: argparse.Namespace) -> int:
                 router=args.router,
                 shared_fraction=args.shared_fraction,
             )
-    except (ConfigError, UpcycleError, HFFormatError, CheckpointError, DataError) as err:
+    except (ConfigError, UpcycleError, HFFormatError, CheckpointError, DataError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     for message in result.warnings:

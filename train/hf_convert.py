@@ -15,11 +15,19 @@ Nothing on disk is overwritten: the target must not exist or be an empty folder.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from sparsetron.model.config import ConfigError
-from sparsetron.model.hf import CONFIG_FILE, DTYPES, config_from_hf, export_family, load_hf, read_hf_config, save_hf
+from sparsetron.model.hf import (
+    CONFIG_FILE,
+    DTYPES,
+    config_from_hf,
+    export_family,
+    load_hf,
+    read_hf_config,
+    require_empty_folder,
+    save_hf,
+)
 from sparsetron.model.transformer import materialised_transformer
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, is_complete, list_complete, step_of
 from sparsetron.train.config import JobConfig
@@ -49,11 +57,6 @@ def detect_format(source: Path) -> str:
         f"convert: source {source} is neither a Hugging Face checkpoint ({CONFIG_FILE} + safetensors) "
         "nor a sparsetron checkpoint (step_NNNNNNNN/ folders)"
     )
-
-
-def _check_target(target: Path) -> None:
-    if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ConfigError(f"convert: target {target} exists and is not an empty folder; nothing was written")
 
 
 def convert(
@@ -86,7 +89,7 @@ def convert(
     kind = detect_format(source)
     if kind == to_format:
         raise ConfigError(f"convert: {source} is already a {kind} checkpoint")
-    _check_target(target)
+    require_empty_folder(target, "convert: target")
     if to_format == "sparsetron":
         return hf_to_sparsetron(source, target, overrides or [])
     return sparsetron_to_hf(source, target, dtype)
@@ -120,10 +123,9 @@ def sparsetron_to_hf(source: Path, target: Path, dtype: str | None) -> Path:
     export_family(job.model, job.attention, job.moe)  # refuse before reading any tensor
     model = materialised_transformer(job.model, job.attention, job.moe)
     manager.load(path, model)
-    written = save_hf(target, job.model, job.attention, job.moe, model.state_dict(), dtype or "float32")
     tokenizer = Path(job.data.tokenizer)
     if tokenizer.is_dir():
         tokenizer = tokenizer / TOKENIZER_FILE
-    if tokenizer.name == TOKENIZER_FILE and tokenizer.is_file():
-        shutil.copyfile(tokenizer, written / TOKENIZER_FILE)
-    return written
+    extra = {TOKENIZER_FILE: tokenizer} if tokenizer.name == TOKENIZER_FILE and tokenizer.is_file() else {}
+    state = model.state_dict()
+    return save_hf(target, job.model, job.attention, job.moe, state, dtype or "float32", extra_files=extra)

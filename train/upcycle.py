@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig
-from sparsetron.model.hf import CONFIG_FILE, config_from_hf, load_hf, read_hf_config
+from sparsetron.model.hf import CONFIG_FILE, config_from_hf, load_hf, read_hf_config, require_empty_folder
 from sparsetron.model.transformer import Transformer, materialised_transformer
 from sparsetron.model.upcycle import UpcycleError, UpcyclePlan, UpcycleWarning, plan_upcycle, upcycle
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
@@ -116,8 +116,7 @@ def upcycle_checkpoint(
 ) -> UpcycleResult:
     """Upcycle the dense model at `source` into `recipe`'s MoE and write it as `out`/step_00000000."""
     out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"upcycle: --out {out} exists and is not an empty folder; nothing was written")
+    require_empty_folder(out, "upcycle: --out")
     job = load_job_config(recipe, overrides)
     if not job.moe.enabled:
         raise UpcycleError(f"upcycle: recipe {recipe} is dense (moe.num_experts 0); give an MoE recipe")

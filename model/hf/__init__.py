@@ -21,7 +21,15 @@ names and layouts, `io.py` reads and writes the folders.
 """
 
 from sparsetron.model.hf.config import FAMILIES, config_from_hf, config_to_hf, export_family
-from sparsetron.model.hf.io import CONFIG_FILE, DTYPES, HFCheckpoint, load_hf, read_hf_config, save_hf
+from sparsetron.model.hf.io import (
+    CONFIG_FILE,
+    DTYPES,
+    HFCheckpoint,
+    load_hf,
+    read_hf_config,
+    require_empty_folder,
+    save_hf,
+)
 from sparsetron.model.hf.weights import HFFormatError, state_dict_from_hf, state_dict_to_hf
 
 __all__ = [
@@ -35,6 +43,7 @@ __all__ = [
     "export_family",
     "load_hf",
     "read_hf_config",
+    "require_empty_folder",
     "save_hf",
     "state_dict_from_hf",
     "state_dict_to_hf",

@@ -45,6 +45,12 @@ class HFCheckpoint:
         return model
 
 
+def require_empty_folder(folder: Path, what: str) -> None:
+    """FileExistsError unless `folder` is absent or an empty folder: nothing already on disk is lost."""
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise FileExistsError(f"{what} {folder} exists and is not an empty folder; nothing was written")
+
+
 def _read_json(file: Path) -> dict:
     try:
         value = json.loads(file.read_text())
@@ -121,15 +127,16 @@ def save_hf(
     state_dict: dict[str, torch.Tensor],
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write a Hugging Face checkpoint folder (config.json + model.safetensors, or shards and an
-    index past `max_shard_bytes`). `dtype` casts floating tensors (None keeps theirs). The folder
-    must not exist or be empty; it is written under a temporary name and renamed into place."""
+    index past `max_shard_bytes`; `extra_files` are copied in under their names, e.g. the
+    tokenizer). `dtype` casts floating tensors (None keeps theirs). The folder must not exist or
+    be empty; it is written whole under a temporary name and renamed into place."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-        raise FileExistsError(f"{folder} exists and is not an empty folder; nothing was written")
+    require_empty_folder(folder, "the export target")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     family = export_family(model, attention, moe)
@@ -167,6 +174,8 @@ def save_hf(
             total = sum(t.numel() * t.element_size() for t in tensors.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for name, path in (extra_files or {}).items():
+            shutil.copyfile(path, tmp / name)
         if folder.exists():
             folder.rmdir()  # empty, checked above
         os.replace(tmp, folder)
