@@ -36,6 +36,25 @@ def rng_state() -> dict:
     return state
 
 
+def train_state(
+    step: int = 0,
+    tokens_seen: int = 0,
+    nonfinite_in_a_row: int = 0,
+    skipped_steps: int = 0,
+    loader: dict | None = None,
+) -> dict:
+    """The train state a checkpoint holds (what the trainer reads back on resume); the defaults
+    describe a run that has not taken a step, its data read from the start."""
+    return {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "nonfinite_in_a_row": nonfinite_in_a_row,
+        "skipped_steps": skipped_steps,
+        "loader": loader if loader is not None else {"epoch": 0, "index": 0},
+        "rng": rng_state(),
+    }
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])

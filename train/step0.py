@@ -13,7 +13,7 @@ from sparsetron.train.checkpoint import CheckpointManager
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
 from sparsetron.train.optim import build_optimizer
-from sparsetron.train.resume import rng_state
+from sparsetron.train.resume import train_state
 from sparsetron.train.schedule import build_scheduler
 
 
@@ -26,18 +26,10 @@ def save_step0(
     optimizer = build_optimizer(model, job.optimizer)
     # The scheduler adds initial_lr to the param groups, which a resumed trainer's optimizer holds.
     build_scheduler(optimizer, job.schedule, job.trainer.steps)
-    train_state = {
-        "step": 0,
-        "tokens_seen": 0,
-        "nonfinite_in_a_row": 0,
-        "skipped_steps": 0,
-        "loader": {"epoch": 0, "index": 0},
-        "rng": rng_state(),
-    }
     created = not manager.folder.exists()
     written = None
     try:
-        written = manager.save(0, model, optimizer, train_state, dump_yaml(job))
+        written = manager.save(0, model, optimizer, train_state(), dump_yaml(job))
         if after_save is not None:
             after_save()
     except BaseException:

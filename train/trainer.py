@@ -50,7 +50,7 @@ from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer, clip_grad_norm
 from sparsetron.train.progress import Progress
-from sparsetron.train.resume import compare_with_checkpoint, rng_state, set_rng_state
+from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
 from sparsetron.train.schedule import build_scheduler
 
 
@@ -234,14 +234,9 @@ class Trainer:
     # ---- state --------------------------------------------------------------------------
 
     def _train_state(self) -> dict:
-        return {
-            "step": self.step,
-            "tokens_seen": self.tokens_seen,
-            "nonfinite_in_a_row": self.nonfinite_in_a_row,
-            "skipped_steps": self.skipped_steps,
-            "loader": self.loader.state_dict(),
-            "rng": rng_state(),
-        }
+        return train_state(
+            self.step, self.tokens_seen, self.nonfinite_in_a_row, self.skipped_steps, self.loader.state_dict()
+        )
 
     def _load(self, path: Path) -> None:
         # Hyperparameters come from this job's config, not the checkpoint: a resumed run may
