@@ -83,17 +83,3 @@ def apply_rope(x_BSHd: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, posit
     x1, x2 = x[..., :half], x[..., half:]
     out = torch.cat((x1 * cos_BS1h - x2 * sin_BS1h, x2 * cos_BS1h + x1 * sin_BS1h), dim=-1)
     return out.to(x_BSHd.dtype)
-
-
-def positions_from_doc_ids(doc_ids_BS: torch.Tensor) -> torch.Tensor:
-    """Position of each token within its document: 0 at a row's start and wherever the id changes.
-
-    A document is a run of equal ids, so ids only need to differ between neighbours.
-    """
-    B, S = doc_ids_BS.shape
-    idx_BS = torch.arange(S, device=doc_ids_BS.device).expand(B, S)
-    starts_BS = torch.ones_like(doc_ids_BS, dtype=torch.bool)
-    starts_BS[:, 1:] = doc_ids_BS[:, 1:] != doc_ids_BS[:, :-1]
-    # The running maximum of start indices is, at each token, where its document began.
-    start_idx_BS = torch.where(starts_BS, idx_BS, torch.zeros_like(idx_BS)).cummax(dim=1).values
-    return idx_BS - start_idx_BS

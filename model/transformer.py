@@ -9,8 +9,13 @@ Built on the meta device and materialised afterwards (DESIGN.md, principle 3):
 
 which `materialised_transformer` does in one call, for a whole model on one device.
 
-Pipeline stages cut the model by setting `tok_embeddings`, `norm`, `output` or entries of
-`layers` to None (or deleting layers); forward skips whatever is missing.
+A forward takes the batch's `SequenceInfo` (positions, documents; `sequence_info` builds it
+once per batch, before any sharding) and hands it to every block. Pipeline stages cut the model
+by setting `tok_embeddings`, `norm`, `output` or entries of `layers` to None (or deleting
+layers) and run their pieces with `run_pieces`, as `Transformer.forward` runs all of them.
+
+Under autocast the residual stream is carried in the autocast dtype, as FSDP's mixed precision
+(bf16 parameters) carries it: the embedding's output is cast (see parallel/precision.py).
 
 Shape legend: B batch, S sequence, D model dim, V vocabulary.
 """
@@ -22,13 +27,14 @@ import math
 import torch
 from torch import nn
 
-from sparsetron.model.attention import Attention, sequence_bounds
+from sparsetron.model.attention import Attention
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
-from sparsetron.model.layers import FeedForward, RMSNorm, positions_from_doc_ids
+from sparsetron.model.layers import FeedForward, RMSNorm
 from sparsetron.model.moe.layer import MoE
 from sparsetron.model.params import active_params, num_params
+from sparsetron.model.sequence import SequenceInfo
 
-__all__ = ["Block", "Transformer", "active_params", "num_params", "uses_moe"]
+__all__ = ["Block", "SequenceInfo", "Transformer", "active_params", "num_params", "run_pieces", "uses_moe"]
 
 
 def uses_moe(layer_id: int, moe_cfg: MoEConfig | None) -> bool:
@@ -53,15 +59,8 @@ class Block(nn.Module):
         else:
             self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 
-    def forward(
-        self,
-        x_BSD: torch.Tensor,
-        positions_BS: torch.Tensor,
-        doc_ids_BS: torch.Tensor | None = None,
-        cu_seqlens_N: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """`cu_seqlens_N`: the batch's sequence bounds for MoBA (see `Attention.forward`)."""
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), positions_BS, doc_ids_BS, cu_seqlens_N)
+    def forward(self, x_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
+        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), seq)
         return h_BSD + self.feed_forward(self.ffn_norm(h_BSD))
 
     @torch.no_grad()
@@ -91,49 +90,22 @@ class Transformer(nn.Module):
         self._tie_embeddings()
         self._share_rope_tables()
 
-    def forward(
-        self,
-        tokens_BS: torch.Tensor,
-        doc_ids_BS: torch.Tensor | None = None,
-        *,
-        positions_BS: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits [B, S, V] (hidden states [B, S, D] when `output` is None).
+    def forward(self, tokens_BS: torch.Tensor, seq: SequenceInfo | None = None) -> torch.Tensor:
+        """Logits [B, S, V] of token ids [B, S].
 
-        tokens_BS: token ids, or hidden states [B, S, D] when `tok_embeddings` is None.
-        doc_ids_BS: document of each token when several are packed in a row; with
-            attention.document_masking, positions restart and attention stops at each document.
-        positions_BS: explicit rotary positions, for callers that hold only a slice of the
-            sequence (context parallelism) and so cannot derive them here.
+        seq: the batch's sequences (`sequence_info`); None when each row is one sequence.
         """
+        seq = seq if seq is not None else self.sequence_info(tokens_BS)
+        return run_pieces(tokens_BS, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output)
+
+    def sequence_info(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> SequenceInfo:
+        """The `SequenceInfo` of a batch of token ids [B, S] whose rows hold the documents `doc_ids_BS`
+        (masked from each other with attention.document_masking); refuses sequences over max_seq_len."""
         B, S = tokens_BS.shape[:2]
         if S > self.model_cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.model_cfg.max_seq_len}")
-        if positions_BS is None:
-            if doc_ids_BS is not None and self.attn_cfg.document_masking:
-                positions_BS = positions_from_doc_ids(doc_ids_BS)
-            else:
-                # doc_ids span the whole sequence also where the hidden states hold a part of it
-                # (a pipeline stage under sequence parallelism).
-                length = doc_ids_BS.shape[1] if doc_ids_BS is not None else S
-                positions_BS = torch.arange(length, device=tokens_BS.device).expand(B, length)
-        if not self.attn_cfg.document_masking:
-            doc_ids_BS = None
-        cu_seqlens_N = None
-        if self.attn_cfg.backend == "moba" and self.layers is not None:
-            # Once per forward (per pipeline stage), for all MoBA layers: with documents this is
-            # the model's one host sync (see `sequence_bounds`; the CUDA kernels have none).
-            # Under sequence parallelism the hidden states hold S / tp positions, the positions all S.
-            if any(m.runs_moba for m in self.layers.modules() if isinstance(m, Attention)):
-                cu_seqlens_N = sequence_bounds(doc_ids_BS, B, positions_BS.shape[-1], positions_BS.device)
-
-        h_BSD = self.tok_embeddings(tokens_BS) if self.tok_embeddings is not None else tokens_BS
-        for layer in self.layers.values() if self.layers is not None else ():
-            if layer is not None:
-                h_BSD = layer(h_BSD, positions_BS, doc_ids_BS, cu_seqlens_N)
-        if self.norm is not None:
-            h_BSD = self.norm(h_BSD)
-        return self.output(h_BSD) if self.output is not None else h_BSD
+        masked = doc_ids_BS if self.attn_cfg.document_masking else None
+        return SequenceInfo.build(B, S, masked, device=tokens_BS.device)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -184,6 +156,31 @@ class Transformer(nn.Module):
         self._tie_embeddings()
         self._share_rope_tables()
         return self
+
+
+def run_pieces(
+    x: torch.Tensor,
+    seq: SequenceInfo,
+    tok_embeddings: nn.Embedding | None,
+    blocks,
+    norm: RMSNorm | None,
+    output: nn.Linear | None,
+) -> torch.Tensor:
+    """The forward of a run of the model's pieces: the whole model, or one pipeline stage.
+
+    x: token ids [B, S] when `tok_embeddings` is given, else hidden states [B, S, D]. Returns
+    logits [B, S, V] when `output` is given, else hidden states. Under autocast the residual
+    stream starts in the autocast dtype (see the module docstring).
+    """
+    if tok_embeddings is not None:
+        x = tok_embeddings(x)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+    for block in blocks:
+        x = block(x, seq)
+    if output is not None:
+        x = output(norm(x))
+    return x
 
 
 def materialised_transformer(

@@ -13,7 +13,6 @@ already summed the contributions of the ep ranks' tokens into each expert's grad
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -21,18 +20,20 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from sparsetron.model.moe.balancing import moe_layers
 from sparsetron.parallel.dims import ParallelMesh
 from sparsetron.parallel.expert_parallel import ExpertParallelExperts
+from sparsetron.parallel.precision import FP32, Precision
 
 
-def apply_fsdp(model: nn.Module, mesh: ParallelMesh, param_dtype: torch.dtype | None = None) -> None:
+def apply_fsdp(model: nn.Module, mesh: ParallelMesh, precision: Precision = FP32) -> None:
     """Shard expert-parallel experts, then every block of `model.layers`, then the rest
     (embeddings, final norm, head) at the root.
 
     Inner units first: a block's fully_shard leaves out parameters a nested unit already holds.
-    `param_dtype` (bf16 under mixed precision) is what parameters are all-gathered and computed
-    in; the sharded fp32 parameters, the optimizer and the gradient reduction stay fp32.
+    Parameters are all-gathered and computed in the precision policy's compute dtype (bf16
+    under mixed precision); the sharded fp32 parameters, the optimizer and the gradient
+    reduction stay fp32.
     """
     dims = mesh.dims
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    policy = precision.fsdp_policy()
     dense_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate_enabled else mesh["dp_shard_cp"]
     expert_mesh = mesh["dp_replicate", "edp_shard"] if dims.dp_replicate_enabled else mesh["edp_shard"]
     for block in model.layers.values():

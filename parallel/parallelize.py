@@ -23,8 +23,6 @@ schedules that do not fit) by name, before any process group exists.
 
 from __future__ import annotations
 
-import torch
-
 from sparsetron.model.config import ConfigError, ModelConfig
 from sparsetron.model.moe.balancing import moe_layers
 from sparsetron.model.transformer import Transformer
@@ -36,6 +34,7 @@ from sparsetron.parallel.dims import ParallelDims, ParallelMesh
 from sparsetron.parallel.expert_parallel import apply_ep
 from sparsetron.parallel.fsdp import apply_fsdp
 from sparsetron.parallel.pipeline import PipelineSplit, check_pipeline, pipeline_split
+from sparsetron.parallel.precision import FP32, Precision
 from sparsetron.parallel.tensor_parallel import apply_tp, check_tp
 
 
@@ -56,14 +55,14 @@ def parallelize(
     dims: ParallelDims,
     mesh: ParallelMesh | None,
     seq_len: int,
-    param_dtype: torch.dtype | None = None,
+    precision: Precision = FP32,
 ) -> PipelineSplit | None:
     """Apply tensor, expert, pipeline and data parallelism, activation checkpointing and compile
     as `cfg` and `dims` ask, in the module docstring's order, to `model` in place.
 
     Returns this rank's pipeline split (its stage modules) when pipelined, else None. `seq_len`
-    weighs attention in the stage split; `param_dtype` is FSDP's compute dtype for parameters
-    (bf16 under mixed precision).
+    weighs attention in the stage split; `precision` is the policy FSDP gathers parameters by
+    (see parallel/precision.py).
     """
     if mesh is not None:
         if dims.tp_enabled:
@@ -84,5 +83,5 @@ def parallelize(
         split = pipeline_split(model, cfg, mesh["pp"].get_local_rank(), dims.pp, seq_len)
     if mesh is not None and dims.dp_enabled:
         for unit in split.stages if split is not None else [model]:
-            apply_fsdp(unit, mesh, param_dtype)
+            apply_fsdp(unit, mesh, precision)
     return split

@@ -8,8 +8,8 @@ other ranks run removed (`tok_embeddings`, `norm`, `output` set to None, other b
 the optimizer, DCP checkpoints (loadable at any layout), gradient clipping and MoE metrics see
 exactly this rank's part. Each stage the rank runs is a `StageModule`: a view that references the
 model's blocks (and embedding, final norm and head where it is the first or last stage) and runs
-`Transformer.forward` over them. `PipelineStage` wraps the view, and FSDP2 shards it as a root
-(`apply_fsdp(stage, mesh)`: one unit per block, the view itself the unit of the embedding or head),
+them with `run_pieces`, as `Transformer.forward` runs the whole model. `PipelineStage` wraps the
+view, and FSDP2 shards it as a root (`apply_fsdp(stage, mesh)`: one unit per block, the view itself the unit of the embedding or head),
 so the schedule sees an FSDPModule and leaves gradient reduction to the step's last backward. The
 views are not submodules of `model` (their names would repeat), so a rank that runs two virtual
 stages still has one `model`. Per-stage Transformers in a container would name parameters
@@ -26,8 +26,19 @@ Order of use (the model on the meta device until `to_empty`, as DESIGN.md's prin
     with torch.no_grad(), split.whole_model(model), SingleProcessInit(device):
         model.init_weights()                                              # one process's exact values
     set_aux_loss_scale(model, 1.0)                                        # see below
-    runner = PipelineRunner(split, mesh.group("pp"), grad_accum_steps, micro_batch_size, seq_len, device)
-    loss = runner.train_step(tokens, targets, doc_ids)                    # M * micro_batch_size rows
+    schedule = PipelineSchedule(split, mesh.group("pp"), M, micro_batch_size, seq_len, device, precision)
+    loss = schedule.train_step(tokens, targets, sequences)                # M * micro_batch_size rows
+
+`parallel.step.StepRunner` does the last three steps for the trainer, and evaluates.
+
+Sequences. Every stage needs the micro-batch's `SequenceInfo` (positions, documents), computed
+once per micro-batch on the whole sequence before the step; the schedule splits only tensors by
+rows, so the stage modules hold the step's list and `_Stage` tells them which micro-batch runs.
+
+Precision. Stage boundaries (what PipelineStage allocates to receive) are typed by the precision
+policy (`parallel.precision`), not by a parameter: under FSDP mixed precision the stored
+parameters are fp32 shards while the stages send bf16, and torch does not check a receive
+buffer's dtype against what arrives.
 
 Micro-batches. A step's M micro-batches are the trainer's grad_accum_steps micro-batches of
 micro_batch_size rows, stacked in order (micro-batch i = rows [i B, (i + 1) B)), so a pipeline step
@@ -51,7 +62,7 @@ whole, so `check_pipeline` refuses compile with it (torch too refuses compiled s
 Activation checkpointing works with it.
 
 FSDP. Stages keep their parameters gathered from a step's first forward to its last backward
-(`PipelineRunner` turns off FSDP's reshard after forward): re-gathering per micro-batch would
+(`PipelineSchedule` turns off FSDP's reshard after forward): re-gathering per micro-batch would
 multiply the all-gathers by M, and a zero-bubble input-gradient pass run on resharded weights
 would never compute their gradients.
 
@@ -70,7 +81,6 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import (
@@ -82,8 +92,10 @@ from torch.distributed.pipelining import (
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check
 from sparsetron.model.params import active_params
-from sparsetron.model.transformer import Transformer
+from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.transformer import Transformer, run_pieces
 from sparsetron.parallel.config import ParallelConfig
+from sparsetron.parallel.precision import FP32, Precision, cross_entropy
 
 # ---------------------------------------------------------------------------------------------
 # Checks before any process group exists.
@@ -234,35 +246,41 @@ def stage_ranks(pp: int, stages_per_rank: int, schedule: str) -> list[int]:
 
 
 class StageModule(nn.Module):
-    """One pipeline stage: a view of a rank model's pieces that runs `Transformer.forward` on them.
+    """One pipeline stage: a view of a rank model's pieces, run with `run_pieces`.
 
-    forward(x, doc_ids_BS) takes token ids [B, S] on the first stage and hidden states [B, S, D]
-    elsewhere, and returns hidden states, or logits [B, S, V] on the last stage. Positions come
-    from `doc_ids_BS`, which every stage receives.
+    forward(x) takes token ids [B, S] on the first stage and hidden states [B, S, D] elsewhere,
+    and returns hidden states, or logits [B, S, V] on the last stage. Which sequences the rows
+    hold comes from `sequences`, one `SequenceInfo` per micro-batch of the step, set by the
+    runner before the schedule runs (the schedule splits only tensors by rows, and cu_seqlens is
+    not split by rows), and picked by `microbatch`, which `_Stage` sets before each forward.
     """
 
     def __init__(self, model: Transformer, layer_ids: range, first: bool, last: bool):
         super().__init__()
-        # Transformer.forward reads exactly these attributes.
         self.model_cfg = model.model_cfg
-        self.attn_cfg = model.attn_cfg
         self.tok_embeddings = model.tok_embeddings if first else None
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
-        self.autocast_dtype: torch.dtype | None = None
-        """Autocast dtype for this stage's forward (set by PipelineRunner); None = none."""
+        self.precision: Precision = FP32
+        """The forward's precision (set by PipelineSchedule)."""
+        self.sequences: list[SequenceInfo] = []
+        self.microbatch = 0
 
-    def forward(self, x: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq: SequenceInfo | None = None) -> torch.Tensor:
+        seq = seq if seq is not None else self.sequences[self.microbatch]
         # Autocast here rather than around the schedule keeps the backward out of the autocast
-        # region, as in the trainer's non-pipelined step.
-        autocast = (
-            torch.autocast(x.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype is not None
-            else contextlib.nullcontext()
-        )
-        with autocast:
-            return Transformer.forward(self, x, doc_ids_BS)
+        # region, as in the non-pipelined step.
+        with self.precision.autocast(x.device.type):
+            return run_pieces(x, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output)
+
+
+class _Stage(PipelineStage):
+    """A PipelineStage that tells its module which micro-batch it is running (see StageModule)."""
+
+    def forward_one_chunk(self, fwd_chunk_id: int, *args, **kwargs):
+        self.submod.microbatch = fwd_chunk_id
+        return super().forward_one_chunk(fwd_chunk_id, *args, **kwargs)
 
 
 @dataclass
@@ -349,17 +367,13 @@ def pipeline_split(model: Transformer, cfg: ParallelConfig, pp_rank: int, pp: in
 # Running a step.
 
 
-def cross_entropy(logits_BSV: torch.Tensor, targets_BS: torch.Tensor) -> torch.Tensor:
-    """The trainer's loss: mean cross-entropy over tokens, computed in fp32."""
-    return F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten())
+class PipelineSchedule:
+    """A rank's stages run through the training schedule (`train_step`), built after the model
+    is materialised and initialised. `parallel.step.StepRunner` drives it; evaluation passes
+    the stages with plain send/recv there.
 
-
-class PipelineRunner:
-    """Runs a rank's stages: a training step through the schedule, or an evaluation forward.
-
-    Every rank of the pipeline group calls each method with the same full batch (all pipeline
-    ranks read the same data); losses come back on every rank. Build it after the model is
-    materialised and initialised.
+    Stage boundaries are typed by the precision policy: hidden states and logits travel in its
+    activation dtype (bf16 under mixed precision), whatever dtype the parameters are stored in.
     """
 
     def __init__(
@@ -370,115 +384,62 @@ class PipelineRunner:
         micro_batch_size: int,
         seq_len: int,
         device: torch.device,
-        autocast_dtype: torch.dtype | None = None,
+        precision: Precision = FP32,
         tp: int = 1,
     ):
         self.split = split
-        self.tp = tp
-        self.group = pp_group
         self.n_microbatches = n_microbatches
         self.micro_batch_size = micro_batch_size
-        self.device = device
-        self.last_rank = split.stage_ranks[-1]
-        """Pipeline rank of the last stage, where losses are computed."""
         cfg = split.stages[0].model_cfg
-        param_dtype = next(p.dtype for stage in split.stages for p in stage.parameters())
-        B, S = micro_batch_size, seq_len
-        # The residual stream keeps the parameters' dtype under autocast (fp32 embedding plus
-        # low-precision branches); only the head's logits come out in the autocast dtype. Under
-        # tensor + sequence parallelism each rank passes on its S / tp positions of it.
-        hidden = torch.empty(B, S // tp, cfg.dim, dtype=param_dtype, device="meta", requires_grad=True)
+        B, S, dtype = micro_batch_size, seq_len, precision.activation_dtype
+        # Under tensor + sequence parallelism each rank passes on its S / tp positions.
+        hidden = torch.empty(B, S // tp, cfg.dim, dtype=dtype, device="meta", requires_grad=True)
         tokens = torch.empty(B, S, dtype=torch.int64, device="meta")
-        logits = torch.empty(B, S, cfg.vocab_size, dtype=autocast_dtype or param_dtype, device="meta")
-        logits.requires_grad_(True)
-        self.pipeline_stages = []
+        logits = torch.empty(B, S, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
+        stages = []
         for index, module in zip(split.stage_indices, split.stages, strict=True):
-            module.autocast_dtype = autocast_dtype
+            module.precision = precision
             if isinstance(module, FSDPModule):
                 # See "FSDP" in the module docstring; the schedule reshards after the last backward.
                 module.set_reshard_after_forward(False)
-            self.pipeline_stages.append(
-                PipelineStage(
+            first, last = index == 0, index == split.num_stages - 1
+            stages.append(
+                _Stage(
                     module,
                     index,
                     split.num_stages,
                     device,
-                    input_args=tokens if index == 0 else hidden,
-                    output_args=logits if index == split.num_stages - 1 else hidden,
+                    input_args=tokens if first else hidden,
+                    output_args=logits if last else hidden,
                     group=pp_group,
                 )
             )
         if split.schedule == "1f1b":
-            self.schedule = Schedule1F1B(self.pipeline_stages[0], n_microbatches, loss_fn=cross_entropy)
+            self.schedule = Schedule1F1B(stages[0], n_microbatches, loss_fn=cross_entropy)
         else:
             schedule_class = ScheduleInterleaved1F1B if split.schedule == "interleaved_1f1b" else ScheduleZBVZeroBubble
-            self.schedule = schedule_class(self.pipeline_stages, n_microbatches, loss_fn=cross_entropy)
-
-    @property
-    def holds_first(self) -> bool:
-        return 0 in self.split.stage_indices
-
-    @property
-    def holds_last(self) -> bool:
-        return self.split.num_stages - 1 in self.split.stage_indices
+            self.schedule = schedule_class(stages, n_microbatches, loss_fn=cross_entropy)
 
     def train_step(
-        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, sequences: list[SequenceInfo]
+    ) -> torch.Tensor | None:
         """Forward and backward of a step's micro-batches (rows: n_microbatches x micro_batch_size,
-        in order); gradients accumulate into the parameters' .grad, averaged over micro-batches.
-        Returns the mean of the micro-batches' losses (0-dim fp32, detached) on every rank."""
+        in order; `sequences[i]` describes micro-batch i); gradients accumulate into the
+        parameters' .grad, averaged over micro-batches. Returns the sum of the micro-batches'
+        losses (0-dim fp32, detached) on the rank holding the last stage, else None."""
         rows = self.n_microbatches * self.micro_batch_size
-        if tokens_BS.shape[0] != rows:
+        if tokens_BS.shape[0] != rows or len(sequences) != self.n_microbatches:
             raise ValueError(
                 f"a pipeline step takes {self.n_microbatches} micro-batches of {self.micro_batch_size} rows "
-                f"= {rows} rows, got {tokens_BS.shape[0]}"
+                f"= {rows} rows, got {tokens_BS.shape[0]} rows and {len(sequences)} sequence descriptions"
             )
-        kwargs = {"doc_ids_BS": doc_ids_BS} if doc_ids_BS is not None else {}
-        args = (tokens_BS,) if self.holds_first else ()
+        for module in self.split.stages:
+            module.sequences = sequences
+        holds_first = 0 in self.split.stage_indices
+        holds_last = self.split.num_stages - 1 in self.split.stage_indices
         losses: list[torch.Tensor] = []
-        self.schedule.step(
-            *args, target=targets_BS if self.holds_last else None, losses=losses, return_outputs=False, **kwargs
-        )
-        loss = torch.stack(losses).mean().detach().float() if self.holds_last else self._zero()
-        return self._from_last(loss)
-
-    @torch.no_grad()
-    def eval_loss(
-        self, tokens_BS: torch.Tensor, targets_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean cross-entropy of one batch (any number of rows), forward only, on every rank.
-
-        The batch passes the stages one after another with plain send/recv rather than the
-        training schedule, whose micro-batch count and shapes are fixed.
-        """
-        split = self.split
-        own = dict(zip(split.stage_indices, split.stages, strict=True))
-        B, S = tokens_BS.shape
-        x = None
-        loss = self._zero()
-        for s in range(split.num_stages):
-            if s not in own:
-                continue
-            if s == 0:
-                x = tokens_BS
-            elif split.stage_ranks[s - 1] != split.stage_ranks[s]:
-                dtype = next(own[s].parameters()).dtype
-                x = torch.empty(B, S // self.tp, own[s].model_cfg.dim, dtype=dtype, device=self.device)
-                dist.recv(x, group=self.group, group_src=split.stage_ranks[s - 1])
-            x = own[s](x, doc_ids_BS)
-            if s == split.num_stages - 1:
-                loss = cross_entropy(x, targets_BS)
-            elif split.stage_ranks[s + 1] != split.stage_ranks[s]:
-                dist.send(x.contiguous(), group=self.group, group_dst=split.stage_ranks[s + 1])
-            for module in own[s].modules():
-                if isinstance(module, FSDPModule):
-                    module.reshard()  # training keeps stages gathered; evaluation need not
-        return self._from_last(loss.float())
-
-    def _zero(self) -> torch.Tensor:
-        return torch.zeros((), dtype=torch.float32, device=self.device)
-
-    def _from_last(self, loss: torch.Tensor) -> torch.Tensor:
-        dist.broadcast(loss, group=self.group, group_src=self.last_rank)
-        return loss
+        args = (tokens_BS,) if holds_first else ()
+        self.schedule.step(*args, target=targets_BS if holds_last else None, losses=losses, return_outputs=False)
+        for module in self.split.stages:
+            module.sequences = []
+        return torch.stack(losses).sum().detach().float() if holds_last else None

@@ -115,11 +115,9 @@ def _block_plan(block: Block) -> dict[str, object]:
     """Parallel styles for one block, keyed by submodule path."""
     plan: dict[str, object] = {
         "attention_norm": SequenceParallel(),
-        # positions, doc_ids and MoBA's cu_seqlens (or None) are whole plain tensors on every
-        # rank; only x is gathered. Attention then sees its rank's heads, each computed whole.
-        "attention": PrepareModuleInput(
-            input_layouts=(Shard(1), None, None, None), desired_input_layouts=(Replicate(), None, None, None)
-        ),
+        # The SequenceInfo describes the whole sequences on every rank; only x is gathered.
+        # Attention then sees its rank's heads, each computed whole.
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),

@@ -22,33 +22,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
-from sparsetron.model.moe.balancing import (
-    moe_load_histograms,
-    moe_metrics,
-    set_aux_loss_scale,
-    update_expert_bias,
-)
+from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
 from sparsetron.model.transformer import Transformer, active_params
-from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.dims import ParallelDims
-from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.memory import memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize
-from sparsetron.parallel.pipeline import PipelineRunner
-from sparsetron.parallel.tensor_parallel import sum_grads_over_tp
+from sparsetron.parallel.precision import Precision
+from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
-from sparsetron.train.data import Batch, TrainLoader, build_datasets, build_tokenizer, eval_batches
+from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
 from sparsetron.train.distributed import local_device, process_group, rank, world_size_from_env
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
-from sparsetron.train.optim import build_optimizer, clip_grad_norm
+from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
 from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
 from sparsetron.train.schedule import build_scheduler
@@ -81,13 +73,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def resolve_precision(choice: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if choice == "auto":
-        choice = "bf16" if device.type == "cuda" else "fp32"
-    return torch.bfloat16 if choice == "bf16" else None
-
-
 def resolve_vocab(job: JobConfig, tokenizer_vocab: int) -> None:
     """Fill model.vocab_size from the tokenizer (rounded up to 64) or check it is large enough."""
     if job.model.vocab_size == 0:
@@ -108,7 +93,7 @@ class Trainer:
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
         check_supported(job.parallel, self.dims, job.model, job.data.seq_len, job.trainer.grad_accum_steps)
         self.device = local_device(resolve_device(job.trainer.device).type)
-        self.autocast_dtype = resolve_precision(job.trainer.precision, self.device)
+        self.precision = Precision.from_config(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
         resolve_vocab(job, self.tokenizer.vocab_size)
         self._closing = contextlib.ExitStack()
@@ -153,15 +138,12 @@ class Trainer:
         self.loader = TrainLoader(self.train_data, tc.micro_batch_size, job.data.seed, dp_rank, self.dims.dp)
         # Every rank evaluates the same batches with the same weights, so no reduction is needed.
         self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
-        self.dp_group = self.mesh.group("dp_cp") if self.mesh is not None else None
-        # Ranks that saw different tokens of each layer: MoE expert counts are summed over them.
-        self.token_group = self.mesh.group("dp_cp_tp") if self.mesh is not None else None
 
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
             self.model = Transformer(job.model, job.attention, job.moe)
         self.pipeline_split = parallelize(
-            self.model, job.parallel, self.dims, self.mesh, job.data.seq_len, self.autocast_dtype
+            self.model, job.parallel, self.dims, self.mesh, job.data.seq_len, self.precision
         )
         self.memory_plan = memory_plan(
             self.model,
@@ -171,7 +153,7 @@ class Trainer:
             self.dims,
             tc.micro_batch_size,
             job.data.seq_len,
-            torch.finfo(self.autocast_dtype or torch.float32).bits // 8,
+            self.precision.activation_dtype.itemsize,
             job.parallel.activation_checkpointing == "full",
             # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
             min(tc.grad_accum_steps, self.dims.pp),
@@ -184,20 +166,17 @@ class Trainer:
             SingleProcessInit(self.device) if self.mesh is not None else nullcontext(),
         ):
             self.model.init_weights()
-        self.pipeline = None
-        if split is not None:
-            self.pipeline = PipelineRunner(
-                split,
-                self.mesh.group("pp"),
-                tc.grad_accum_steps,
-                tc.micro_batch_size,
-                job.data.seq_len,
-                self.device,
-                self.autocast_dtype,
-                self.dims.tp,
-            )
-        # The pipeline schedule divides every gradient by the micro-batches itself.
-        set_aux_loss_scale(self.model, 1.0 if self.pipeline is not None else 1.0 / tc.grad_accum_steps)
+        self.runner = StepRunner(
+            self.model,
+            split,
+            self.mesh,
+            self.dims,
+            self.precision,
+            tc.grad_accum_steps,
+            tc.micro_batch_size,
+            job.data.seq_len,
+            self.device,
+        )
 
         self.optimizer = build_optimizer(self.model, job.optimizer)
         self.scheduler = build_scheduler(self.optimizer, job.schedule, tc.steps)
@@ -258,11 +237,6 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
     def _set_attention_mode(self, step: int) -> None:
         """MoBA or full attention in the MoBA layers (and the FLOPs per token MFU counts), as the
         schedule has it for 0-based step `step`.
@@ -275,79 +249,37 @@ class Trainer:
         set_full_attention(self.model, full)
         self.flops_per_token = self.flops_per_token_full if full else self.flops_per_token_moba
 
-    def _loss(self, batch) -> torch.Tensor:
-        batch = batch.to(self.device, non_blocking=True)
-        with self._autocast():
-            logits = self.model(batch.tokens, batch.doc_ids)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch.targets.flatten())
-
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
-        accum = self.job.trainer.grad_accum_steps
-        self.model.train()
         self._set_attention_mode(self.step)
-        if self.pipeline is not None:
-            batch = Batch.stack([next(self.loader) for _ in range(accum)]).to(self.device, non_blocking=True)
-            total = self.pipeline.train_step(batch.tokens, batch.targets, batch.doc_ids) * accum
-        else:
-            total = torch.zeros((), device=self.device)
-            for i in range(accum):
-                if self.dims.dp_replicate_enabled:
-                    reduce_across_replicas(self.model, i == accum - 1)
-                loss = self._loss(next(self.loader))
-                (loss / accum).backward()
-                total += loss.detach()
-        if self.dp_group is not None:
-            # Every rank holds the same number of tokens, so the mean of the ranks' means is the global mean.
-            dist.all_reduce(total, group=self.dp_group)
-            total /= dist.get_world_size(self.dp_group)
-        if self.dims.tp_enabled:
-            sum_grads_over_tp(self.model, self.mesh["tp"])
-        loss_value = (total / accum).item()
-        pp_group = self.mesh.group("pp") if self.pipeline is not None else None
-        grad_norm = clip_grad_norm(self.model, self.job.optimizer.grad_clip, pp_group).item()
+        micro_batches = [next(self.loader) for _ in range(self.job.trainer.grad_accum_steps)]
+        loss_value, grad_norm = self.runner.train_step(micro_batches, self.job.optimizer.grad_clip)
         self.last_lr = self.scheduler.get_last_lr()[0]
-        if math.isfinite(loss_value) and math.isfinite(grad_norm):
+        applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
+        if applied:
             self.optimizer.step()
-            update_expert_bias(self.model, self._sum_over_token_ranks())
             self.nonfinite_in_a_row = 0
         else:
             # The batch is consumed and the schedule advances, so a resumed run stays aligned.
-            update_expert_bias(self.model, self._sum_over_token_ranks(), apply=False)
             self.nonfinite_in_a_row += 1
             self.skipped_steps += 1
+        self.runner.close_step(applied)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
         return loss_value, grad_norm
 
-    def _sum_over_token_ranks(self):
-        return sum_over(self.token_group) if self.token_group is not None else None
-
     def _should_stop(self) -> bool:
         """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
-        if self.mesh is None:
-            return self._stop_requested
-        flag = torch.tensor([float(self._stop_requested)], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return self.runner.any_rank(self._stop_requested)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy over the fixed validation batches, attending as the last step trained
         (or the first step, before any)."""
-        self.model.eval()
         self._set_attention_mode(max(self.step - 1, 0))
-        if self.pipeline is not None:
-            losses = []
-            for batch in self.eval_set:
-                batch = batch.to(self.device)
-                losses.append(self.pipeline.eval_loss(batch.tokens, batch.targets, batch.doc_ids))
-        else:
-            losses = [self._loss(batch) for batch in self.eval_set]
-        self.model.train()
-        return torch.stack(losses).mean().item()
+        return self.runner.eval_loss(self.eval_set)
 
     # ---- the loop -----------------------------------------------------------------------
 
@@ -428,7 +360,7 @@ class Trainer:
                 if self.step % job.metrics.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
-                    metrics.log(self.step, scalars, self._from_every_stage(moe_load_histograms(self.model)))
+                    metrics.log(self.step, scalars, self.runner.merge_over_stages(moe_load_histograms(self.model)))
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = time.perf_counter()
@@ -450,14 +382,6 @@ class Trainer:
         result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps
         return result
 
-    def _from_every_stage(self, values: dict) -> dict:
-        """`values` (per-layer MoE metrics) merged over the pipeline stages, each holding other layers."""
-        if self.pipeline is None:
-            return values
-        gathered: list[dict] = [{} for _ in range(self.dims.pp)]
-        dist.all_gather_object(gathered, values, group=self.mesh.group("pp"))
-        return {key: value for part in gathered for key, value in part.items()}
-
     def _scalars(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         scalars = {
             "loss": loss,
@@ -471,5 +395,5 @@ class Trainer:
             # tokens_per_s counts every rank's tokens; MFU is per accelerator.
             scalars["mfu"] = mfu(tokens_per_s / self.dims.world_size, self.flops_per_token, self.peak_tflops)
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
-        scalars.update(self._from_every_stage(moe_metrics(self.model)))
+        scalars.update(self.runner.merge_over_stages(moe_metrics(self.model)))
         return scalars

@@ -17,13 +17,14 @@ from torch.distributed.tensor import DTensor
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
 from sparsetron.model.moe.balancing import set_aux_loss_scale, update_expert_bias
 from sparsetron.model.transformer import Transformer
-from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.config import ParallelConfig
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.fsdp import apply_fsdp
 from sparsetron.parallel.init import SingleProcessInit
-from sparsetron.parallel.pipeline import PipelineRunner, cross_entropy, pipeline_split
-from sparsetron.train.optim import clip_grad_norm
+from sparsetron.parallel.pipeline import pipeline_split
+from sparsetron.parallel.precision import FP32, cross_entropy
+from sparsetron.parallel.step import StepRunner
+from sparsetron.train.data import Batch
 
 MICRO_BATCH = 2
 SEQ = 16
@@ -96,45 +97,40 @@ def train_and_compare(mesh, schedule, n_microbatches, seed):
     for name, p in model.named_parameters():
         assert torch.equal(full(p), ref_params[name]), f"{name} differs from the one-process init"
 
-    set_aux_loss_scale(model, 1.0)  # the schedule divides every gradient by n_microbatches
     set_aux_loss_scale(reference, 1.0 / (n_microbatches * dp))
-    runner = PipelineRunner(split, mesh.group("pp"), n_microbatches, MICRO_BATCH, SEQ, torch.device("cpu"))
+    runner = StepRunner(model, split, mesh, mesh.dims, FP32, n_microbatches, MICRO_BATCH, SEQ, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
-    sum_over_dp = sum_over(mesh.group("dp_cp")) if dp > 1 else None
 
     losses, ref_losses, grad_errors, norms = [], [], [], []
     rows = n_microbatches * MICRO_BATCH
     for step in range(STEPS):
         # One process reads every data rank's micro-batches, in rank order.
         tokens, targets, doc_ids = batch(step, dp * rows)
-        mine = slice(dp_rank * rows, (dp_rank + 1) * rows)
-        loss = runner.train_step(tokens[mine], targets[mine], doc_ids[mine])
-        if dp > 1:
-            dist.all_reduce(loss, group=mesh.group("dp_cp"))
-            loss /= dp
-        losses.append(loss.item())
-        total = 0.0
-        for mb in range(n_microbatches * dp):
-            part = slice(mb * MICRO_BATCH, (mb + 1) * MICRO_BATCH)
-            mb_loss = cross_entropy(reference(tokens[part], doc_ids[part]), targets[part])
-            (mb_loss / (n_microbatches * dp)).backward()
-            total += mb_loss.item()
-        ref_losses.append(total / (n_microbatches * dp))
+        parts = [slice(mb * MICRO_BATCH, (mb + 1) * MICRO_BATCH) for mb in range(n_microbatches * dp)]
+        micro_batches = [Batch(tokens[p], targets[p], doc_ids[p]) for p in parts]
+        mine = micro_batches[dp_rank * n_microbatches : (dp_rank + 1) * n_microbatches]
         # Step 0 measures the norm; step 1 clips to a tenth of it, before the gradients are compared.
         max_norm = 0.0 if step == 0 else 0.1 * norms[0][1]
-        norm = clip_grad_norm(model, max_norm, mesh.group("pp"))
+        loss, norm = runner.train_step(mine, max_norm)
+        losses.append(loss)
+        total = 0.0
+        for mb in micro_batches:
+            mb_loss = cross_entropy(reference(mb.tokens, reference.sequence_info(mb.tokens, mb.doc_ids)), mb.targets)
+            (mb_loss / len(micro_batches)).backward()
+            total += mb_loss.item()
+        ref_losses.append(total / len(micro_batches))
         ref_grads = [p.grad for p in reference.parameters()]
         ref_norm = torch.nn.utils.get_total_norm(ref_grads)
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_(reference.parameters(), max_norm, ref_norm)
-        norms.append((norm.item(), ref_norm.item()))
+        norms.append((norm, ref_norm.item()))
         ref_params = dict(reference.named_parameters())
         for name, p in model.named_parameters():
             grad, ref = full(p.grad), ref_params[name].grad
             grad_errors.append((step, name, ((grad - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()))
         optimizer.step()
-        update_expert_bias(model, sum_over_dp)
+        runner.close_step(applied=True)
         ref_optimizer.step()
         update_expert_bias(reference)
         optimizer.zero_grad(set_to_none=True)
@@ -142,8 +138,8 @@ def train_and_compare(mesh, schedule, n_microbatches, seed):
 
     tokens, targets, doc_ids = batch(STEPS, 3)  # any number of rows
     with torch.no_grad():
-        ref_eval = cross_entropy(reference(tokens, doc_ids), targets).item()
-    eval_loss = runner.eval_loss(tokens, targets, doc_ids).item()
+        ref_eval = cross_entropy(reference(tokens, reference.sequence_info(tokens, doc_ids)), targets).item()
+    eval_loss = runner.eval_loss([Batch(tokens, targets, doc_ids)])
     return losses, ref_losses, eval_loss, ref_eval, grad_errors, norms
 
 

@@ -97,7 +97,7 @@ def batch(rows):
 
 
 def loss_of(model, tokens_BS, targets_BS, doc_ids_BS):
-    logits_BSV = model(tokens_BS, doc_ids_BS)
+    logits_BSV = model(tokens_BS, model.sequence_info(tokens_BS, doc_ids_BS))
     return logits_BSV, F.cross_entropy(logits_BSV.flatten(0, 1), targets_BS.flatten())
 
 

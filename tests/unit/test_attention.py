@@ -8,9 +8,12 @@ import math
 import pytest
 import torch
 
-from sparsetron.model.attention import Attention, document_causal_mask
+from sparsetron.kernels.varlen import document_causal_mask
+from sparsetron.model.attention import Attention
 from sparsetron.model.config import AttentionConfig, ModelConfig
 from sparsetron.model.layers import rope_tables
+from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.transformer import Transformer
 
 D = 48
 MODEL = ModelConfig(vocab_size=64, dim=D, n_layers=2, ffn_hidden=64, max_seq_len=128)
@@ -73,6 +76,14 @@ def naive_attention(x_BSD, w, attn, positions_BS, doc_ids_BS):
     return o @ w["wo"].T
 
 
+def run(attn, x_BSD, positions_BS, doc_ids_BS):
+    """attn on x, with the batch described as the model describes it (checked against `positions_BS`)."""
+    B, S, _ = x_BSD.shape
+    seq = SequenceInfo.build(B, S, doc_ids_BS)
+    assert torch.equal(seq.positions_BS, positions_BS.expand(B, S))
+    return attn(x_BSD, seq)
+
+
 def packed_batch(S=37, lengths=((11, 19, 7), (30, 2, 5))):
     """Rows of documents of uneven length, with positions restarting in each."""
     doc_ids = torch.stack([torch.repeat_interleave(torch.arange(len(r)) * 3 + 1, torch.tensor(r)) for r in lengths])
@@ -100,7 +111,7 @@ def test_attention_matches_naive_fp64(n_heads, n_kv_heads, qk_norm, packed):
         doc_ids, positions = packed_batch(S)
     else:
         doc_ids, positions = None, torch.arange(S).expand(2, S)
-    out = attn(x, positions, doc_ids)
+    out = run(attn, x, positions, doc_ids)
     expected = naive_attention(x.double(), weights_of(attn), attn, positions, doc_ids)
     assert expected.abs().mean() > 0.1  # a real signal, not a near-zero output
     torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
@@ -118,7 +129,7 @@ def test_attention_bf16_error_comparable_to_naive_bf16():
         .abs()
         .max()
     )
-    out = make_attention(4, 2, True, dtype=torch.bfloat16)(x.bfloat16(), positions, doc_ids)
+    out = run(make_attention(4, 2, True, dtype=torch.bfloat16), x.bfloat16(), positions, doc_ids)
     assert out.dtype == torch.bfloat16
     err = (out.double() - truth).abs().max()
     assert err <= 2 * naive_err, (err, naive_err)
@@ -130,7 +141,7 @@ def test_attention_gradients_match_naive_fp64():
     x = torch.randn(2, 37, D, generator=g, requires_grad=True)
     grad_out = torch.randn(2, 37, D, generator=g)
     doc_ids, positions = packed_batch()
-    attn(x, positions, doc_ids).backward(grad_out)
+    run(attn, x, positions, doc_ids).backward(grad_out)
 
     w = weights_of(attn)
     x64 = x.detach().double().requires_grad_()
@@ -150,11 +161,11 @@ def test_second_document_sees_nothing_of_the_first():
     packed = torch.cat([x_a, x_b], dim=1)
     doc_ids = torch.tensor([[0] * len_a + [1] * len_b])
     positions = torch.cat([torch.arange(len_a), torch.arange(len_b)])[None]
-    out_packed = attn(packed, positions, doc_ids)
-    out_alone = attn(x_b, torch.arange(len_b)[None], None)
+    out_packed = run(attn, packed, positions, doc_ids)
+    out_alone = run(attn, x_b, torch.arange(len_b)[None], None)
     torch.testing.assert_close(out_packed[:, len_a:], out_alone, rtol=1e-5, atol=1e-5)
     # Without masking, document B would read document A.
-    unmasked = attn(packed, positions, None)
+    unmasked = attn(packed, SequenceInfo(positions, None, torch.tensor([0, len_a + len_b], dtype=torch.int32), 37))
     assert (unmasked[:, len_a:] - out_alone).abs().max() > 1e-2
 
 
@@ -163,15 +174,19 @@ def test_single_document_mask_path_equals_causal_path():
     x = torch.randn(3, 29, D)
     positions = torch.arange(29).expand(3, 29)
     one_doc = torch.full((3, 29), 7)
-    torch.testing.assert_close(attn(x, positions, one_doc), attn(x, positions, None), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(run(attn, x, positions, one_doc), run(attn, x, positions, None), rtol=1e-5, atol=1e-5)
 
 
 def test_document_masking_off_ignores_doc_ids():
-    attn = make_attention(4, 2, document_masking=False)
-    x = torch.randn(2, 37, D)
-    positions = torch.arange(37).expand(2, 37)
+    cfg = AttentionConfig(n_heads=4, n_kv_heads=2, document_masking=False)
+    with torch.device("meta"):
+        model = Transformer(MODEL, cfg)
+    tokens = torch.zeros(2, 37, dtype=torch.long)
     doc_ids, _ = packed_batch()
-    assert torch.equal(attn(x, positions, doc_ids), attn(x, positions, None))
+    seq = model.sequence_info(tokens, doc_ids)
+    assert seq.doc_ids_BS is None and seq.max_seqlen == 37
+    assert torch.equal(seq.positions_BS, torch.arange(37).expand(2, 37))
+    assert seq.cu_seqlens_N.tolist() == [0, 37, 74]
 
 
 def test_document_causal_mask_shape_and_content():

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from sparsetron.model.layers import FeedForward, RMSNorm, apply_rope, positions_from_doc_ids, rope_tables
+from sparsetron.model.layers import FeedForward, RMSNorm, apply_rope, rope_tables
 
 # A few ulps of the output dtype; the implementations accumulate in fp32 at least.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-12}
@@ -110,22 +110,3 @@ def test_rope_position_zero_is_identity_and_tables_are_exact():
     torch.testing.assert_close(sin[99, 3].double(), torch.tensor(math.sin(99.0 * 10000.0 ** (-6 / 8))).double())
     with pytest.raises(ValueError, match="even"):
         rope_tables(7, 10, 10000.0)
-
-
-def test_positions_from_doc_ids_examples():
-    doc_ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5], [3, 4, 4, 4, 9, 9]])
-    expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5], [0, 0, 1, 2, 0, 1]])
-    assert torch.equal(positions_from_doc_ids(doc_ids), expected)
-
-
-def test_positions_from_doc_ids_random_rows_against_a_loop():
-    g = torch.Generator().manual_seed(6)
-    B, S = 4, 37
-    # Random document boundaries; ids increase along the row.
-    doc_ids = (torch.rand(B, S, generator=g) < 0.15).long().cumsum(1) + 3
-    out = positions_from_doc_ids(doc_ids)
-    for b in range(B):
-        pos = 0
-        for s in range(S):
-            pos = 0 if s == 0 or doc_ids[b, s] != doc_ids[b, s - 1] else pos + 1
-            assert out[b, s] == pos

@@ -38,7 +38,7 @@ def saved_bytes(model, job, batch):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(tokens, doc_ids)
+        logits = model(tokens, model.sequence_info(tokens, doc_ids))
         F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
     weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     return sum(n for ptr, n in storages.items() if ptr not in weights)

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from sparsetron.kernels.moba import moba_reference
-from sparsetron.model.attention import Attention, sequence_bounds, set_full_attention
+from sparsetron.model.attention import Attention, set_full_attention
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig
-from sparsetron.model.layers import apply_rope, positions_from_doc_ids
+from sparsetron.model.layers import apply_rope
+from sparsetron.model.sequence import SequenceInfo, positions_from_doc_ids
 from sparsetron.model.transformer import Transformer
 from sparsetron.train.config_io import load_job_config
 from sparsetron.train.trainer import Trainer
@@ -46,6 +47,11 @@ def inputs(B=2, seed=None):
     doc_ids_BS[:, 40] += 1  # at least two documents in every row
     doc_ids_BS[:, 41:] += 1
     return tokens_BS, doc_ids_BS
+
+
+def fwd(model, tokens_BS, doc_ids_BS=None):
+    """The model's logits for rows holding the documents doc_ids_BS (None: one sequence a row)."""
+    return model(tokens_BS, model.sequence_info(tokens_BS, doc_ids_BS))
 
 
 def assert_close(actual, expected, tol=TOL):
@@ -127,22 +133,15 @@ def test_which_layers_run_moba_and_when():
 # ---- the model ------------------------------------------------------------------------------
 
 
-def test_sequence_bounds_are_rows_or_documents():
-    doc_ids = torch.tensor([[3, 3, 4, 4, 4], [7, 7, 7, 7, 9]])
-    assert sequence_bounds(None, 2, 5, doc_ids.device).tolist() == [0, 5, 10]
-    cu = sequence_bounds(doc_ids, 2, 5, doc_ids.device)
-    assert cu.dtype == torch.int32 and cu.tolist() == [0, 2, 5, 9, 10]
-
-
 @pytest.mark.parametrize("docs", [False, True], ids=["rows", "documents"])
 def test_moba_covering_the_sequence_is_full_attention(docs):
     # The spec: L <= K * B is exactly full causal attention. 8 blocks of 8 >= 61 tokens.
     tokens, doc_ids = inputs()
     doc_ids = doc_ids if docs else None
-    full = build(SDPA)(tokens, doc_ids)
-    assert_close(build(moba(block_size=8, topk=8))(tokens, doc_ids), full)
-    assert_close(build(moba(block_size=64, topk=1))(tokens, doc_ids), full)
-    assert differ(build(moba(block_size=8, topk=2))(tokens, doc_ids), full)
+    full = fwd(build(SDPA), tokens, doc_ids)
+    assert_close(fwd(build(moba(block_size=8, topk=8)), tokens, doc_ids), full)
+    assert_close(fwd(build(moba(block_size=64, topk=1)), tokens, doc_ids), full)
+    assert differ(fwd(build(moba(block_size=8, topk=2)), tokens, doc_ids), full)
 
 
 def test_moba_layer_is_the_reference_on_its_projections():
@@ -163,14 +162,14 @@ def test_moba_layer_is_the_reference_on_its_projections():
     cu = torch.tensor([*starts, B * S], dtype=torch.int32)
     o = moba_reference(q.reshape(B * S, H, d), k.reshape(B * S, K, d), v.reshape(B * S, K, d), cu, 4, 3)
     expected = attn.wo(o.reshape(B, S, H * d))
-    assert_close(attn(x, positions, doc_ids), expected)
+    assert_close(attn(x, SequenceInfo.build(B, S, doc_ids)), expected)
     # Without documents each row is one sequence.
     rows = torch.arange(S).expand(B, S)
     q = apply_rope(attn.q_norm(attn.wq(x).view(B, S, H, d)), attn.rope_cos, attn.rope_sin, rows)
     k = apply_rope(attn.k_norm(attn.wk(x).view(B, S, K, d)), attn.rope_cos, attn.rope_sin, rows)
     cu_rows = torch.tensor([0, S, 2 * S], dtype=torch.int32)
     o = moba_reference(q.reshape(B * S, H, d), k.reshape(B * S, K, d), v.reshape(B * S, K, d), cu_rows, 4, 3)
-    assert_close(attn(x, rows), attn.wo(o.reshape(B, S, H * d)))
+    assert_close(attn(x, SequenceInfo.build(B, S)), attn.wo(o.reshape(B, S, H * d)))
 
 
 def test_packed_documents_give_the_logits_they_give_alone():
@@ -179,27 +178,27 @@ def test_packed_documents_give_the_logits_they_give_alone():
     first, second = 37, S - 37  # both longer than topk x block, so MoBA is sparse in each
     tokens = torch.randint(0, V, (1, S), generator=g)
     doc_ids = torch.tensor([[0] * first + [1] * second])
-    packed = model(tokens, doc_ids)
-    assert_close(packed[:, :first], model(tokens[:, :first]))
-    assert_close(packed[:, first:], model(tokens[:, first:]))
+    packed = fwd(model, tokens, doc_ids)
+    assert_close(packed[:, :first], fwd(model, tokens[:, :first]))
+    assert_close(packed[:, first:], fwd(model, tokens[:, first:]))
     # Without document masking the second document sees the first: not what it gives alone.
     unmasked = build(replace(moba(block_size=4, topk=2), document_masking=False))
-    assert differ(unmasked(tokens, doc_ids)[:, first:], model(tokens[:, first:]))
+    assert differ(fwd(unmasked, tokens, doc_ids)[:, first:], fwd(model, tokens[:, first:]))
 
 
 def test_hybrid_full_layers_run_sdpa():
     tokens, doc_ids = inputs()
-    full = build(SDPA)(tokens, doc_ids)
+    full = fwd(build(SDPA), tokens, doc_ids)
     # Every layer listed full, by index or as the last N: the sdpa model, blocks notwithstanding.
-    assert_close(build(moba(block_size=4, topk=1, moba_full_layers=[2, 0, 1]))(tokens, doc_ids), full)
-    assert_close(build(moba(block_size=4, topk=1, moba_full_last=3))(tokens, doc_ids), full)
+    assert_close(fwd(build(moba(block_size=4, topk=1, moba_full_layers=[2, 0, 1])), tokens, doc_ids), full)
+    assert_close(fwd(build(moba(block_size=4, topk=1, moba_full_last=3)), tokens, doc_ids), full)
     # Layer by layer: the listed layer computes what SDPA does, the others do not.
     hybrid, reference = build(moba(block_size=4, topk=1, moba_full_last=1)), build(SDPA)
     x = torch.randn(2, S, MODEL.dim)
-    positions = positions_from_doc_ids(doc_ids)
+    seq = SequenceInfo.build(2, S, doc_ids)
     for key in ("0", "1", "2"):
-        out = hybrid.layers[key].attention(x, positions, doc_ids)
-        expected = reference.layers[key].attention(x, positions, doc_ids)
+        out = hybrid.layers[key].attention(x, seq)
+        expected = reference.layers[key].attention(x, seq)
         if key == "2":
             assert_close(out, expected)
         else:
@@ -208,14 +207,14 @@ def test_hybrid_full_layers_run_sdpa():
 
 def test_switch_to_full_attention():
     tokens, doc_ids = inputs()
-    full = build(SDPA)(tokens, doc_ids)
+    full = fwd(build(SDPA), tokens, doc_ids)
     model = build(moba(block_size=4, topk=2, moba_full_last=1))
-    sparse = model(tokens, doc_ids)
+    sparse = fwd(model, tokens, doc_ids)
     assert differ(sparse, full)
     assert set_full_attention(model, True) == 2  # the MoBA layers; the full last one is left alone
-    assert_close(model(tokens, doc_ids), full)
+    assert_close(fwd(model, tokens, doc_ids), full)
     assert set_full_attention(model, False) == 2
-    assert torch.equal(model(tokens, doc_ids), sparse)
+    assert torch.equal(fwd(model, tokens, doc_ids), sparse)
     assert set_full_attention(build(SDPA), True) == 0
 
 
@@ -224,7 +223,7 @@ def test_gradients_reach_the_projections(docs):
     tokens, doc_ids = inputs()
     doc_ids = doc_ids if docs else None
     model = build(moba(block_size=4, topk=2))
-    model(tokens, doc_ids).square().mean().backward()
+    fwd(model, tokens, doc_ids).square().mean().backward()
     for layer in model.layers.values():
         for name in ("wq", "wk", "wv", "wo"):
             grad = getattr(layer.attention, name).weight.grad
@@ -232,7 +231,7 @@ def test_gradients_reach_the_projections(docs):
     # Where MoBA is full attention, so are its gradients.
     covering, full = build(moba(block_size=8, topk=8)), build(SDPA)
     for m in (covering, full):
-        m(tokens, doc_ids).square().mean().backward()
+        fwd(m, tokens, doc_ids).square().mean().backward()
     for p, q in zip(covering.parameters(), full.parameters(), strict=True):
         assert_close(p.grad, q.grad, tol=1e-4)
 
@@ -253,7 +252,7 @@ def test_compiled_blocks_match_eager_across_documents_and_the_switch():
         for m in (eager, compiled):
             set_full_attention(m, full)
             m.zero_grad()
-        expected, out = eager(tokens, docs), compiled(tokens, docs)
+        expected, out = fwd(eager, tokens, docs), fwd(compiled, tokens, docs)
         assert_close(out, expected)
         expected.square().mean().backward()
         out.square().mean().backward()

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+from sparsetron.parallel.clipping import clip_grad_norm
 from sparsetron.train.config import OptimizerConfig
-from sparsetron.train.optim import build_optimizer, clip_grad_norm, param_groups
+from sparsetron.train.optim import build_optimizer, param_groups
 
 
 class Toy(nn.Module):

@@ -16,6 +16,7 @@ from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.config import ParallelConfig
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.pipeline import check_pipeline, layer_costs, pipeline_split, split_layers, stage_ranks
+from sparsetron.parallel.precision import Precision
 
 
 def brute_force(costs, n_stages, embed, head):
@@ -204,16 +205,19 @@ def test_stages_in_order_compute_the_model(schedule):
         stages.update(zip(split.stage_indices, split.stages, strict=True))
     tokens = torch.randint(0, 96, (2, 12))
     doc_ids = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])
-    for autocast_dtype in (None, torch.bfloat16):
+    seq = reference.sequence_info(tokens, doc_ids)
+    for precision in (Precision(torch.float32), Precision(torch.bfloat16)):
         x = tokens
         with torch.no_grad():
             for s in range(len(stages)):
-                stages[s].autocast_dtype = autocast_dtype
-                x = stages[s](x, doc_ids)
+                stages[s].precision = precision
+                # As the schedule runs them: the step's sequences, and the micro-batch to pick.
+                stages[s].sequences, stages[s].microbatch = [None, seq], 1
+                x = stages[s](x)
                 if s < len(stages) - 1:
-                    # PipelineRunner's static metadata: hidden states keep the parameters' dtype.
-                    assert x.dtype == torch.float32
-            with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                expected = reference(tokens, doc_ids)
-        assert x.dtype == (autocast_dtype or torch.float32)
+                    # PipelineSchedule's static metadata: hidden states in the policy's activation dtype.
+                    assert x.dtype == precision.activation_dtype
+            with precision.autocast("cpu"):
+                expected = reference(tokens, seq)
+        assert x.dtype == precision.activation_dtype
         torch.testing.assert_close(x, expected, rtol=0, atol=0)

@@ -37,15 +37,6 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.targets, self.doc_ids)))
 
-    @staticmethod
-    def stack(batches: list[Batch]) -> Batch:
-        """The rows of `batches`, in order, as one batch (a pipeline step's micro-batches)."""
-        return Batch(
-            torch.cat([b.tokens for b in batches]),
-            torch.cat([b.targets for b in batches]),
-            torch.cat([b.doc_ids for b in batches]),
-        )
-
 
 def _batch(dataset: PackedDataset, indices: np.ndarray) -> Batch:
     inputs, targets, doc_ids = dataset.gather(indices)

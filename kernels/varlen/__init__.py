@@ -1,0 +1,67 @@
+"""Causal attention over packed documents (variable-length sequences).
+
+Shape legend: B rows, S positions per row, T = B * S tokens, H query heads, K key/value
+heads, d head dim, N sequences.
+
+`varlen_attention` runs FlashAttention's variable-length kernel on CUDA in bf16/fp16
+(`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10: shared K/V heads are read in place,
+no mask is built, memory is linear in S), and the dense-mask reference (`reference.py`)
+elsewhere: on the CPU and for fp32, which the flash kernel does not take.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from .reference import document_attention_reference, document_causal_mask
+
+__all__ = ["document_attention_reference", "document_causal_mask", "flash_varlen_available", "varlen_attention"]
+
+
+def flash_varlen_available(q: torch.Tensor) -> bool:
+    """Whether `varlen_attention` runs the flash kernel for tensors like `q`."""
+    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def varlen_attention(
+    q_BSHd: torch.Tensor,
+    k_BSKd: torch.Tensor,
+    v_BSKd: torch.Tensor,
+    doc_ids_BS: torch.Tensor,
+    cu_seqlens_N: torch.Tensor,
+    max_seqlen: int,
+) -> torch.Tensor:
+    """Causal attention within each document: o [B, S, H, d] in q's dtype.
+
+    q [B, S, H, d], k and v [B, S, K, d] (H a multiple of K); `doc_ids_BS` marks the documents
+    (runs of equal ids in a row); `cu_seqlens_N` (int32 [N + 1]) and `max_seqlen` describe the
+    same documents in the flattened batch (`model.sequence.SequenceInfo` computes all three once
+    per batch). The flash path reads cu_seqlens and max_seqlen, the reference doc_ids.
+    """
+    B, S, H, d = q_BSHd.shape
+    if k_BSKd.shape[:2] != (B, S) or k_BSKd.shape != v_BSKd.shape or H % k_BSKd.shape[2]:
+        raise ValueError(
+            f"q {tuple(q_BSHd.shape)} needs k and v of shape [B, S, K, d] with K dividing H; "
+            f"got {tuple(k_BSKd.shape)} and {tuple(v_BSKd.shape)}"
+        )
+    if not flash_varlen_available(q_BSHd):
+        return document_attention_reference(q_BSHd, k_BSKd, v_BSKd, doc_ids_BS)
+    from torch.nn.attention.varlen import varlen_attn
+
+    K = k_BSKd.shape[2]
+    o_THd = varlen_attn(
+        q_BSHd.reshape(B * S, H, d),
+        k_BSKd.reshape(B * S, K, d),
+        v_BSKd.reshape(B * S, K, d),
+        cu_seqlens_N,
+        cu_seqlens_N,
+        max_seqlen,
+        max_seqlen,
+        enable_gqa=H != K,
+        window_size=(-1, 0),  # causal
+    )
+    return o_THd.view(B, S, H, d)

@@ -1,0 +1,74 @@
+"""What a pipeline stage receives is, bit for bit, what the stage before it sent.
+
+torch does not check a receive buffer's dtype against what the sender sends: a buffer typed
+fp32 that receives bf16 bytes reads 1e36-scale garbage on gloo (and is undefined on NCCL), and
+the loss can still look normal. So the check is on the bytes: every training and evaluation
+forward of the second stage gets exactly the tensors (dtype, shape, values) the first stage
+returned, on the layouts where the stage boundary dtype differs from the stored parameters'
+(FSDP mixed precision) and where it does not, in bf16 and fp32.
+"""
+
+import pytest
+import torch
+from harness import run_distributed
+
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.trainer import Trainer
+
+LAYOUTS = {
+    "pp2xdp2": (4, ["parallel.pipeline=2", "parallel.data_parallel_shard=2"]),
+    "pp2": (2, ["parallel.pipeline=2"]),
+}
+
+
+def boundary_worker(run_dir, overrides):
+    job = load_job_config(
+        "debug-deepseek",
+        [
+            "model.n_layers=2",
+            "trainer.steps=2",
+            "trainer.micro_batch_size=2",
+            "trainer.grad_accum_steps=2",
+            "trainer.eval_interval=0",
+            "trainer.eval_batches=1",
+            "checkpoint.save_final=false",
+            "checkpoint.interval=0",
+            "metrics.console=none",
+            f"trainer.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
+    trainer = Trainer(job)
+    stages = dict(zip(trainer.pipeline_split.stage_indices, trainer.pipeline_split.stages, strict=True))
+    sent, received = [], []
+    if 0 in stages:
+        stages[0].register_forward_hook(lambda module, args, out: sent.append(out.detach().clone()))
+    if 1 in stages:
+        # prepend: before FSDP's own pre-forward hook, which casts inputs to its compute dtype.
+        stages[1].register_forward_pre_hook(
+            lambda module, args: received.append(args[0].detach().clone()), prepend=True
+        )
+    trainer.run()
+    pp_rank = trainer.mesh["pp"].get_local_rank()
+    dp_rank = trainer.mesh["dp"].get_local_rank()
+    return pp_rank, dp_rank, sent, received
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_stage_receives_what_the_previous_stage_sent(tmp_path, layout, precision):
+    world, overrides = LAYOUTS[layout]
+    results = run_distributed(
+        boundary_worker, world, str(tmp_path), [*overrides, f"trainer.precision={precision}"], timeout=240
+    )
+    sent = {dp: s for pp, dp, s, _ in results if pp == 0}
+    received = {dp: r for pp, dp, _, r in results if pp == 1}
+    assert sent.keys() == received.keys() and sent
+    for dp, tensors in sent.items():
+        # The step-0 evaluation, two steps of two micro-batches, the final evaluation.
+        assert len(tensors) == len(received[dp]) == 6
+        for out, got in zip(tensors, received[dp], strict=True):
+            assert got.dtype == out.dtype and got.shape == out.shape
+            assert torch.equal(got, out), f"max |sent| {out.abs().max()}, max |received| {got.abs().max()}"
+        expected = torch.bfloat16 if precision == "bf16" else torch.float32
+        assert all(t.dtype == expected for t in tensors)
