@@ -13,7 +13,8 @@ weights on mesh["ep"]. Per MoE layer, every rank:
        which also sorts them by destination rank
     -> exchanges per-expert counts (one all_to_all), then the rows (all_to_all_single, uneven)
     -> regroups the received rows, which come source-rank-major, by local expert
-    -> computes its L experts on them
+    -> computes the shared experts on its own tokens (where an overlapped exchange would be in flight)
+    -> computes its L experts on the received rows
     and combine undoes the regroup and the exchange, then mixes by weight (LocalDispatcher).
 
 Gradients: the all-to-all's backward sends each row's gradient back to its source, so an
