@@ -237,8 +237,10 @@ class MoEConfig:
     """Each expert takes at most ceil(factor * tokens * top_k / experts) tokens; the rest are dropped. 0 = dropless."""
     drop_policy: Literal["probability", "position"] = "probability"
     """Over capacity, keep the highest-weight assignments (probability) or the earliest tokens (position)."""
-    dispatcher: Literal["local"] = "local"
-    """How tokens reach experts: local = sort-based permute on this device."""
+    dispatcher: Literal["auto", "local", "all_to_all"] = "auto"
+    """How tokens reach experts: local = sort-based permute on this device (parallel.expert=1);
+    all_to_all = exchanged with the expert ranks holding them (parallel.expert > 1); auto = local at
+    parallel.expert=1, all_to_all above. A layout choice: a checkpoint resumes under another one."""
     expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
     """Expert GEMMs: torch grouped_mm, a per-expert loop, or auto (grouped_mm on CUDA GPUs with compute capability >= 9.0)."""
 
@@ -256,6 +258,29 @@ class MoEConfig:
 
     def hidden_size(self, model: ModelConfig) -> int:
         return self.expert_hidden or model.ffn_hidden // self.granularity
+
+    def dispatcher_for(self, expert: int, prefix: str = "moe") -> Literal["local", "all_to_all"]:
+        """The dispatcher that runs at parallel.expert=`expert`; refuses one that cannot run there.
+
+        all_to_all at parallel.expert=1 is refused rather than run as an exchange with oneself:
+        a rank would send every row to itself, the same numbers as local at the cost of copies
+        and a host sync, and a single process has no process group to run it on.
+        """
+        if self.dispatcher == "auto":
+            return "local" if expert == 1 else "all_to_all"
+        check(
+            self.dispatcher != "local" or expert == 1,
+            f"{prefix}.dispatcher",
+            f"local keeps every expert on this rank, but parallel.expert={expert} splits them over {expert} ranks; "
+            "use all_to_all or auto",
+        )
+        check(
+            self.dispatcher != "all_to_all" or expert > 1,
+            f"{prefix}.dispatcher",
+            "all_to_all exchanges tokens between expert ranks, but parallel.expert=1 leaves none to exchange "
+            "with; use local or auto",
+        )
+        return self.dispatcher
 
     def validate(self, model: ModelConfig, prefix: str = "moe") -> None:
         check(self.num_experts >= 0, f"{prefix}.num_experts", f"must be >= 0, got {self.num_experts}")

@@ -13,7 +13,8 @@ weights on mesh["ep"]. Per MoE layer, every rank:
        which also sorts them by destination rank
     -> exchanges per-expert counts (one all_to_all), then the rows (all_to_all_single, uneven)
     -> regroups the received rows, which come source-rank-major, by local expert
-    -> computes its L experts on them
+    -> computes the shared experts on its own tokens (where an overlapped exchange would be in flight)
+    -> computes its L experts on the received rows
     and combine undoes the regroup and the exchange, then mixes by weight (LocalDispatcher).
 
 Gradients: the all-to-all's backward sends each row's gradient back to its source, so an
@@ -35,8 +36,9 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_layers
-from sparsetron.model.moe.dispatch import Dispatcher, LocalContext, LocalDispatcher
+from sparsetron.model.moe.dispatch import Dispatcher, ExpertsFn, LocalContext, LocalDispatcher, SharedFn, add_shared
 from sparsetron.model.moe.experts import GroupedExperts
+from sparsetron.model.moe.router import RouterOutput
 from sparsetron.parallel.dims import ParallelMesh
 
 
@@ -133,6 +135,17 @@ class AllToAllDispatcher(Dispatcher):
         self.group = ep_mesh.get_group()
         self.local = LocalDispatcher(num_experts, capacity_factor, drop_policy)
 
+    def run(
+        self, x_TD: torch.Tensor, routing: RouterOutput, experts_fn: ExpertsFn, shared_fn: SharedFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dispatch, shared experts, routed experts, combine: the shared experts come between the
+        exchange and the routed experts, where an overlapped dispatcher computes them while the
+        rows are in flight (this one's exchange has finished when `dispatch` returns)."""
+        x_local_MD, tokens_per_expert_L, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
+        shared_TD = shared_fn(x_TD)
+        y_TD = self.combine(experts_fn(x_local_MD, tokens_per_expert_L), ctx)
+        return add_shared(y_TD, shared_TD), self.dropped(ctx)
+
     @torch.compiler.disable
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
@@ -181,7 +194,9 @@ class ExpertParallelExperts(GroupedExperts):
 
 
 def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
-    """Split every MoE layer's routed experts over mesh["ep"] and swap in the all-to-all dispatcher.
+    """Split every MoE layer's routed experts over mesh["ep"] and install the dispatcher its
+    moe.dispatcher names at this ep degree (all_to_all, the one that runs across expert ranks;
+    `MoEConfig.dispatcher_for` refuses local).
 
     Works on the meta device (call before `to_empty` and `init_weights` under
     `SingleProcessInit`) and before `apply_fsdp`, which then shards the experts over
@@ -195,13 +210,15 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
     """
     ep_mesh = mesh["ep"]
     for layer in moe_layers(model):
+        cfg = layer.moe_cfg
+        # Refuses local by name; all_to_all is the one dispatcher that runs across ranks today.
+        cfg.dispatcher_for(ep_mesh.size())
         experts = layer.experts
         if type(experts) is not GroupedExperts:
             raise TypeError(
                 f"apply_ep expects plain GroupedExperts, got {type(experts).__name__} "
                 "(apply_ep runs once, before apply_fsdp)"
             )
-        cfg = layer.moe_cfg
         layer.dispatcher = AllToAllDispatcher(layer.num_experts, ep_mesh, cfg.capacity_factor, cfg.drop_policy)
         for name in ("w13", "w2"):
             weight = getattr(experts, name)

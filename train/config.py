@@ -243,6 +243,8 @@ class JobConfig:
         self.metrics.validate()
         self.parallel.validate()
         self.trainer.validate()
+        if self.moe.enabled:
+            self.moe.dispatcher_for(self.parallel.expert)
         check(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",

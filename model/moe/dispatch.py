@@ -3,23 +3,52 @@
 Shape legend: T tokens, D model dim, E experts, k experts per token, A = T * k assignments
 (assignment a = t * k + j is token t's j-th choice), N assignments kept (N = A when dropless).
 
-A dispatcher owns all data movement of the MoE layer, so that all-to-all and overlapped
-variants can replace `LocalDispatcher` without touching the router or the experts. Both
-directions are gathers with an exact inverse, so forward and backward are free of atomics
-and bitwise reproducible.
+A dispatcher owns all data movement of the MoE layer and its order: the layer routes, then
+hands the tokens, the routing and two callables (routed experts, shared experts) to `run`,
+which decides when each runs. So all-to-all and overlapped variants replace `LocalDispatcher`
+without touching the router, the experts or the layer. Both directions are gathers with an
+exact inverse, so forward and backward are free of atomics and bitwise reproducible.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from sparsetron.model.moe.router import RouterOutput
+
+ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""experts_fn(x_perm [N, D] grouped by expert, tokens_per_expert int64) -> y_perm [N, D]."""
+SharedFn = Callable[[torch.Tensor], torch.Tensor | None]
+"""shared_fn(x_TD) -> the shared experts' output [T, D] (gate applied), or None without shared experts."""
+
+
+def add_shared(y_TD: torch.Tensor, shared_TD: torch.Tensor | None) -> torch.Tensor:
+    """The routed output plus the shared one; always in this order, so every dispatcher rounds alike."""
+    return y_TD if shared_TD is None else y_TD + shared_TD
+
 
 class Dispatcher:
-    """Interface: `dispatch` groups tokens by expert, `combine` undoes it and mixes by weight."""
+    """Interface. `run` is what the MoE layer calls; `dispatch`, `combine` and `dropped` are its
+    steps: `dispatch` groups tokens by expert, `combine` undoes it and mixes by weight."""
+
+    def run(
+        self, x_TD: torch.Tensor, routing: RouterOutput, experts_fn: ExpertsFn, shared_fn: SharedFn
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (y_TD [T, D], dropped): the routed experts' weighted output plus the shared
+        experts', and the assignments dropped for capacity (0-dim int64, see `dropped`).
+
+        Sequenced here as dispatch, routed experts, combine, then shared experts: on one device
+        nothing is in flight to hide work behind. A dispatcher that exchanges tokens overrides
+        this to compute the shared experts while its exchange is under way.
+        """
+        x_perm, tokens_per_expert, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
+        y_TD = self.combine(experts_fn(x_perm, tokens_per_expert), ctx)
+        return add_shared(y_TD, shared_fn(x_TD)), self.dropped(ctx)
 
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor

@@ -1,4 +1,4 @@
-"""The MoE layer: route -> dispatch -> compute -> combine, plus shared experts.
+"""The MoE layer: route, then the dispatcher runs dispatch -> compute -> combine and the shared experts.
 
 Shape legend: B batch, S sequence, T = B * S tokens, D model dim, E routed experts,
 k experts per token, N rows sent to the experts.
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparsetron.model.config import ModelConfig, MoEConfig
+from sparsetron.model.config import ConfigError, ModelConfig, MoEConfig
 from sparsetron.model.layers import FeedForward
 from sparsetron.model.moe.balancing import Reducer, TokenSplit, expert_counts, load_balancing_loss, router_z_loss
 from sparsetron.model.moe.dispatch import Dispatcher, LocalDispatcher
@@ -60,9 +60,11 @@ class MoE(nn.Module):
 
     forward(x_BSD) -> y_BSD. The auxiliary and z losses are attached to the graph (their
     gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
-    Set by the parallel code (None here): `count_reducer` sums the aux loss's expert counts
-    over every rank holding other tokens when aux_loss_level is "global"; `token_split` says
-    that this rank holds a part of every sequence (see balancing.TokenSplit).
+    `dispatcher` sequences dispatch, expert compute, shared experts and combine: a
+    LocalDispatcher here unless moe.dispatcher names all_to_all, which `parallel.apply_ep`
+    installs. Set by the parallel code (None here): `count_reducer` sums the aux loss's expert
+    counts over every rank holding other tokens when aux_loss_level is "global"; `token_split`
+    says that this rank holds a part of every sequence (see balancing.TokenSplit).
 
     A training forward (module in training mode, gradients enabled) adds its statistics to
     the optimizer step's sums, so any number of forwards may run before their backwards (a
@@ -72,8 +74,6 @@ class MoE(nn.Module):
 
     def __init__(self, dim: int, model_cfg: ModelConfig, moe_cfg: MoEConfig):
         super().__init__()
-        if moe_cfg.dispatcher != "local":
-            raise ValueError(f"moe.dispatcher: unknown dispatcher {moe_cfg.dispatcher!r}")
         self.moe_cfg = moe_cfg
         self.dim = dim
         self.num_experts = moe_cfg.routed_experts
@@ -84,7 +84,13 @@ class MoE(nn.Module):
         n_shared = moe_cfg.n_shared_experts
         self.shared_experts = FeedForward(dim, n_shared * hidden) if n_shared > 0 else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if n_shared > 0 and moe_cfg.shared_expert_gate else None
-        self.dispatcher: Dispatcher = LocalDispatcher(self.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        # The plain model can only move tokens on its own device; a dispatcher that exchanges
+        # them between ranks needs a process group, and `parallel.apply_ep` installs it.
+        self.dispatcher: Dispatcher | None = (
+            None
+            if moe_cfg.dispatcher == "all_to_all"
+            else LocalDispatcher(self.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
+        )
         # Non-persistent: a step's counts never outlive the step, so they have no place in a checkpoint.
         # A buffer (not a plain attribute) so that it follows the layer to its device.
         self.register_buffer(
@@ -99,15 +105,13 @@ class MoE(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if self.dispatcher is None:
+            raise ConfigError(
+                "moe.dispatcher=all_to_all: this layer's experts were not split over expert ranks "
+                "(parallel.apply_ep installs the all-to-all dispatcher at parallel.expert > 1)"
+            )
         route = self.router(x_TD)
-        x_perm_ND, tokens_per_expert_E, ctx = self.dispatcher.dispatch(x_TD, route.indices_Tk, route.weights_Tk)
-        y_perm_ND = self.experts(x_perm_ND, tokens_per_expert_E)
-        y_TD = self.dispatcher.combine(y_perm_ND, ctx)
-        if self.shared_experts is not None:
-            shared_TD = self.shared_experts(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
-            y_TD = y_TD + shared_TD
+        y_TD, dropped = self.dispatcher.run(x_TD, route, self.experts, self._shared)
 
         cfg = self.moe_cfg
         aux_loss = z_loss = None
@@ -135,10 +139,19 @@ class MoE(nn.Module):
                 tokens_per_expert=routed_E,
                 aux_loss=aux_loss.detach() if aux_loss is not None else 0.0,
                 z_loss=z_loss.detach() if z_loss is not None else 0.0,
-                dropped_tokens=self.dispatcher.dropped(ctx),
+                dropped_tokens=dropped,
             )
             self._record(stats, training)
         return y_TD.view(x_BSD.shape)
+
+    def _shared(self, x_TD: torch.Tensor) -> torch.Tensor | None:
+        """The shared experts' output, gated when configured; None without shared experts."""
+        if self.shared_experts is None:
+            return None
+        shared_TD = self.shared_experts(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = shared_TD * torch.sigmoid(self.shared_gate(x_TD))
+        return shared_TD
 
     @torch.compiler.disable
     def _record(self, stats: MoEStats, training: bool) -> None:
