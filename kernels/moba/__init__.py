@@ -52,13 +52,14 @@ class _MobaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk):
         # Imported here so that CPU-only users never load triton.
         from .forward import moba_fwd
-        from .layout import block_layout, gather_lists
+        from .layout import block_layout, check_index_range, gather_lists
         from .routing import route
         from .tiles import launch_tiles
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         T, Hq, _ = q.shape
         tiles = launch_tiles(q)
+        check_index_range(T, cu_seqlens.numel() - 1, Hq, block_size, tiles.block_m)
         layout = block_layout(cu_seqlens, T, block_size)
         # No query has more than max_blocks_per_seq - 1 fully past blocks: slots past that stay empty.
         k1 = max(min(topk - 1, layout.max_blocks_per_seq - 1), 0)

@@ -40,7 +40,7 @@ def _bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr, T, HQ, stride_ot, stride_oh, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
 ):
     h = tl.program_id(1)
-    t = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < T
     o = load_rows(o_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
     do = load_rows(do_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
@@ -80,7 +80,7 @@ def _dkdv_from_queries(
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    entries_ptr, list_start_ptr, start_ptr, end_ptr,
+    tokens_ptr, list_begin_ptr, list_end_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
     NB, HQ, K1, D, qk_scale, sm_scale,
     GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -92,7 +92,7 @@ def _bwd_dkdv_kernel(
     key_lo = tl.load(start_ptr + g) + tl.program_id(1) * BLOCK_N
     if key_lo >= end:
         return
-    u = (key_lo + tl.arange(0, BLOCK_N)).to(tl.int64)
+    u = key_lo.to(tl.int64) + tl.arange(0, BLOCK_N)
     u_ok = u < end
     k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
     v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
@@ -102,19 +102,19 @@ def _bwd_dkdv_kernel(
         h = hk * GROUPS + i
         # The block's own queries at or after the tile's first key.
         for m0 in range(key_lo, end, BLOCK_M):
-            t = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+            t = tl.arange(0, BLOCK_M).to(tl.int64) + m0
             dk, dv = _dkdv_from_queries(
                 k, v, dk, dv, u, t, t < end, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
                 qk_scale, True, BLOCK_D, PRECISION,
             )  # fmt: skip
         # The later queries that chose this block in any slot, gathered (lists (s * Hq + h) * NB + g).
         for slot in range(K1):
-            lst = (slot * HQ + h) * NB + g
-            rows_hi = tl.load(list_start_ptr + lst + 1)
-            for r0 in range(tl.load(list_start_ptr + lst), rows_hi, BLOCK_M):
+            lst = (slot * HQ + h.to(tl.int64)) * NB + g
+            rows_hi = tl.load(list_end_ptr + lst)
+            for r0 in range(tl.load(list_begin_ptr + lst), rows_hi, BLOCK_M):
                 rows = r0 + tl.arange(0, BLOCK_M)
                 rows_ok = rows < rows_hi
-                t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
+                t = tl.load(tokens_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
                 dk, dv = _dkdv_from_queries(
                     k, v, dk, dv, u, t, rows_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ,
                     D, qk_scale, False, BLOCK_D, PRECISION,
@@ -143,14 +143,14 @@ def _dq_from_keys(
 @triton.jit
 def _bwd_dq_routed_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, state_dq_ptr,
-    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
+    tokens_ptr, list_end_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    slot, NB, HQ, K1, D, qk_scale, sm_scale,
+    slot, NB, HQ, D, qk_scale, sm_scale,
     FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     live, h, j, t, rows_ok = routed_rows(
-        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1, BLOCK_M
+        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_end_ptr, tokens_ptr, slot, NB, HQ, BLOCK_M
     )
     if not live:
         return
@@ -228,15 +228,15 @@ def moba_bwd(
     dv_THD = torch.empty_like(v_THD)
     _bwd_dkdv_kernel[(NB, triton.cdiv(block_size, tiles.block_n), Hkv)](
         q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dk_THD, dv_THD,
-        lists.entries_E, lists.list_start, layout.start_NB, layout.end_NB, *strides,
+        lists.tokens_E, lists.list_begin_L, lists.list_end_L, layout.start_NB, layout.end_NB, *strides,
         NB, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
     )  # fmt: skip
     state_dq_THD = torch.empty(T, Hq, D if K1 else 1, dtype=torch.float32, device=q_THD.device)
     for slot in range(K1):
         _bwd_dq_routed_kernel[(lists.tiles_per_slot,)](
             q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, state_dq_THD,
-            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
-            layout.start_NB, layout.end_NB, *strides, slot, NB, Hq, K1, D, qk_scale, sm_scale,
+            lists.tokens_E, lists.list_end_L, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
+            layout.start_NB, layout.end_NB, *strides, slot, NB, Hq, D, qk_scale, sm_scale,
             FIRST=slot == 0, **sizes, num_warps=tiles.warps,
         )  # fmt: skip
     dq_THD = torch.empty_like(q_THD)

@@ -13,17 +13,9 @@ import sys
 import pytest
 
 FLOATS = {"lse_ptr", "delta_ptr", "kbar_ptr", "state_o_ptr", "state_lse_ptr", "state_dq_ptr"}
-INDICES = {
-    "sel_ptr",
-    "entries_ptr",
-    "list_start_ptr",
-    "tile_list_ptr",
-    "tile_row0_ptr",
-    "start_ptr",
-    "end_ptr",
-    "first_ptr",
-    "slot_tile_start_ptr",
-}
+INDICES = {"sel_ptr", "tokens_ptr", "start_ptr", "end_ptr", "first_ptr"}
+# Positions in the gathered entries and list numbers (layout.GatherLists).
+WIDE_INDICES = {"list_begin_ptr", "list_end_ptr", "tile_list_ptr", "tile_row0_ptr", "slot_tile_start_ptr"}
 
 
 def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]:
@@ -63,6 +55,8 @@ def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]
                 signature[name] = "*fp32"
             elif name in INDICES:
                 signature[name] = "*i32"
+            elif name in WIDE_INDICES:
+                signature[name] = "*i64"
             elif name.endswith("_ptr"):
                 signature[name] = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype_name]
             elif name.endswith("scale"):

@@ -185,15 +185,15 @@ def test_gather_lists_group_entries_by_slot_head_and_block():
     T, Hq, K1, NB, rows = 23, 3, 2, 5, 4
     sel = torch.randint(-1, NB, (T, Hq, K1), generator=g, dtype=torch.int32)
     lists = gather_lists(sel, NB, rows)
+    assert lists.tokens_E.dtype == torch.int32 and lists.list_begin_L.dtype == torch.int64
     for s in range(K1):
         for h in range(Hq):
             for j in range(NB):
                 lst = (s * Hq + h) * NB + j
-                entries = lists.entries_E[lists.list_start[lst] : lists.list_start[lst + 1]].long()
-                t, h_of, s_of = entries // (Hq * K1), (entries // K1) % Hq, entries % K1
-                assert (h_of == h).all() and (s_of == s).all() and (sel[t, h, s] == j).all()
+                t = lists.tokens_E[lists.list_begin_L[lst] : lists.list_end_L[lst]].long()
+                assert (sel[t, h, s] == j).all()
                 assert torch.equal(t, torch.sort(t).values)
-                assert len(entries) == int((sel[:, h, s] == j).sum())
+                assert len(t) == int((sel[:, h, s] == j).sum())
     # Tiles: slot by slot, each list's entries are covered once, within the per-slot bound.
     for s in range(K1):
         first, end = int(lists.slot_tile_start[s]), int(lists.slot_tile_start[s + 1])
@@ -202,10 +202,11 @@ def test_gather_lists_group_entries_by_slot_head_and_block():
         for u in range(first, end):
             lst = int(lists.tile_list_U[u])
             assert lst // (Hq * NB) == s
-            row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_start[lst + 1])
+            row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_end_L[lst])
             covered += list(range(row0, min(row0 + rows, row_end)))
-        lo, hi = int(lists.list_start[s * Hq * NB]), int(lists.list_start[(s + 1) * Hq * NB])
-        assert sorted(covered) == list(range(lo, hi))
+        slot_lists = range(s * Hq * NB, (s + 1) * Hq * NB)
+        expected = [r for lst in slot_lists for r in range(lists.list_begin_L[lst], lists.list_end_L[lst])]
+        assert sorted(covered) == expected
 
 
 def test_public_op_runs_the_reference_off_cuda():
