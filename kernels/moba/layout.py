@@ -151,3 +151,43 @@ def gather_lists(sel_THK: torch.Tensor, n_blocks: int, tile_rows: int) -> Gather
         slot_tile_start=slot_tile_start,
         tiles_per_slot=per_slot,
     )
+
+
+@dataclass
+class KeyBlockChunks:
+    """The routed queries of each key block, cut into chunks so that a block most queries chose
+    (an attention sink) is shared by several dk/dv programs instead of serializing one.
+
+    Pair w = g * Hkv + hk is key block g at KV head hk. Its routed rows are its lists
+    (s * Hq + h) * NB + g for the group's query heads h and every slot s, laid end to end in
+    (head, slot) order; rows [c * rows, (c + 1) * rows) are chunk c. Chunk 0 stays with the
+    pair's own program; chunk c >= 1 is partial p = first_W[w] + c - 1, with owner_P[p] = w and
+    index_P[p] = c. Partials number at most `n_partials` = E // rows, a bound from shapes.
+    """
+
+    first_W: torch.Tensor
+    owner_P: torch.Tensor
+    index_P: torch.Tensor
+    rows: int
+    n_partials: int
+
+
+def key_block_chunks(
+    lists: GatherLists, k1: int, n_heads: int, n_kv_heads: int, n_blocks: int, rows: int
+) -> KeyBlockChunks:
+    device = lists.tokens_E.device
+    W = n_blocks * n_kv_heads
+    if k1 == 0:
+        nothing = torch.zeros(1, dtype=torch.int64, device=device)
+        return KeyBlockChunks(torch.zeros(W + 1, dtype=torch.int64, device=device), nothing, nothing, rows, 0)
+    sizes_L = lists.list_end_L - lists.list_begin_L
+    groups = n_heads // n_kv_heads
+    rows_W = sizes_L.view(k1, n_kv_heads, groups, n_blocks).sum((0, 2)).T.flatten()
+    # Every chunk of a pair but the first: floor((R - 1) / rows) of R rows, <= R / rows, so their
+    # sum over pairs stays within E // rows.
+    extra_W = (rows_W - 1).clamp(min=0) // rows
+    first_W = torch.cat([extra_W.new_zeros(1), extra_W.cumsum(0)])
+    P = lists.tokens_E.numel() // rows
+    p_P = torch.arange(P, device=device)
+    owner_P = torch.searchsorted(first_W[1:], p_P, right=True).clamp(max=W - 1)
+    return KeyBlockChunks(first_W, owner_P, p_P - first_W[owner_P] + 1, rows, P)

@@ -28,6 +28,9 @@ class LaunchTiles:
     rows: int
     """Keys summed at once for the block means."""
     warps: int
+    split: int = 4
+    """A key block's routed queries are cut, for dk/dv, into chunks of `split` x their mean count
+    (see dkdv.py): the longest program against the partials' memory."""
 
 
 def launch_tiles(q: torch.Tensor) -> LaunchTiles:
@@ -88,6 +91,16 @@ def routed_rows(
     rows_ok = rows < tl.where(live, tl.load(list_end_ptr + lst), 0)
     t = tl.load(tokens_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
     return live, ((lst // NB) % HQ).to(tl.int32), lst % NB, t, rows_ok
+
+
+@triton.jit
+def grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, ok, HQ, D, BLOCK_D: tl.constexpr):
+    """What a query row brings to every gradient: q, do, its log2-sum-exp and delta = do . o."""
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=ok, other=0.0) * LOG2E_K
+    delta = tl.load(delta_ptr + t * HQ + h, mask=ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit

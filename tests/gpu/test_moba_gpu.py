@@ -113,8 +113,9 @@ def test_memory_stays_linear_in_tokens():
     torch.autograd.grad(o, q, do)
     extra = torch.cuda.max_memory_allocated() - base
     entries = T * H * (topk - 1)
-    # o, dq, dk, dv (4 x q), the fp32 routed state of the forward or the backward (2 x q), 64 bytes per entry.
-    bound = 6 * q.numel() * q.element_size() + 64 * entries
+    # o, dq, dk, dv (4 x q), the fp32 routed state of the forward or the backward (2 x q), the dk/dv
+    # partials of long routed lists (8 bytes x k / split = 1 x k in bf16), 64 bytes per entry.
+    bound = 7 * q.numel() * q.element_size() + 64 * entries
     gate_bytes = (T // block_size) * H * T * 4
     assert extra <= bound < gate_bytes / 2, (extra, bound, gate_bytes)
 

@@ -15,6 +15,7 @@ import torch
 
 from sparsetron.kernels import moba
 from sparsetron.kernels.moba import backward as moba_backward
+from sparsetron.kernels.moba import dkdv as moba_dkdv
 from sparsetron.kernels.moba import forward as moba_forward
 from sparsetron.kernels.moba import moba_reference, moba_selection, moba_triton
 from sparsetron.kernels.moba import routing as moba_routing
@@ -35,7 +36,7 @@ def nan_filled_buffers(monkeypatch):
     )
     poisoned_torch.empty = lambda *a, **kw: _poisoned(torch.empty(*a, **kw))
     poisoned_torch.empty_like = lambda *a, **kw: _poisoned(torch.empty_like(*a, **kw))
-    for module in (moba_forward, moba_backward, moba_routing):
+    for module in (moba_forward, moba_backward, moba_dkdv, moba_routing):
         monkeypatch.setattr(module, "torch", poisoned_torch)
 
 
@@ -57,6 +58,10 @@ def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype):
 def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
     """Kernel o, dq, dk, dv in fp32 against the fp64 reference, within a few times torch's own fp32 error."""
     q, k, v, do, cu = packed(lengths, hq, hkv, d, seed)
+    assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
+
+
+def assert_inputs_match_reference(q, k, v, do, cu, block_size, topk):
     exact = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float64)
     torch_fp32 = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float32)
     kernel = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
@@ -65,6 +70,7 @@ def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
         err = (ours.double() - truth).abs().max().item()
         torch_err = (theirs.double() - truth).abs().max().item()
         assert err <= 8 * torch_err + 1e-6, f"{name}: kernel error {err:.2e}, torch fp32 error {torch_err:.2e}"
+    return kernel
 
 
 @pytest.mark.parametrize(
@@ -143,6 +149,43 @@ def test_routing_picks_the_reference_blocks(lengths, hq, hkv, block_size, topk):
                         ours_HLn[h, t, j - first_block] = True
         assert torch.equal(ours_HLn, chosen_HLn)
         start += L
+
+
+def sink_inputs(lengths, hq, hkv, d, block_size, seed):
+    """Packed inputs whose first block of every sequence wins every query's gate: its keys and all
+    queries share a direction w, far above the spread of the other block means."""
+    q, k, v, do, cu = packed(lengths, hq, hkv, d, seed)
+    w = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)), dim=0)
+    q += 4 * w
+    for start in cu[:-1].tolist():
+        k[start : start + block_size] += 8 * w
+    return q, k, v, do, cu
+
+
+@pytest.mark.parametrize("lengths, hq, hkv, topk", [([110, 29], 4, 2, 3), ([97], 2, 1, 4)])
+def test_attention_sink_backward_splits_and_matches_reference(lengths, hq, hkv, topk, monkeypatch):
+    """Every query picks its sequence's block 0; with dk/dv chunks of 16 routed rows that block's
+    readers are cut into many chunks, and the reduced partials still match fp64, bitwise the same
+    run to run."""
+    d, block_size, chunk_rows = 16, 8, 16
+    q, k, v, do, cu = sink_inputs(lengths, hq, hkv, d, block_size, seed=11)
+    start = 0
+    for L in lengths:
+        chosen_HLn = moba_selection(q[start : start + L], k[start : start + L].repeat_interleave(hq // hkv, 1), 8, topk)
+        assert chosen_HLn[:, block_size:, 0].all()
+        start += L
+    monkeypatch.setattr(moba_dkdv, "dkdv_chunk_rows", lambda *args: chunk_rows)
+    chunks = []
+    real_chunks = moba_dkdv.key_block_chunks
+    monkeypatch.setattr(moba_dkdv, "key_block_chunks", lambda *a: chunks.append(real_chunks(*a)) or chunks[-1])
+    first = assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
+    # Block 0, KV head 0: all later queries of the group's heads, cut into chunks of 16 rows.
+    readers = (hq // hkv) * (lengths[0] - block_size)
+    first_W = chunks[0].first_W
+    assert first_W[1] - first_W[0] == -(-readers // chunk_rows) - 1 >= 8
+    again = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_routing_breaks_ties_by_block_number():
