@@ -52,14 +52,13 @@ class _MobaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, cu_seqlens, block_size, topk):
         # Imported here so that CPU-only users never load triton.
         from .forward import moba_fwd
-        from .layout import block_layout, check_index_range, gather_lists
+        from .layout import block_layout, gather_lists
         from .routing import route
         from .tiles import launch_tiles
 
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         T, Hq, _ = q.shape
         tiles = launch_tiles(q)
-        check_index_range(T, cu_seqlens.numel() - 1, Hq, block_size, tiles.block_m)
         layout = block_layout(cu_seqlens, T, block_size)
         # No query has more than max_blocks_per_seq - 1 fully past blocks: slots past that stay empty.
         k1 = max(min(topk - 1, layout.max_blocks_per_seq - 1), 0)
@@ -88,7 +87,11 @@ def moba_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int
 ) -> torch.Tensor:
     """MoBA by the Triton kernels, whatever the device (CPU tensors need TRITON_INTERPRET=1)."""
+    from .layout import check_index_range
+    from .tiles import launch_tiles
+
     _check_inputs(q, k, v, cu_seqlens, block_size, topk)
+    check_index_range(q.shape[0], cu_seqlens.numel() - 1, q.shape[1], block_size, launch_tiles(q).block_m)
     if q.shape[0] == 0:
         return moba_reference(q, k, v, cu_seqlens, block_size, topk)
     return _MobaFunction.apply(q, k, v, cu_seqlens, block_size, topk)

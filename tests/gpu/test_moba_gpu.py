@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetron.kernels.moba import moba_attention, moba_reference
+from sparsetron.kernels.moba import moba_attention, moba_reference, moba_selection
 
 pytestmark = pytest.mark.gpu
 
@@ -69,6 +69,27 @@ def test_long_sequence_within_k_blocks_is_full_causal_attention():
 
     # fp32 stands in for fp64 (the fp64 scores at 12K would take 19 GB): its error is ~2^16 below bf16's.
     assert_within_dtype_error("o", o, causal(torch.float32), causal(torch.bfloat16))
+
+
+def test_attention_sink_matches_reference_and_is_deterministic():
+    """Every query routes to block 0 (its keys and the queries share a direction): the dk/dv of
+    that block come from 8 chunks of routed queries (dkdv.py) reduced in order, bitwise stable."""
+    lengths, hq, hkv, d, block_size, topk, dtype = [8192], 8, 2, 128, 128, 3, torch.bfloat16
+    q, k, v, do, cu = packed(lengths, hq, hkv, d, seed=5)
+    w = F.normalize(torch.randn(d, device="cuda", generator=torch.Generator(device="cuda").manual_seed(6)), dim=0)
+    q += 4 * w
+    k[:block_size] += 8 * w
+    rounded = [x.to(dtype).double() for x in (q, k, v, do)]
+    chosen_HLn = moba_selection(rounded[0], rounded[1].repeat_interleave(hq // hkv, 1), block_size, topk)
+    assert chosen_HLn[:, block_size:, 0].all()
+    exact = output_and_grads(moba_reference, *rounded, cu, block_size, topk, torch.float64)
+    torch_dtype = output_and_grads(masked_sdpa, *rounded, cu, block_size, topk, dtype)
+    kernel = output_and_grads(moba_attention, q, k, v, do, cu, block_size, topk, dtype)
+    for name, ours, theirs, truth in zip(("o", "dq", "dk", "dv"), kernel, torch_dtype, exact, strict=True):
+        assert_within_dtype_error(name, ours, truth, theirs)
+    again = output_and_grads(moba_attention, q, k, v, do, cu, block_size, topk, dtype)
+    for a, b in zip(kernel, again, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_backward_is_deterministic():

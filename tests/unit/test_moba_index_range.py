@@ -11,7 +11,7 @@ Shape legend: T tokens, Hq query heads, K1 routed slots per query, NB blocks.
 import pytest
 import torch
 
-from sparsetron.kernels.moba import layout
+from sparsetron.kernels.moba import layout, moba_triton
 from sparsetron.kernels.moba.layout import INT32_MAX, check_index_range, gather_lists, n_blocks_bound, tiles_per_slot
 
 
@@ -63,3 +63,12 @@ def test_tiles_of_a_slot_fit_one_launch_grid():
     check_index_range(lo, 1, Hq, block_size, rows)
     with pytest.raises(ValueError, match=rf"{hi} tokens x 64 heads in tiles of 64 .* need {tiles(hi)} programs"):
         check_index_range(hi, 1, Hq, block_size, rows)
+
+
+def test_op_refuses_before_any_launch():
+    """On meta tensors nothing can launch: the refusal comes from the shapes alone."""
+    T = INT32_MAX - 511
+    q, k, v = (torch.empty(T, 2, 64, dtype=torch.bfloat16, device="meta") for _ in range(3))
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    with pytest.raises(ValueError, match=rf"{T} tokens \+ block size 512 = 2147483648 > 2\^31 - 1"):
+        moba_triton(q, k, v, cu, 512, 3)
