@@ -124,15 +124,19 @@ def gather_lists(sel_THK: torch.Tensor, n_blocks: int, tile_rows: int) -> Gather
     if K1 == 0:
         nothing = torch.zeros(1, dtype=torch.int64, device=device)
         return GatherLists(nothing.int(), nothing, nothing, nothing, nothing, nothing, 0)
-    # One row per (slot, head), keyed by block; unused slots sort past every block. Rows of T
-    # keys, not one sort of T * Hq * K1: torch's CUDA sort refuses a dimension over 2^31 - 1.
-    key_RT = torch.where(sel_THK >= 0, sel_THK, n_blocks).permute(2, 1, 0).reshape(K1 * Hq, T)
-    # A stable sort keeps each list in query order; the index within a row is the query token.
-    key_sorted_RT, tokens_RT = torch.sort(key_RT, dim=1, stable=True)
-    key_sorted_RT = key_sorted_RT.contiguous()
-    j_RJ = torch.arange(n_blocks + 1, dtype=key_RT.dtype, device=device).expand(K1 * Hq, n_blocks + 1)
-    row0_R1 = torch.arange(K1 * Hq, dtype=torch.int64, device=device).view(-1, 1) * T
-    bounds_RJ = torch.searchsorted(key_sorted_RT, j_RJ.contiguous()) + row0_R1
+    # One row per (slot, head) of T keys, the block number (unused slots sort past every block):
+    # torch's CUDA sort refuses a dimension over 2^31 - 1, which T * Hq * K1 passes at long
+    # contexts. A slot at a time keeps the sort's scratch (int32 keys, int64 indices) to T * Hq.
+    tokens_E = torch.empty(K1 * Hq * T, dtype=torch.int32, device=device)
+    bounds_RJ = torch.empty(K1 * Hq, n_blocks + 1, dtype=torch.int64, device=device)
+    j_HJ = torch.arange(n_blocks + 1, dtype=sel_THK.dtype, device=device).expand(Hq, n_blocks + 1).contiguous()
+    for s in range(K1):
+        key_HT = torch.where(sel_THK[:, :, s] >= 0, sel_THK[:, :, s], n_blocks).T.contiguous()
+        # A stable sort keeps each list in query order; the index within a row is the query token.
+        key_sorted_HT, tokens_HT = torch.sort(key_HT, dim=1, stable=True)
+        tokens_E[s * Hq * T : (s + 1) * Hq * T] = tokens_HT.flatten()
+        row0_H1 = torch.arange(s * Hq, (s + 1) * Hq, device=device).view(Hq, 1) * T
+        bounds_RJ[s * Hq : (s + 1) * Hq] = torch.searchsorted(key_sorted_HT.contiguous(), j_HJ) + row0_H1
     list_begin_L = bounds_RJ[:, :-1].flatten()
     list_end_L = bounds_RJ[:, 1:].flatten()
     tiles_L = (list_end_L - list_begin_L + tile_rows - 1) // tile_rows
@@ -143,7 +147,7 @@ def gather_lists(sel_THK: torch.Tensor, n_blocks: int, tile_rows: int) -> Gather
     tile_row0_U = list_begin_L[tile_list_U] + (u_U - tile_first_L[tile_list_U]) * tile_rows
     slot_tile_start = torch.cat([tile_first_L[:: Hq * n_blocks], tile_end_L[-1:]])
     return GatherLists(
-        tokens_E=tokens_RT.flatten().to(torch.int32),
+        tokens_E=tokens_E,
         list_begin_L=list_begin_L,
         list_end_L=list_end_L,
         tile_list_U=tile_list_U,
