@@ -8,10 +8,13 @@ kernel writes fails the comparison.
 Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
 """
 
+import collections
+import inspect
 import types
 
 import pytest
 import torch
+import triton.language as tl
 
 from sparsetron.kernels import moba
 from sparsetron.kernels.moba import backward as moba_backward
@@ -165,8 +168,8 @@ def sink_inputs(lengths, hq, hkv, d, block_size, seed):
 @pytest.mark.parametrize("lengths, hq, hkv, topk", [([110, 29], 4, 2, 3), ([97], 2, 1, 4)])
 def test_attention_sink_backward_splits_and_matches_reference(lengths, hq, hkv, topk, monkeypatch):
     """Every query picks its sequence's block 0; with dk/dv chunks of 16 routed rows that block's
-    readers are cut into many chunks, and the reduced partials still match fp64, bitwise the same
-    run to run."""
+    readers are cut into many chunks, no program reads more than 16 of them, and the reduced
+    partials still match fp64, bitwise the same run to run."""
     d, block_size, chunk_rows = 16, 8, 16
     q, k, v, do, cu = sink_inputs(lengths, hq, hkv, d, block_size, seed=11)
     start = 0
@@ -178,7 +181,21 @@ def test_attention_sink_backward_splits_and_matches_reference(lengths, hq, hkv, 
     chunks = []
     real_chunks = moba_dkdv.key_block_chunks
     monkeypatch.setattr(moba_dkdv, "key_block_chunks", lambda *a: chunks.append(real_chunks(*a)) or chunks[-1])
+    # Routed query rows each dk/dv program reads (the interpreter runs kernels as Python).
+    routed_rows = collections.Counter()
+    real_from_queries = moba_dkdv._dkdv_from_queries
+
+    def counting_from_queries(*args):
+        if not args[17]:  # CAUSAL False: gathered rows
+            kernel = next(f.function for f in inspect.stack() if f.function.startswith("_bwd_dkdv"))
+            pid = tuple(int(tl.program_id(axis).handle.data.reshape(-1)[0]) for axis in range(3))
+            routed_rows[kernel, pid] += int(args[6].handle.data.sum())
+        return real_from_queries(*args)
+
+    monkeypatch.setattr(moba_dkdv, "_dkdv_from_queries", counting_from_queries)
     first = assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
+    assert max(routed_rows.values()) <= chunk_rows
+    monkeypatch.setattr(moba_dkdv, "_dkdv_from_queries", real_from_queries)
     # Block 0, KV head 0: all later queries of the group's heads, cut into chunks of 16 rows.
     readers = (hq // hkv) * (lengths[0] - block_size)
     first_W = chunks[0].first_W
