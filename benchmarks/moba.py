@@ -10,11 +10,14 @@ Before anything is timed, each contender's output is checked: a small case again
 `moba_reference`, and at every S MoBA's and Flex's outputs (and gradients) against each other
 and against an exact fp32 computation of sampled query rows. A contender that disagrees gets
 no speedup ratio. Out-of-memory and failures are reported in the table and the run goes on.
-Prints markdown (header, one table per block size / top-k, checks, targets of issue 5) that
-pastes into benchmarks/RESULTS.md as is.
+An attention-sink section times MoBA alone with every query routed to block 0 against random
+routing at the same shapes (the dk/dv backward splits long routed lists; without that, the sink
+serializes it). Prints markdown (header, one table per block size / top-k, checks, the sink
+table, targets of issue 5) that pastes into benchmarks/RESULTS.md as is.
 
     python benchmarks/moba.py                     # GPU: S 8K, 32K, 128K (+512K forward), B=512/K=3 and B=4096/K=12
-    python benchmarks/moba.py --quick             # GPU: S 8K and 32K
+    python benchmarks/moba.py --quick             # GPU: S 8K and 32K, sink at 32K
+    python benchmarks/moba.py --sink-seqs 32k,512k --configs 512/3   # sink cases at other lengths
     python benchmarks/moba.py --seqs 32k,128k --configs 512/3 --kv-heads 4
     python benchmarks/moba.py --output $OUT/moba.md   # also write the report to a file
     python benchmarks/moba.py --device cpu        # tiny shapes, fp32, eager Flex forward: a smoke test (~15 s)
@@ -23,7 +26,7 @@ Expected duration of the default GPU run on one H100: about 5 minutes (an estima
 been lent when this was written). FlexAttention compiles its block mask and kernels once per
 (S, B, K) case, roughly 20-60 s each; dense SDPA fwd+bwd at 128K is ~460 ms a call
 (../shared/specs/anchors.md) and Flex with the exact mask about 3x that. Cases run training
-lengths first, 512K forward last; once `--budget` seconds (default 480) are spent no new case
+lengths first, 512K forward, then the sink cases (MoBA only, 32K and 128K: seconds); once `--budget` seconds (default 480) are spent no new case
 starts, so one run fits in 10 minutes. `--flex-max-seq 32k` (or 0) saves most of the compile time.
 Progress goes to stderr; the report (stdout, and `--output`) comes last.
 
@@ -53,8 +56,11 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from sparsetron.kernels.moba import moba_attention, moba_reference, moba_selection
 
 GPU = {"seqs": "8k,32k,128k,512k", "configs": "512/3,4096/12", "heads": 16, "head_dim": 128, "max_train_seq": "128k"}
+GPU["sink_seqs"] = "32k,128k"
 GPU_QUICK_SEQS = "8k,32k"
+GPU_QUICK_SINK_SEQS = "32k"
 CPU = {"seqs": "512,1024", "configs": "64/3,128/4", "heads": 2, "head_dim": 32, "max_train_seq": "512"}
+CPU["sink_seqs"] = "512"
 CPU_QUICK_SEQS = "512"
 # (B, K, S, speedup over SDPA in fwd+bwd) from issue 5; peak memory at most 1.5x SDPA's everywhere.
 SPEED_TARGETS = [(512, 3, 32768, 6.0), (512, 3, 131072, 20.0)]
@@ -542,6 +548,85 @@ def reference_checks(args) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------- an attention sink
+
+
+def sink_inputs(args, S: int, B: int) -> Inputs:
+    """make_inputs with block 0 made an attention sink: its keys and every query share a direction
+    w, so that every query's gate picks block 0 (and its dk/dv program would read every query)."""
+    inp = make_inputs(args, S, "SHD", grad=False)
+    g = torch.Generator(device=args.device).manual_seed(args.seed + S + 1)
+    w = F.normalize(torch.randn(args.head_dim, generator=g, device=args.device), dim=0).to(args.dtype)
+    inp.q += 4 * w
+    inp.k[:B] += 8 * w
+    for t in inp.leaves():
+        t.requires_grad_()
+    return inp
+
+
+def run_sink(args, B: int, K: int, S: int) -> tuple[str, bool, str]:
+    """MoBA alone at one (S, B, K), on random inputs and on sink inputs: a table row, whether both
+    outputs matched the exact sampled rows, and what was checked."""
+    rtol = 3e-2 if args.dtype == torch.bfloat16 else 1e-4
+    rows = sample_rows(S, B, args.rows, args.seed, args.device)
+    shares, cells, checks, all_ok = [], [], [], True
+    for name, inputs in (("random", lambda: make_inputs(args, S, "SHD")), ("sink", lambda: sink_inputs(args, S, B))):
+        inp = inputs()
+        kbar = block_means(inp.k, B)
+        want_rows, near_rows = exact_rows(inp, rows, kbar, B, K, args.tie_tol)
+        chosen_HRn, _ = select_rows(inp.q[rows], rows, kbar, B, K, args.tie_tol)
+        shares.append(f"{chosen_HRn[:, rows >= B, 0].float().mean().item():.0%}")
+        try:
+            got = outputs(lambda i: moba_call(args, i, B, K), inp, grads=False)[0][rows]
+            ok, worst, excused = compare_rows(got, want_rows, near_rows, rtol)
+            checks.append(
+                f"{name} {len(rows)} exact rows: max err {worst:.2%}" + (f", {excused} excused" if excused else "")
+            )
+        except Exception as error:
+            ok = False
+            checks.append(f"{name} check {describe(error)}")
+        all_ok = all_ok and ok
+        free(collect=True)
+        cells.append({mode: measure(args, lambda i: moba_call(args, i, B, K), inp, mode) for mode in MODES})
+        del inp
+        free()
+    slow = "—"
+    random_ms, sink_ms = cells[0]["fwd+bwd"].ms, cells[1]["fwd+bwd"].ms
+    if all_ok and random_ms and sink_ms:
+        slow = f"{sink_ms / random_ms:.2f}x"
+    row = [short(S), str(B), str(K), " / ".join(shares)]
+    row += [fmt_cell(c[mode]) for mode in MODES for c in cells] + [slow]
+    log(args, f"sink S={short(S)} B={B} K={K}: " + " | ".join(row[3:]))
+    return "| " + " | ".join(row) + " |", all_ok, "; ".join(checks)
+
+
+def sink_section(args, skipped: list[str]) -> list[str]:
+    """The sink cases at the first --configs B/K, while the budget lasts."""
+    B, K = args.configs[0]
+    head = ["S", "B", "K", "block 0 picked (random / sink)", "fwd ms random", "fwd ms sink"]
+    head += ["fwd+bwd ms random", "fwd+bwd ms sink", "sink / random fwd+bwd"]
+    lines = [
+        "",
+        "### Attention sink (MoBA only)",
+        "",
+        "Every query routed to block 0 (its keys and the queries share a direction), against the same "
+        "shapes on random inputs: with the dk/dv work of long routed lists split across programs the "
+        "sink should cost about what random routing costs.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    checks = []
+    for S in args.sink_seqs:
+        if time.perf_counter() - args.t0 > args.budget:
+            skipped.append(f"sink S={short(S)} B={B} K={K}")
+            continue
+        row, ok, text = run_sink(args, B, K, S)
+        lines.append(row)
+        checks.append(f"- sink S={short(S)}: {'ok' if ok else 'WRONG'} ({text})")
+    return lines + ["", *checks] if checks else []
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -685,6 +770,7 @@ def parse(argv):
     parser.add_argument(
         "--flex-max-seq", type=size_arg, help="longer S skip Flex (default: --max-train-seq; 0: no Flex)"
     )
+    parser.add_argument("--sink-seqs", help="S of the attention-sink cases, MoBA only (GPU default 32k,128k; 0: none)")
     parser.add_argument("--sdpa-backend", default="auto", choices=["auto", "flash", "cudnn", "efficient"])
     parser.add_argument("--rows", type=int, default=64, help="random query rows checked exactly at each S")
     parser.add_argument("--tie-tol", type=float, default=1e-4, help="near-tied gates, relative to |q| max|kbar|")
@@ -697,6 +783,9 @@ def parse(argv):
         args.seqs = (GPU_QUICK_SEQS if args.device == "cuda" else CPU_QUICK_SEQS) if args.quick else defaults["seqs"]
     args.seqs = [size_arg(s) for s in args.seqs.split(",")]
     args.configs = [tuple(int(x) for x in c.split("/")) for c in (args.configs or defaults["configs"]).split(",")]
+    quick_sinks = GPU_QUICK_SINK_SEQS if args.device == "cuda" and args.quick else defaults["sink_seqs"]
+    sinks = (args.sink_seqs or quick_sinks).split(",")
+    args.sink_seqs = [S for S in (size_arg(s) for s in sinks) if S > 0]
     args.heads = args.heads or defaults["heads"]
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or defaults["head_dim"]
@@ -730,6 +819,7 @@ def main(argv: list[str] | None = None) -> str:
         if not args.reference_ok:
             case.verdict["MoBA"] = (False, "failed the reference check; " + case.verdict["MoBA"][1])
         cases.append(case)
+    sink = sink_section(args, skipped)
     lines = header(args) + ["", "Check against `moba_reference` (fp64) and `moba_selection`:", *reference]
     for B, K in args.configs:
         mine = sorted((c for c in cases if (c.B, c.K) == (B, K)), key=lambda c: c.S)
@@ -746,6 +836,7 @@ def main(argv: list[str] | None = None) -> str:
         for case in mine:
             for name, (ok, text) in case.verdict.items():
                 lines.append(f"- S={short(case.S)} {name}: {'ok' if ok else 'WRONG'} ({text})")
+    lines += sink
     lines += [
         "",
         "### Targets (issue 5)",

@@ -87,7 +87,11 @@ def moba_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, block_size: int, topk: int
 ) -> torch.Tensor:
     """MoBA by the Triton kernels, whatever the device (CPU tensors need TRITON_INTERPRET=1)."""
+    from .layout import check_index_range
+    from .tiles import launch_tiles
+
     _check_inputs(q, k, v, cu_seqlens, block_size, topk)
+    check_index_range(q.shape[0], cu_seqlens.numel() - 1, q.shape[1], block_size, launch_tiles(q).block_m)
     if q.shape[0] == 0:
         return moba_reference(q, k, v, cu_seqlens, block_size, topk)
     return _MobaFunction.apply(q, k, v, cu_seqlens, block_size, topk)

@@ -5,9 +5,8 @@ mask (rebuilt from the forward's log-sum-exp) and delta_t = do_t . o_t:
 dv_u = sum_t P_tu do_t, dk_u = scale sum_t dS_tu q_t, dq_t = scale sum_u dS_tu k_u, where
 dS_tu = P_tu (do_t . v_u - delta_t).
 
-- `_bwd_dkdv_kernel`: one program per (block, key tile, KV head) walks every query that reads
-  those keys: for each query head of the group, the block's own later queries (causal), then
-  the gathered queries that chose the block. Sums in registers, one write: no atomics.
+- dk and dv: dkdv.py, every query that reads a key block, split so that an attention sink
+  does not serialize the backward; no atomics.
 - `_bwd_dq_routed_kernel`, launched once per slot: per work tile of gathered queries, their
   dq from the chosen block, added to an fp32 dq of the routed blocks (slot order, no races).
 - `_bwd_dq_current_kernel`: per query tile, dq from the current block plus the routed dq.
@@ -21,13 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .dkdv import dkdv_bwd
 from .layout import BlockLayout, GatherLists
 from .tiles import (
     LOG2E,
-    LOG2E_K,
     LaunchTiles,
     block_query_rows,
     dot_precision,
+    grad_rows,
     key_tile,
     load_rows,
     routed_rows,
@@ -40,87 +40,11 @@ def _bwd_delta_kernel(
     o_ptr, do_ptr, delta_ptr, T, HQ, stride_ot, stride_oh, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
 ):
     h = tl.program_id(1)
-    t = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     t_ok = t < T
     o = load_rows(o_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
     do = load_rows(do_ptr, t, h, stride_ot, stride_oh, t_ok, D, BLOCK_D).to(tl.float32)
     tl.store(delta_ptr + t * HQ + h, tl.sum(o * do, axis=1), mask=t_ok)
-
-
-@triton.jit
-def _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, ok, HQ, D, BLOCK_D: tl.constexpr):
-    """What a query row brings to every gradient: q, do, its log2-sum-exp and delta = do . o."""
-    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
-    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
-    lse = tl.load(lse_ptr + t * HQ + h, mask=ok, other=0.0) * LOG2E_K
-    delta = tl.load(delta_ptr + t * HQ + h, mask=ok, other=0.0)
-    return q, do, lse, delta
-
-
-@triton.jit
-def _dkdv_from_queries(
-    k, v, dk, dv, u, t, t_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D, qk_scale,
-    CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Add the contribution of query rows t (head h) to the key tile's dk and dv."""
-    q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
-    # Transposed scores [keys, queries], so that dk and dv come out as plain products.
-    s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-    ok = t_ok[None, :]
-    if CAUSAL:
-        ok = ok & (u[:, None] <= t[None, :])
-    p_T = tl.where(ok, tl.exp2(s_T - lse[None, :]), 0.0)
-    dv += tl.dot(p_T.to(do.dtype), do, input_precision=PRECISION)
-    dp_T = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    ds_T = p_T * (dp_T - delta[None, :])
-    dk += tl.dot(ds_T.to(q.dtype), q, input_precision=PRECISION)
-    return dk, dv
-
-
-@triton.jit
-def _bwd_dkdv_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    entries_ptr, list_start_ptr, start_ptr, end_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh,
-    NB, HQ, K1, D, qk_scale, sm_scale,
-    GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):  # fmt: skip
-    g = tl.program_id(0)
-    hk = tl.program_id(2)
-    end = tl.load(end_ptr + g)
-    key_lo = tl.load(start_ptr + g) + tl.program_id(1) * BLOCK_N
-    if key_lo >= end:
-        return
-    u = (key_lo + tl.arange(0, BLOCK_N)).to(tl.int64)
-    u_ok = u < end
-    k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-    v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for i in range(GROUPS):
-        h = hk * GROUPS + i
-        # The block's own queries at or after the tile's first key.
-        for m0 in range(key_lo, end, BLOCK_M):
-            t = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-            dk, dv = _dkdv_from_queries(
-                k, v, dk, dv, u, t, t < end, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D,
-                qk_scale, True, BLOCK_D, PRECISION,
-            )  # fmt: skip
-        # The later queries that chose this block in any slot, gathered (lists (s * Hq + h) * NB + g).
-        for slot in range(K1):
-            lst = (slot * HQ + h) * NB + g
-            rows_hi = tl.load(list_start_ptr + lst + 1)
-            for r0 in range(tl.load(list_start_ptr + lst), rows_hi, BLOCK_M):
-                rows = r0 + tl.arange(0, BLOCK_M)
-                rows_ok = rows < rows_hi
-                t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
-                dk, dv = _dkdv_from_queries(
-                    k, v, dk, dv, u, t, rows_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ,
-                    D, qk_scale, False, BLOCK_D, PRECISION,
-                )  # fmt: skip
-    store_rows(dk_ptr, dk * sm_scale, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
-    store_rows(dv_ptr, dv, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
 
 
 @triton.jit
@@ -143,18 +67,18 @@ def _dq_from_keys(
 @triton.jit
 def _bwd_dq_routed_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, state_dq_ptr,
-    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
+    tokens_ptr, list_end_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    slot, NB, HQ, K1, D, qk_scale, sm_scale,
+    slot, NB, HQ, D, qk_scale, sm_scale,
     FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     live, h, j, t, rows_ok = routed_rows(
-        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1, BLOCK_M
+        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_end_ptr, tokens_ptr, slot, NB, HQ, BLOCK_M
     )
     if not live:
         return
-    q, do, lse, delta = _grad_rows(
+    q, do, lse, delta = grad_rows(
         q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, rows_ok, HQ, D, BLOCK_D
     )
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -181,7 +105,7 @@ def _bwd_dq_current_kernel(
     start, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
     if q0 >= end:
         return
-    q, do, lse, delta = _grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
+    q, do, lse, delta = grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(
         q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
@@ -224,19 +148,16 @@ def moba_bwd(
     _bwd_delta_kernel[(triton.cdiv(T, tiles.block_m), Hq)](
         o_THD, do_THD, delta_TH, T, Hq, o_THD.stride(0), o_THD.stride(1), D, BLOCK_M=tiles.block_m, BLOCK_D=BLOCK_D
     )
-    dk_THD = torch.empty_like(k_THD)
-    dv_THD = torch.empty_like(v_THD)
-    _bwd_dkdv_kernel[(NB, triton.cdiv(block_size, tiles.block_n), Hkv)](
-        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dk_THD, dv_THD,
-        lists.entries_E, lists.list_start, layout.start_NB, layout.end_NB, *strides,
-        NB, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
+    dk_THD, dv_THD = dkdv_bwd(
+        do_THD, q_THD, k_THD, v_THD, lse_TH, delta_TH, layout, lists, K1, block_size, tiles, sizes, strides,
+        qk_scale, sm_scale,
     )  # fmt: skip
     state_dq_THD = torch.empty(T, Hq, D if K1 else 1, dtype=torch.float32, device=q_THD.device)
     for slot in range(K1):
         _bwd_dq_routed_kernel[(lists.tiles_per_slot,)](
             q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, state_dq_THD,
-            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
-            layout.start_NB, layout.end_NB, *strides, slot, NB, Hq, K1, D, qk_scale, sm_scale,
+            lists.tokens_E, lists.list_end_L, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
+            layout.start_NB, layout.end_NB, *strides, slot, NB, Hq, D, qk_scale, sm_scale,
             FIRST=slot == 0, **sizes, num_warps=tiles.warps,
         )  # fmt: skip
     dq_THD = torch.empty_like(q_THD)

@@ -75,14 +75,14 @@ def _attend(
 @triton.jit
 def _fwd_routed_kernel(
     q_ptr, k_ptr, v_ptr, state_o_ptr, state_lse_ptr,
-    entries_ptr, list_start_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
+    tokens_ptr, list_end_ptr, tile_list_ptr, tile_row0_ptr, slot_tile_start_ptr, start_ptr, end_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
-    slot, NB, HQ, K1, D, qk_scale,
+    slot, NB, HQ, D, qk_scale,
     FIRST: tl.constexpr, GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     live, h, j, t, rows_ok = routed_rows(
-        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1, BLOCK_M
+        slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_end_ptr, tokens_ptr, slot, NB, HQ, BLOCK_M
     )
     if not live:
         return
@@ -191,10 +191,10 @@ def moba_fwd(
     for slot in range(K1):
         _fwd_routed_kernel[(lists.tiles_per_slot,)](
             q_THD, k_THD, v_THD, state_o_THD, state_lse_TH,
-            lists.entries_E, lists.list_start, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
+            lists.tokens_E, lists.list_end_L, lists.tile_list_U, lists.tile_row0_U, lists.slot_tile_start,
             layout.start_NB, layout.end_NB,
             q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1),
-            slot, NB, Hq, K1, D, qk_scale,
+            slot, NB, Hq, D, qk_scale,
             FIRST=slot == 0, GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,
             PRECISION=precision, num_warps=tiles.warps,
         )  # fmt: skip

@@ -5,7 +5,8 @@ Every size here is a static bound computed from shapes alone (never from the con
 launched over a bound exit early where the bound is not reached.
 
 Shape legend: T packed tokens, S sequences, Hq query heads, NB the bound on the number of
-blocks, K1 routed slots per query (topk - 1), E = T * Hq * K1 routed entries, U work tiles.
+blocks, K1 routed slots per query (topk - 1), E = T * Hq * K1 routed entries, R = K1 * Hq
+rows of entries (one per slot and head), J = NB + 1 list bounds per row, L lists, U work tiles.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+INT32_MAX = 2**31 - 1
 
 
 @dataclass
@@ -33,10 +36,14 @@ class BlockLayout:
     """A bound on the blocks of one sequence (ceil(T / block_size))."""
 
 
+def n_blocks_bound(n_tokens: int, n_seqs: int, block_size: int) -> int:
+    # sum over sequences of ceil(L / B) <= (T + S * (B - 1)) / B.
+    return max((n_tokens + n_seqs * (block_size - 1)) // block_size, 1)
+
+
 def block_layout(cu_seqlens: torch.Tensor, n_tokens: int, block_size: int) -> BlockLayout:
     S = cu_seqlens.numel() - 1
-    # sum over sequences of ceil(L / B) <= (T + S * (B - 1)) / B.
-    NB = max((n_tokens + S * (block_size - 1)) // block_size, 1)
+    NB = n_blocks_bound(n_tokens, S, block_size)
     cu = cu_seqlens.to(torch.int64)
     blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
     cu_blocks = torch.cat([blocks_S.new_zeros(1), blocks_S.cumsum(0)])
@@ -59,56 +66,132 @@ def block_layout(cu_seqlens: torch.Tensor, n_tokens: int, block_size: int) -> Bl
 
 @dataclass
 class GatherLists:
-    """For each (slot s, query head h, block j), the routed entries that chose j in slot s.
+    """For each (slot s, query head h, block j), the queries that chose j in slot s, in query order.
 
-    An entry e = (t * Hq + h) * K1 + s is slot s of query t at head h. `entries_E` holds the
-    entries sorted by list (s * Hq + h) * NB + j and, within a list, by t; list l occupies
-    entries_E[list_start[l] : list_start[l + 1]]. Lists are cut into tiles of `tile_rows`
-    entries: tile u belongs to list tile_list[u] and starts at entries_E[tile_row0[u]]. Slot s
-    owns tiles slot_tile_start[s] .. slot_tile_start[s + 1] - 1, at most `tiles_per_slot`.
+    List l = (s * Hq + h) * NB + j occupies tokens_E[list_begin[l] : list_end[l]]: the query
+    tokens of its entries (an entry is one routed slot of one (query, head)). Lists are cut
+    into tiles of `tile_rows` entries: tile u belongs to list tile_list[u] and starts at
+    tokens_E[tile_row0[u]]. Slot s owns tiles slot_tile_start[s] .. slot_tile_start[s + 1] - 1,
+    at most `tiles_per_slot`.
 
-    Within one slot a (query, head) appears at most once, so kernels launched slot by slot
-    can update per-query accumulators without races, in a fixed order.
+    Positions in tokens_E and list numbers reach T * Hq * K1 and K1 * Hq * NB, past int32 at
+    long contexts (4M tokens x 64 heads x 8 slots = 2^31), so they are int64; a token fits
+    int32 (cu_seqlens is int32). Within one slot a (query, head) appears at most once, so
+    kernels launched slot by slot can update per-query accumulators without races, in a fixed
+    order.
     """
 
-    entries_E: torch.Tensor
-    list_start: torch.Tensor
+    tokens_E: torch.Tensor
+    list_begin_L: torch.Tensor
+    list_end_L: torch.Tensor
     tile_list_U: torch.Tensor
     tile_row0_U: torch.Tensor
     slot_tile_start: torch.Tensor
     tiles_per_slot: int
 
 
+def tiles_per_slot(n_tokens: int, n_heads: int, n_blocks: int, tile_rows: int) -> int:
+    """A bound on one slot's work tiles: each list's tiles hold at most tile_rows - 1 unused rows."""
+    return -(-n_tokens * n_heads // tile_rows) + n_heads * n_blocks
+
+
+def check_index_range(n_tokens: int, n_seqs: int, n_heads: int, block_size: int, tile_rows: int) -> None:
+    """Refuse, from shapes alone, what the kernels' int32 quantities cannot hold.
+
+    Tokens and block bounds are int32 and a tile's rows run up to block_size past a block's
+    start; a slot's work tiles are one launch grid, whose first axis CUDA caps at 2^31 - 1.
+    Everything that grows with tokens x heads x slots is int64 and needs no check.
+    """
+    if n_tokens + block_size > INT32_MAX:
+        raise ValueError(
+            f"MoBA kernels index tokens in int32: {n_tokens} tokens + block size {block_size} "
+            f"= {n_tokens + block_size} > 2^31 - 1"
+        )
+    tiles = tiles_per_slot(n_tokens, n_heads, n_blocks_bound(n_tokens, n_seqs, block_size), tile_rows)
+    if tiles > INT32_MAX:
+        raise ValueError(
+            f"MoBA launches one program per work tile of a slot: {n_tokens} tokens x {n_heads} heads in tiles of "
+            f"{tile_rows} (block size {block_size}, {n_seqs} sequences) need {tiles} programs > 2^31 - 1"
+        )
+
+
 def gather_lists(sel_THK: torch.Tensor, n_blocks: int, tile_rows: int) -> GatherLists:
     """Group the routed picks `sel_THK` (block number, or -1 for none) by (slot, head, block)."""
     T, Hq, K1 = sel_THK.shape
     device = sel_THK.device
-    lists_per_slot = Hq * n_blocks
-    n_lists = K1 * lists_per_slot
-    # Each list's tiles hold at most tile_rows - 1 unused rows.
-    tiles_per_slot = -(-T * Hq // tile_rows) + lists_per_slot
+    n_lists = K1 * Hq * n_blocks
+    per_slot = tiles_per_slot(T, Hq, n_blocks, tile_rows)
     if K1 == 0:
-        nothing = torch.zeros(1, dtype=torch.int32, device=device)
-        return GatherLists(nothing, nothing, nothing, nothing, nothing, 0)
-    s_11K = torch.arange(K1, device=device).view(1, 1, K1)
-    h_1H1 = torch.arange(Hq, device=device).view(1, Hq, 1)
-    # Unused slots sort past every list.
-    key_E = torch.where(sel_THK >= 0, (s_11K * Hq + h_1H1) * n_blocks + sel_THK, n_lists).flatten()
-    # A stable sort keeps each list in entry order, which is query order.
-    key_sorted_E, entries_E = torch.sort(key_E, stable=True)
-    list_start = torch.searchsorted(key_sorted_E, torch.arange(n_lists + 1, device=device))
-    tiles_L = (list_start[1:] - list_start[:-1] + tile_rows - 1) // tile_rows
+        nothing = torch.zeros(1, dtype=torch.int64, device=device)
+        return GatherLists(nothing.int(), nothing, nothing, nothing, nothing, nothing, 0)
+    # One row per (slot, head) of T keys, the block number (unused slots sort past every block):
+    # torch's CUDA sort refuses a dimension over 2^31 - 1, which T * Hq * K1 passes at long
+    # contexts. A slot at a time keeps the sort's scratch (int32 keys, int64 indices) to T * Hq.
+    tokens_E = torch.empty(K1 * Hq * T, dtype=torch.int32, device=device)
+    bounds_RJ = torch.empty(K1 * Hq, n_blocks + 1, dtype=torch.int64, device=device)
+    j_HJ = torch.arange(n_blocks + 1, dtype=sel_THK.dtype, device=device).expand(Hq, n_blocks + 1).contiguous()
+    for s in range(K1):
+        key_HT = torch.where(sel_THK[:, :, s] >= 0, sel_THK[:, :, s], n_blocks).T.contiguous()
+        # A stable sort keeps each list in query order; the index within a row is the query token.
+        key_sorted_HT, tokens_HT = torch.sort(key_HT, dim=1, stable=True)
+        tokens_E[s * Hq * T : (s + 1) * Hq * T] = tokens_HT.flatten()
+        row0_H1 = torch.arange(s * Hq, (s + 1) * Hq, device=device).view(Hq, 1) * T
+        bounds_RJ[s * Hq : (s + 1) * Hq] = torch.searchsorted(key_sorted_HT.contiguous(), j_HJ) + row0_H1
+    list_begin_L = bounds_RJ[:, :-1].flatten()
+    list_end_L = bounds_RJ[:, 1:].flatten()
+    tiles_L = (list_end_L - list_begin_L + tile_rows - 1) // tile_rows
     tile_end_L = tiles_L.cumsum(0)
     tile_first_L = tile_end_L - tiles_L
-    u_U = torch.arange(K1 * tiles_per_slot, device=device)
+    u_U = torch.arange(K1 * per_slot, device=device)
     tile_list_U = torch.searchsorted(tile_end_L, u_U, right=True).clamp(max=n_lists - 1)
-    tile_row0_U = list_start[tile_list_U] + (u_U - tile_first_L[tile_list_U]) * tile_rows
-    slot_tile_start = torch.cat([tile_first_L[::lists_per_slot], tile_end_L[-1:]])
+    tile_row0_U = list_begin_L[tile_list_U] + (u_U - tile_first_L[tile_list_U]) * tile_rows
+    slot_tile_start = torch.cat([tile_first_L[:: Hq * n_blocks], tile_end_L[-1:]])
     return GatherLists(
-        entries_E=entries_E.to(torch.int32),
-        list_start=list_start.to(torch.int32),
-        tile_list_U=tile_list_U.to(torch.int32),
-        tile_row0_U=tile_row0_U.to(torch.int32),
-        slot_tile_start=slot_tile_start.to(torch.int32),
-        tiles_per_slot=tiles_per_slot,
+        tokens_E=tokens_E,
+        list_begin_L=list_begin_L,
+        list_end_L=list_end_L,
+        tile_list_U=tile_list_U,
+        tile_row0_U=tile_row0_U,
+        slot_tile_start=slot_tile_start,
+        tiles_per_slot=per_slot,
     )
+
+
+@dataclass
+class KeyBlockChunks:
+    """The routed queries of each key block, cut into chunks so that a block most queries chose
+    (an attention sink) is shared by several dk/dv programs instead of serializing one.
+
+    Pair w = g * Hkv + hk is key block g at KV head hk. Its routed rows are its lists
+    (s * Hq + h) * NB + g for the group's query heads h and every slot s, laid end to end in
+    (head, slot) order; rows [c * rows, (c + 1) * rows) are chunk c. Chunk 0 stays with the
+    pair's own program; chunk c >= 1 is partial p = first_W[w] + c - 1, with owner_P[p] = w and
+    index_P[p] = c. Partials number at most `n_partials` = E // rows, a bound from shapes.
+    """
+
+    first_W: torch.Tensor
+    owner_P: torch.Tensor
+    index_P: torch.Tensor
+    rows: int
+    n_partials: int
+
+
+def key_block_chunks(
+    lists: GatherLists, k1: int, n_heads: int, n_kv_heads: int, n_blocks: int, rows: int
+) -> KeyBlockChunks:
+    device = lists.tokens_E.device
+    W = n_blocks * n_kv_heads
+    if k1 == 0:
+        nothing = torch.zeros(1, dtype=torch.int64, device=device)
+        return KeyBlockChunks(torch.zeros(W + 1, dtype=torch.int64, device=device), nothing, nothing, rows, 0)
+    sizes_L = lists.list_end_L - lists.list_begin_L
+    groups = n_heads // n_kv_heads
+    rows_W = sizes_L.view(k1, n_kv_heads, groups, n_blocks).sum((0, 2)).T.flatten()
+    # Every chunk of a pair but the first: floor((R - 1) / rows) of R rows, <= R / rows, so their
+    # sum over pairs stays within E // rows.
+    extra_W = (rows_W - 1).clamp(min=0) // rows
+    first_W = torch.cat([extra_W.new_zeros(1), extra_W.cumsum(0)])
+    P = lists.tokens_E.numel() // rows
+    p_P = torch.arange(P, device=device)
+    owner_P = torch.searchsorted(first_W[1:], p_P, right=True).clamp(max=W - 1)
+    return KeyBlockChunks(first_W, owner_P, p_P - first_W[owner_P] + 1, rows, P)

@@ -44,7 +44,7 @@ def _block_means_kernel(
     d = tl.arange(0, BLOCK_D)
     sum_D = tl.zeros([BLOCK_D], dtype=tl.float32)
     for r0 in range(start, end, ROWS):
-        rows = (r0 + tl.arange(0, ROWS)).to(tl.int64)
+        rows = tl.arange(0, ROWS).to(tl.int64) + r0
         k = load_rows(k_ptr, rows, hk, stride_kt, stride_kh, rows < end, D, BLOCK_D)
         sum_D += tl.sum(k.to(tl.float32), axis=0)
     out = kbar_ptr + g.to(tl.int64) * stride_bn + hk * stride_bh + d

@@ -28,6 +28,9 @@ class LaunchTiles:
     rows: int
     """Keys summed at once for the block means."""
     warps: int
+    split: int = 4
+    """A key block's routed queries are cut, for dk/dv, into chunks of `split` x their mean count
+    (see dkdv.py): the longest program against the partials' memory."""
 
 
 def launch_tiles(q: torch.Tensor) -> LaunchTiles:
@@ -68,13 +71,13 @@ def block_query_rows(start_ptr, end_ptr, BLOCK_M: tl.constexpr):
     start = tl.load(start_ptr + g)
     end = tl.load(end_ptr + g)
     q0 = start + tl.program_id(1) * BLOCK_M
-    t = (q0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    t = q0.to(tl.int64) + tl.arange(0, BLOCK_M)
     return start, end, q0, t, t < end
 
 
 @triton.jit
 def routed_rows(
-    slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_start_ptr, entries_ptr, slot, NB, HQ, K1,
+    slot_tile_start_ptr, tile_list_ptr, tile_row0_ptr, list_end_ptr, tokens_ptr, slot, NB, HQ,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """The work tile of a program launched over slot `slot`'s tiles (see layout.GatherLists):
@@ -85,9 +88,19 @@ def routed_rows(
     lst = tl.load(tile_list_ptr + u)
     rows = tl.load(tile_row0_ptr + u) + tl.arange(0, BLOCK_M)
     # (No real row past the tiles; `live & block` would trip the interpreter.)
-    rows_ok = rows < tl.where(live, tl.load(list_start_ptr + lst + 1), 0)
-    t = tl.load(entries_ptr + rows, mask=rows_ok, other=0).to(tl.int64) // (HQ * K1)
-    return live, (lst // NB) % HQ, lst % NB, t, rows_ok
+    rows_ok = rows < tl.where(live, tl.load(list_end_ptr + lst), 0)
+    t = tl.load(tokens_ptr + rows, mask=rows_ok, other=0).to(tl.int64)
+    return live, ((lst // NB) % HQ).to(tl.int32), lst % NB, t, rows_ok
+
+
+@triton.jit
+def grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, ok, HQ, D, BLOCK_D: tl.constexpr):
+    """What a query row brings to every gradient: q, do, its log2-sum-exp and delta = do . o."""
+    q = load_rows(q_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    do = load_rows(do_ptr, t, h, stride_qt, stride_qh, ok, D, BLOCK_D)
+    lse = tl.load(lse_ptr + t * HQ + h, mask=ok, other=0.0) * LOG2E_K
+    delta = tl.load(delta_ptr + t * HQ + h, mask=ok, other=0.0)
+    return q, do, lse, delta
 
 
 @triton.jit
@@ -97,7 +110,7 @@ def key_tile(
 ):  # fmt: skip
     """Keys n0 .. n0 + BLOCK_N - 1 (below key_hi) of KV head hk: k, v and the query tile's scores
     in log2 units, -inf where a key is out of range (or after the query, if CAUSAL)."""
-    u = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+    u = tl.arange(0, BLOCK_N).to(tl.int64) + n0
     u_ok = u < key_hi
     k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
     v = load_rows(v_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)

@@ -9,7 +9,7 @@ import pytest
 
 from sparsetron.kernels.moba import moba_reference
 
-ARGS = ["--device", "cpu", "--seqs", "256", "--configs", "32/3", "--rows", "8", "--quick"]
+ARGS = ["--device", "cpu", "--seqs", "256", "--configs", "32/3", "--rows", "8", "--quick", "--sink-seqs", "256"]
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +31,19 @@ def test_cpu_report_is_whole_and_checked(bench, capsys):
     assert "- S=256 MoBA: ok" in report and "- S=256 Flex: ok" in report
     assert "WRONG" not in report and "failed" not in report and "refused" not in report
     assert "S=32K B=512 K=3 fwd+bwd, MoBA speedup over SDPA: not measured" in report
+    # The sink case: block 0 picked by a share of the queries at random, by all of them with the sink.
+    sink_row = next(line for line in report.splitlines() if line.startswith("| 256 | 32 | 3 |"))
+    share_random, share_sink = sink_row.split("|")[4].strip().split(" / ")
+    assert share_sink == "100%" and share_random != "100%"
+    assert "- sink S=256: ok" in report
 
 
 def test_wrong_moba_gets_no_ratio(bench, monkeypatch):
     # K - 1 blocks instead of K: a plausible kernel bug.
     monkeypatch.setattr(bench, "moba_attention", lambda q, k, v, cu, B, K: moba_reference(q, k, v, cu, B, K - 1))
-    report = bench.main(ARGS[:4] + ["--configs", "32/2", "--rows", "8", "--quick"])
+    report = bench.main(ARGS[:4] + ["--configs", "32/2", "--rows", "8", "--quick", "--sink-seqs", "256"])
     assert "- S=256 MoBA: WRONG" in report and "- S=384 B=32 K=3: WRONG" in report
+    assert "- sink S=256: WRONG" in report
     for mode in ("fwd", "fwd+bwd"):
         row = next(line for line in report.splitlines() if line.startswith(f"| 256 | {mode} |"))
         cells = [cell.strip() for cell in row.split("|")[1:-1]]

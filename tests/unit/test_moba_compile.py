@@ -12,18 +12,20 @@ import sys
 
 import pytest
 
-FLOATS = {"lse_ptr", "delta_ptr", "kbar_ptr", "state_o_ptr", "state_lse_ptr", "state_dq_ptr"}
-INDICES = {
-    "sel_ptr",
-    "entries_ptr",
-    "list_start_ptr",
-    "tile_list_ptr",
-    "tile_row0_ptr",
-    "start_ptr",
-    "end_ptr",
-    "first_ptr",
-    "slot_tile_start_ptr",
+FLOATS = {
+    "lse_ptr",
+    "delta_ptr",
+    "kbar_ptr",
+    "state_o_ptr",
+    "state_lse_ptr",
+    "state_dq_ptr",
+    "part_dk_ptr",
+    "part_dv_ptr",
 }
+INDICES = {"sel_ptr", "tokens_ptr", "start_ptr", "end_ptr", "first_ptr"}
+# Positions in the gathered entries and list numbers (layout.GatherLists).
+WIDE_INDICES = {"list_begin_ptr", "list_end_ptr", "tile_list_ptr", "tile_row0_ptr", "slot_tile_start_ptr"}
+WIDE_INDICES |= {"part_first_ptr", "owner_ptr", "index_ptr"}  # dk/dv chunks (layout.KeyBlockChunks)
 
 
 def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]:
@@ -33,7 +35,7 @@ def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from sparsetron.kernels.moba import backward, forward, routing
+    from sparsetron.kernels.moba import backward, dkdv, forward, routing
     from sparsetron.kernels.moba.tiles import dot_precision, launch_tiles
 
     dtype = getattr(torch, dtype_name)
@@ -49,7 +51,8 @@ def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]
         (forward._fwd_routed_kernel, dict(attention, FIRST=False)),
         (forward._fwd_current_kernel, attention),
         (backward._bwd_delta_kernel, dict(BLOCK_M=tiles.block_m, BLOCK_D=head_dim)),
-        (backward._bwd_dkdv_kernel, attention),
+        (dkdv._bwd_dkdv_chunk_kernel, attention),
+        (dkdv._bwd_dkdv_kernel, attention),
         (backward._bwd_dq_routed_kernel, dict(attention, FIRST=False)),
         (backward._bwd_dq_current_kernel, attention),
     ]
@@ -63,6 +66,8 @@ def compile_for_hopper(head_dim: int, dtype_name: str = "bfloat16") -> list[str]
                 signature[name] = "*fp32"
             elif name in INDICES:
                 signature[name] = "*i32"
+            elif name in WIDE_INDICES:
+                signature[name] = "*i64"
             elif name.endswith("_ptr"):
                 signature[name] = {"bfloat16": "*bf16", "float16": "*fp16", "float32": "*fp32"}[dtype_name]
             elif name.endswith("scale"):
@@ -92,7 +97,7 @@ def test_kernels_compile_for_sm90():
     )
     assert result.returncode == 0, result.stderr[-4000:]
     shared = {line.split()[0]: int(line.split()[1]) for line in result.stdout.splitlines()}
-    assert len(shared) == 8, result.stdout
+    assert len(shared) == 9, result.stdout
     # An H100 gives a block at most 227 KiB of shared memory.
     assert max(shared.values()) <= 227 * 1024, shared
 

@@ -8,13 +8,17 @@ kernel writes fails the comparison.
 Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
 """
 
+import collections
+import inspect
 import types
 
 import pytest
 import torch
+import triton.language as tl
 
 from sparsetron.kernels import moba
 from sparsetron.kernels.moba import backward as moba_backward
+from sparsetron.kernels.moba import dkdv as moba_dkdv
 from sparsetron.kernels.moba import forward as moba_forward
 from sparsetron.kernels.moba import moba_reference, moba_selection, moba_triton
 from sparsetron.kernels.moba import routing as moba_routing
@@ -35,7 +39,7 @@ def nan_filled_buffers(monkeypatch):
     )
     poisoned_torch.empty = lambda *a, **kw: _poisoned(torch.empty(*a, **kw))
     poisoned_torch.empty_like = lambda *a, **kw: _poisoned(torch.empty_like(*a, **kw))
-    for module in (moba_forward, moba_backward, moba_routing):
+    for module in (moba_forward, moba_backward, moba_dkdv, moba_routing):
         monkeypatch.setattr(module, "torch", poisoned_torch)
 
 
@@ -57,6 +61,10 @@ def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype):
 def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
     """Kernel o, dq, dk, dv in fp32 against the fp64 reference, within a few times torch's own fp32 error."""
     q, k, v, do, cu = packed(lengths, hq, hkv, d, seed)
+    assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
+
+
+def assert_inputs_match_reference(q, k, v, do, cu, block_size, topk):
     exact = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float64)
     torch_fp32 = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float32)
     kernel = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
@@ -65,6 +73,7 @@ def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
         err = (ours.double() - truth).abs().max().item()
         torch_err = (theirs.double() - truth).abs().max().item()
         assert err <= 8 * torch_err + 1e-6, f"{name}: kernel error {err:.2e}, torch fp32 error {torch_err:.2e}"
+    return kernel
 
 
 @pytest.mark.parametrize(
@@ -145,6 +154,57 @@ def test_routing_picks_the_reference_blocks(lengths, hq, hkv, block_size, topk):
         start += L
 
 
+def sink_inputs(lengths, hq, hkv, d, block_size, seed):
+    """Packed inputs whose first block of every sequence wins every query's gate: its keys and all
+    queries share a direction w, far above the spread of the other block means."""
+    q, k, v, do, cu = packed(lengths, hq, hkv, d, seed)
+    w = torch.nn.functional.normalize(torch.randn(d, generator=torch.Generator().manual_seed(seed + 1)), dim=0)
+    q += 4 * w
+    for start in cu[:-1].tolist():
+        k[start : start + block_size] += 8 * w
+    return q, k, v, do, cu
+
+
+@pytest.mark.parametrize("lengths, hq, hkv, topk", [([110, 29], 4, 2, 3), ([97], 2, 1, 4)])
+def test_attention_sink_backward_splits_and_matches_reference(lengths, hq, hkv, topk, monkeypatch):
+    """Every query picks its sequence's block 0; with dk/dv chunks of 16 routed rows that block's
+    readers are cut into many chunks, no program reads more than 16 of them, and the reduced
+    partials still match fp64, bitwise the same run to run."""
+    d, block_size, chunk_rows = 16, 8, 16
+    q, k, v, do, cu = sink_inputs(lengths, hq, hkv, d, block_size, seed=11)
+    start = 0
+    for L in lengths:
+        chosen_HLn = moba_selection(q[start : start + L], k[start : start + L].repeat_interleave(hq // hkv, 1), 8, topk)
+        assert chosen_HLn[:, block_size:, 0].all()
+        start += L
+    monkeypatch.setattr(moba_dkdv, "dkdv_chunk_rows", lambda *args: chunk_rows)
+    chunks = []
+    real_chunks = moba_dkdv.key_block_chunks
+    monkeypatch.setattr(moba_dkdv, "key_block_chunks", lambda *a: chunks.append(real_chunks(*a)) or chunks[-1])
+    # Routed query rows each dk/dv program reads (the interpreter runs kernels as Python).
+    routed_rows = collections.Counter()
+    real_from_queries = moba_dkdv._dkdv_from_queries
+
+    def counting_from_queries(*args):
+        if not args[17]:  # CAUSAL False: gathered rows
+            kernel = next(f.function for f in inspect.stack() if f.function.startswith("_bwd_dkdv"))
+            pid = tuple(int(tl.program_id(axis).handle.data.reshape(-1)[0]) for axis in range(3))
+            routed_rows[kernel, pid] += int(args[6].handle.data.sum())
+        return real_from_queries(*args)
+
+    monkeypatch.setattr(moba_dkdv, "_dkdv_from_queries", counting_from_queries)
+    first = assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
+    assert max(routed_rows.values()) <= chunk_rows
+    monkeypatch.setattr(moba_dkdv, "_dkdv_from_queries", real_from_queries)
+    # Block 0, KV head 0: all later queries of the group's heads, cut into chunks of 16 rows.
+    readers = (hq // hkv) * (lengths[0] - block_size)
+    first_W = chunks[0].first_W
+    assert first_W[1] - first_W[0] == -(-readers // chunk_rows) - 1 >= 8
+    again = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_routing_breaks_ties_by_block_number():
     """Equal gates (identical blocks) are ordered by block number, also across candidate chunks."""
     block_size, n_blocks = 2, 40
@@ -185,15 +245,15 @@ def test_gather_lists_group_entries_by_slot_head_and_block():
     T, Hq, K1, NB, rows = 23, 3, 2, 5, 4
     sel = torch.randint(-1, NB, (T, Hq, K1), generator=g, dtype=torch.int32)
     lists = gather_lists(sel, NB, rows)
+    assert lists.tokens_E.dtype == torch.int32 and lists.list_begin_L.dtype == torch.int64
     for s in range(K1):
         for h in range(Hq):
             for j in range(NB):
                 lst = (s * Hq + h) * NB + j
-                entries = lists.entries_E[lists.list_start[lst] : lists.list_start[lst + 1]].long()
-                t, h_of, s_of = entries // (Hq * K1), (entries // K1) % Hq, entries % K1
-                assert (h_of == h).all() and (s_of == s).all() and (sel[t, h, s] == j).all()
+                t = lists.tokens_E[lists.list_begin_L[lst] : lists.list_end_L[lst]].long()
+                assert (sel[t, h, s] == j).all()
                 assert torch.equal(t, torch.sort(t).values)
-                assert len(entries) == int((sel[:, h, s] == j).sum())
+                assert len(t) == int((sel[:, h, s] == j).sum())
     # Tiles: slot by slot, each list's entries are covered once, within the per-slot bound.
     for s in range(K1):
         first, end = int(lists.slot_tile_start[s]), int(lists.slot_tile_start[s + 1])
@@ -202,10 +262,11 @@ def test_gather_lists_group_entries_by_slot_head_and_block():
         for u in range(first, end):
             lst = int(lists.tile_list_U[u])
             assert lst // (Hq * NB) == s
-            row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_start[lst + 1])
+            row0, row_end = int(lists.tile_row0_U[u]), int(lists.list_end_L[lst])
             covered += list(range(row0, min(row0 + rows, row_end)))
-        lo, hi = int(lists.list_start[s * Hq * NB]), int(lists.list_start[(s + 1) * Hq * NB])
-        assert sorted(covered) == list(range(lo, hi))
+        slot_lists = range(s * Hq * NB, (s + 1) * Hq * NB)
+        expected = [r for lst in slot_lists for r in range(lists.list_begin_L[lst], lists.list_end_L[lst])]
+        assert sorted(covered) == expected
 
 
 def test_public_op_runs_the_reference_off_cuda():
