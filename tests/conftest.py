@@ -1,14 +1,21 @@
 """Shared test settings: `gpu`-marked tests are skipped where no CUDA device is present, and
 without one Triton kernels run in its interpreter (decided when a kernel is defined, so here,
-before any test imports one)."""
+before any test imports one). The tests' shared helpers (tolerance.py, moba_tolerance.py) are
+importable by name."""
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,20 +4,15 @@ CUDA-graph capture and memory. Run: pytest -m gpu tests/gpu/test_moba_gpu.py.
 Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from moba_tolerance import masked_sdpa
+from tolerance import assert_within_dtype_error
 
 from sparsetron.kernels.moba import moba_attention, moba_reference, moba_selection
 
 pytestmark = pytest.mark.gpu
-
-# tests/moba_tolerance.py: per-element errors against fp64, within a few times torch's own at the dtype.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moba_tolerance import assert_within_dtype_error, masked_sdpa  # noqa: E402
 
 
 def packed(lengths, hq, hkv, d, seed=0):
