@@ -11,7 +11,9 @@ elsewhere: on the CPU and for fp32, which the flash kernel does not take.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 
 import torch
 
@@ -20,11 +22,19 @@ from .reference import document_attention_reference, document_causal_mask
 __all__ = ["document_attention_reference", "document_causal_mask", "flash_varlen_available", "varlen_attention"]
 
 
-def flash_varlen_available(q: torch.Tensor) -> bool:
-    """Whether `varlen_attention` runs the flash kernel for tensors like `q`."""
-    if q.device.type != "cuda" or q.dtype not in (torch.bfloat16, torch.float16):
+def flash_varlen_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `varlen_attention` runs the flash kernel for q of `dtype` on `device_type`."""
+    if device_type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
         return False
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+@functools.cache
+def _causal_keyword(varlen_attn) -> dict:
+    """How `varlen_attn` is told to be causal: torch 2.10 and 2.11 take is_causal=True, later
+    releases a window of (-1, 0) (all keys before the query, none after)."""
+    params = inspect.signature(varlen_attn).parameters
+    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
 
 
 def varlen_attention(
@@ -48,7 +58,7 @@ def varlen_attention(
             f"q {tuple(q_BSHd.shape)} needs k and v of shape [B, S, K, d] with K dividing H; "
             f"got {tuple(k_BSKd.shape)} and {tuple(v_BSKd.shape)}"
         )
-    if not flash_varlen_available(q_BSHd):
+    if not flash_varlen_available(q_BSHd.device.type, q_BSHd.dtype):
         return document_attention_reference(q_BSHd, k_BSKd, v_BSKd, doc_ids_BS)
     from torch.nn.attention.varlen import varlen_attn
 
@@ -62,6 +72,6 @@ def varlen_attention(
         max_seqlen,
         max_seqlen,
         enable_gqa=H != K,
-        window_size=(-1, 0),  # causal
+        **_causal_keyword(varlen_attn),
     )
     return o_THd.view(B, S, H, d)
