@@ -6,13 +6,14 @@ counts its local shard, a plain one counts whole, a pipeline stage counts only t
 holds. Activations are an estimate, per token and layer, of what autograd keeps for the
 backward:
 
-    attention  4 D (residual into the norm, fp32) + b (2 D + 2 D_q + 2 D_kv) + S if documents are masked
+    attention  4 D (residual into the norm, fp32) + b (2 D + 2 D_q + 2 D_kv) + S with a dense document mask
     dense FFN  4 D + b (D + 4 H)
     MoE        4 D + b D + 8 E (router logits, scores) + k (b 4 H_e + (b + 4) D) + b 4 H_shared
     head       4 D + b D + 12 V  (fp32 logits, their softmax for the loss)
 
 b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width, D_q and
-D_kv the query and key/value widths, S the sequence length (the boolean document mask),
+D_kv the query and key/value widths, S the sequence length (the boolean document mask the
+reference path builds where flash varlen attention does not run: on CPUs and in fp32),
 H the FFN hidden size, E the routed experts, k of them per token with hidden H_e. With full
 activation checkpointing a layer keeps only its input (4 D) and one layer's activations
 exist at a time during recompute. Only the layers (and the head) this rank holds count.
@@ -67,13 +68,23 @@ class MemoryPlan:
 
 
 def layer_activation_bytes(
-    model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig, seq_len: int, compute_bytes: int
+    model_cfg: ModelConfig,
+    attn_cfg: AttentionConfig,
+    moe_cfg: MoEConfig,
+    seq_len: int,
+    compute_bytes: int,
+    dense_document_mask: bool = True,
 ) -> list[int]:
-    """Estimated bytes each transformer layer keeps per token for the backward."""
+    """Estimated bytes each transformer layer keeps per token for the backward; with
+    `dense_document_mask` masked documents cost their [S, S] boolean mask."""
     b, D = compute_bytes, model_cfg.dim
     head_dim = attn_cfg.head_size(D)
     d_q, d_kv = attn_cfg.n_heads * head_dim, attn_cfg.kv_heads() * head_dim
-    attention = FP32 * D + b * (2 * D + 2 * d_q + 2 * d_kv) + (seq_len if attn_cfg.document_masking else 0)
+    attention = (
+        FP32 * D
+        + b * (2 * D + 2 * d_q + 2 * d_kv)
+        + (seq_len if attn_cfg.document_masking and dense_document_mask else 0)
+    )
     layers = []
     for layer_id in range(model_cfg.n_layers):
         if uses_moe(layer_id, moe_cfg):
@@ -103,16 +114,18 @@ def memory_plan(
     compute_bytes: int,
     activation_checkpointing: bool,
     in_flight: int = 1,
+    dense_document_mask: bool = True,
 ) -> MemoryPlan:
     """The plan for this rank's `model` (parallelized as `dims` says, possibly still on the meta
-    device), with `in_flight` micro-batches' activations held at once."""
+    device), with `in_flight` micro-batches' activations held at once; `dense_document_mask`
+    says whether attention builds a dense mask for packed documents (see the module docstring)."""
     seen: set[int] = set()
     elements = 0
     for param in model.parameters():
         if id(param) not in seen:  # tied weights count once
             seen.add(id(param))
             elements += (param.to_local() if isinstance(param, DTensor) else param).numel()
-    per_layer_id = layer_activation_bytes(model_cfg, attn_cfg, moe_cfg, seq_len, compute_bytes)
+    per_layer_id = layer_activation_bytes(model_cfg, attn_cfg, moe_cfg, seq_len, compute_bytes, dense_document_mask)
     held = [int(key) for key, block in model.layers.items() if block is not None]
     layers = [per_layer_id[i] // dims.tp for i in held]
     if not layers:

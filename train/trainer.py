@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from sparsetron.kernels.varlen import flash_varlen_available
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
@@ -157,6 +158,7 @@ class Trainer:
             job.parallel.activation_checkpointing == "full",
             # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
             min(tc.grad_accum_steps, self.dims.pp),
+            dense_document_mask=not flash_varlen_available(self.device.type, self.precision.activation_dtype),
         )
         self.model.to_empty(device=self.device)
         split = self.pipeline_split
