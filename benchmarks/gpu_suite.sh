@@ -11,7 +11,8 @@
 #   moba           95   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
 #   doc_attention  70   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
 #   end_to_end    240   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor)
-# A budget can be changed with BUDGET_<part>=seconds. Each part writes $OUT/<part>.txt (its
+# A budget can be changed with BUDGET_<part>=seconds, and SUITE_PARTS="moba end_to_end" runs only
+# those parts (a second call that reruns what failed). Each part writes $OUT/<part>.txt (its
 # stdout and stderr: the tables, markdown); $OUT/suite.md gets the environment, each part's
 # budget, wall time and status. Six files in all (the device tool returns at most 8). A failing
 # part does not stop the next; the script exits 1 if any part failed or timed out, 2 if a
@@ -50,9 +51,21 @@ TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 
 note() { echo "$*" | tee -a "$SUMMARY"; }
-
-# ---- prerequisites ----------------------------------------------------------------------
 : >"$SUMMARY"
+
+# ---- parts and their budgets -------------------------------------------------------------------
+ALL_PARTS=(pytest_gpu moe_layer moba doc_attention end_to_end)
+declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=45 [moba]=95 [doc_attention]=70 [end_to_end]=240)
+read -ra PARTS <<<"${SUITE_PARTS:-${ALL_PARTS[*]}}"
+for part in "${PARTS[@]}"; do
+  [[ -n ${BUDGET[$part]:-} ]] || { note "- SUITE_PARTS: unknown part '$part'; known: ${ALL_PARTS[*]}"; exit 2; }
+done
+for part in "${PARTS[@]}"; do
+  var=BUDGET_$part
+  [[ -n ${!var:-} ]] && BUDGET[$part]=${!var}
+done
+
+# ---- prerequisites -----------------------------------------------------------------------------
 note "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC')$( ((DRY)) && echo ', dry run on the CPU')"
 note ""
 note "Commit $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown), \`bash benchmarks/gpu_suite.sh $*\`, OUT=$OUT"
@@ -66,35 +79,28 @@ if compgen -G "$REPO/.whl/*.whl" >/dev/null; then
 fi
 mkdir -p "$TMP/pp" && ln -s "$REPO" "$TMP/pp/sparsetron"
 export PYTHONPATH="$TMP/pp${PYTHONPATH:+:$PYTHONPATH}"
-if ! where=$("$PY" -c 'import os, sparsetron; print(os.path.realpath(os.path.dirname(sparsetron.__file__)))' 2>&1) \
-  || [[ $where != "$(realpath "$REPO")" ]]; then
-  note "- PREREQUISITE: python imports sparsetron from '$where', not from this checkout $REPO"; exit 2
-fi
-missing=$("$PY" -c '
-import importlib.util
-print(" ".join(m for m in ("torch", "triton", "numpy", "yaml", "tokenizers", "pytest", "transformers") if importlib.util.find_spec(m) is None))')
-if [[ -n $missing ]]; then
-  note "- PREREQUISITE: python modules missing: $missing (carry them as wheels, see this script's header)"; exit 2
-fi
-env_line=$("$PY" -c '
-import sys, torch
+# One interpreter start for every check (each start imports torch: seconds).
+checks=$("$PY" - "$REPO" <<'PYCHECK' 2>&1
+import importlib.util, os, sys
+missing = [m for m in ("torch", "triton", "numpy", "yaml", "tokenizers", "pytest", "transformers") if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"python modules missing: {' '.join(missing)} (carry them as wheels, see this script's header)")
+import sparsetron
+import torch
+where = os.path.realpath(os.path.dirname(sparsetron.__file__))
+if where != os.path.realpath(sys.argv[1]):
+    sys.exit(f"python imports sparsetron from {where}, not from this checkout {sys.argv[1]}")
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {gpu}")')
-note "- environment: $env_line"
+print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {gpu}")
+PYCHECK
+) || { note "- PREREQUISITE: $checks"; exit 2; }
+note "- environment: $checks"
 if ((!DRY)); then
-  if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
+  if [[ $checks == *"no CUDA device" ]]; then
     note "- PREREQUISITE: torch sees no CUDA device; on a CPU run \`bash benchmarks/gpu_suite.sh --dry-run\`"; exit 2
   fi
   note "- $(nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -1)"
 fi
-
-# ---- parts --------------------------------------------------------------------------------
-PARTS=(pytest_gpu moe_layer moba doc_attention end_to_end)
-declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=45 [moba]=95 [doc_attention]=70 [end_to_end]=240)
-for part in "${PARTS[@]}"; do
-  var=BUDGET_$part
-  [[ -n ${!var:-} ]] && BUDGET[$part]=${!var}
-done
 
 # The command of one part given T seconds; empty (with a reason in SKIP) where it cannot run.
 part_command() {
@@ -133,7 +139,7 @@ for i in "${!PARTS[@]}"; do
   if [[ -n $SKIP ]]; then
     STATUS[$part]="skipped: $SKIP"; echo "skipped: $SKIP" >"$OUT/$part.txt"; continue
   fi
-  if ((T < 10)); then
+  if ((T < 5)); then
     STATUS[$part]="not run: the suite's $SUITE_BUDGET s were spent"; FAILED=1; continue
   fi
   echo "== $part (up to $T s): ${CMD[*]}" >&2
