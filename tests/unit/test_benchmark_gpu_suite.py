@@ -58,22 +58,38 @@ def test_dry_run_runs_every_part_and_writes_its_table(dry_run):
     assert "Suite wall time" in (out / "suite.md").read_text()
 
 
-def test_a_hanging_and_a_failing_part_are_named_and_the_suite_goes_on(tmp_path):
-    # A python that hangs in moe_layer and fails in doc_attention, and is python elsewhere.
+def fake_python(tmp_path: Path) -> Path:
+    """A python that fails in moe_layer, hangs in moba, succeeds in doc_attention, and is python elsewhere."""
     fake = tmp_path / "python"
     fake.write_text(
-        f'#!/bin/sh\ncase "$*" in\n  *moe_layer.py*) sleep 60 ;;\n  *doc_attention.py*) echo broken; exit 3 ;;\n'
+        '#!/bin/sh\ncase "$*" in\n'
+        "  *moe_layer.py*) echo broken; exit 3 ;;\n"
+        "  *moba.py*) sleep 60 ;;\n"
+        "  *doc_attention.py*) echo fine; exit 0 ;;\n"
         f'esac\nexec {sys.executable} "$@"\n'
     )
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    return fake
+
+
+def test_a_failing_and_a_hanging_part_are_named_and_the_suite_goes_on(tmp_path):
     out = tmp_path / "out"
-    result = run_suite(out, PYTHON=str(fake), SUITE_PARTS="moe_layer doc_attention", BUDGET_moe_layer="5")
+    result = run_suite(
+        out, PYTHON=str(fake_python(tmp_path)), SUITE_PARTS="moe_layer moba doc_attention", BUDGET_moba="5"
+    )
     assert result.returncode == 1
     rows = status_rows(out)
-    assert rows["moe_layer"][3] == "TIMEOUT after 5 s" and int(rows["moe_layer"][2]) < 20
-    assert rows["doc_attention"][3] == "FAILED (exit 3)"
-    assert (out / "doc_attention.txt").read_text() == "broken\n"
+    assert rows["moe_layer"][3] == "FAILED (exit 3)"
+    assert (out / "moe_layer.txt").read_text() == "broken\n"
+    assert rows["moba"][3] == "TIMEOUT after 5 s" and int(rows["moba"][2]) < 20
+    assert rows["doc_attention"][3] == "ok" and (out / "doc_attention.txt").read_text() == "fine\n"
     assert "SOME PARTS FAILED" in result.stdout.splitlines()[-1]
+
+
+def test_a_timeout_alone_fails_the_suite(tmp_path):
+    result = run_suite(tmp_path, PYTHON=str(fake_python(tmp_path)), SUITE_PARTS="moba doc_attention", BUDGET_moba="5")
+    assert result.returncode == 1
+    assert status_rows(tmp_path)["moba"][3] == "TIMEOUT after 5 s"
 
 
 def test_an_unknown_part_is_refused_by_name(tmp_path):
