@@ -154,27 +154,37 @@ def row_relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return ((x.double() - ref) / scale).abs().max().item()
 
 
+def failure(err: Exception) -> str:
+    """A table cell for a path that raised: OOM, or the error in brief (no '|' to break the table)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return "OOM"
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}".replace("|", "/")
+
+
+def gradients(fn, q, k, v, grad) -> list[torch.Tensor]:
+    """[output, dq, dk, dv] of fn at fresh leaves holding q, k, v."""
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    out.backward(grad)
+    return [out.detach(), *(t.grad for t in leaves)]
+
+
 def check(args, found, q, k, v, grad, lengths) -> dict[str, tuple[bool, str]]:
     """Output and q/k/v gradients of each path against the reference in high precision."""
     high = torch.float64 if args.device == "cpu" else torch.float32
-    leaves = [t.detach().to(high).requires_grad_() for t in (q, k, v)]
-    ref_out = reference_attention(*leaves, lengths)
-    ref_out.backward(grad.to(high))
-    refs = [ref_out.detach(), *(t.grad for t in leaves)]
+    try:
+        refs = gradients(lambda *x: reference_attention(*x, lengths), *(t.to(high) for t in (q, k, v, grad)))
+    except Exception as err:  # the report says why; the other cases still run
+        return {name: (False, f"no reference: {failure(err)}") for name in found}
     errors = {}
     for name, fn in found.items():
         try:
-            xs = [t.detach().requires_grad_() for t in (q, k, v)]
-            out = fn(*xs)
-            out.backward(grad)
             errors[name] = max(
-                row_relative_error(a, r) for a, r in zip([out, *(t.grad for t in xs)], refs, strict=True)
+                row_relative_error(a, r) for a, r in zip(gradients(fn, q, k, v, grad), refs, strict=True)
             )
-        except torch.cuda.OutOfMemoryError:
-            errors[name] = "OOM"
-        finally:
-            del xs
-    del refs, leaves, ref_out
+        except Exception as err:
+            errors[name] = failure(err)
+    del refs
     baseline = errors["dense mask"]
     if not isinstance(baseline, float):
         return {name: (False, f"no baseline: dense mask {baseline}") for name in found}
@@ -242,8 +252,8 @@ def run_case(args, S: int, kv_heads: int) -> tuple[list[dict], dict, list[str], 
                 row["ms"] = bench_ms(args, call, leaves)
                 row["gib"] = peak_gib(args, call)
                 row["tflops"] = flops / row["ms"] / 1e9
-            except torch.cuda.OutOfMemoryError:
-                row["ms"] = "OOM"
+            except Exception as err:  # reported in its cell; the next one still runs
+                row["ms"] = failure(err)
             for t in leaves:
                 t.grad = None
             if args.device == "cuda":

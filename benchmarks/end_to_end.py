@@ -133,13 +133,16 @@ def run_model(args, model: str, deadline: float, runs_left: int, work: Path) -> 
         start = time.perf_counter()
         error, output = launch(cmd, timeout, work / f"{side}-{model}.log")
         results[f"{side}_wall_s"] = time.perf_counter() - start
+        if error is None:
+            try:
+                results[side] = (
+                    sparsetron_result(run_dir, args) if side == "sparsetron" else json.loads(output.splitlines()[-1])
+                )
+            except (OSError, ValueError, IndexError, KeyError) as err:  # ran, but left no numbers to read
+                error = f"no result: {type(err).__name__}: {err}"
         if error is not None:
-            results[side] = error
+            results[side] = error.replace("|", "/")
             results[f"{side}_tail"] = output.splitlines()[-5:]
-        elif side == "sparsetron":
-            results[side] = sparsetron_result(run_dir, args)
-        else:
-            results[side] = json.loads(output.strip().splitlines()[-1])
     anchor = results["anchor"]
     if isinstance(anchor, dict) and anchor["active_params"] != expected_active:
         results["anchor"] = (

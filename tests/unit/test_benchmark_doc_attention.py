@@ -102,3 +102,21 @@ def test_a_path_computing_another_function_gets_no_ratio(bench, monkeypatch):
         assert "- S=96 heads 4/2 dense mask: ok" in report
         rows = [line for line in report.splitlines() if "| varlen (CPU stand-in) |" in line]
         assert len(rows) == 2 and all(line.endswith("| refused | refused |") for line in rows)
+
+
+def test_a_path_that_raises_is_reported_in_its_cells_and_the_run_goes_on(bench, monkeypatch):
+    def refuse(q, k, v, lengths):
+        raise RuntimeError("kernel refused | this shape")
+
+    monkeypatch.setattr(bench, "per_document_attention", refuse)
+    report = bench.main(["--device", "cpu", "--seqs", "96,128", "--heads", "4", "--kv-heads", "4"])
+    for S in (96, 128):
+        assert (
+            f"- S={S} heads 4/4 varlen (CPU stand-in): WRONG (failed: RuntimeError: kernel refused / this shape)"
+            in report
+        )
+        assert f"- S={S} heads 4/4 dense mask: ok" in report
+        row = next(
+            line for line in report.splitlines() if line.startswith(f"| {S} | 4/4 |") and "| fwd | varlen" in line
+        )
+        assert "| failed: RuntimeError: kernel refused / this shape | — | — | refused | refused |" in row
