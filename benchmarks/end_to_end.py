@@ -46,6 +46,8 @@ CPU_OVERRIDES = [
 ]
 CPU_MOE_OVERRIDES = ["moe.num_experts=8", "moe.top_k=2", "moe.expert_hidden=32", "moe.expert_backend=loop"]
 ANCHOR = Path(__file__).with_name("anchor_llama.py")
+# Seconds kept back for each run still to come (an estimate of one 1B run: start, compile, 20 steps).
+RESERVE_S = 45.0
 
 
 def job_for(args, model: str, run_dir: str):
@@ -115,6 +117,13 @@ def sparsetron_result(run_dir: Path, args) -> dict:
     return {"tokens_per_s": last["tokens_per_s"], "mfu": last.get("mfu"), "peak_memory_gib": memory}
 
 
+def run_timeout(left: float, runs_left: int) -> float:
+    """This run's share of the seconds left: all but RESERVE_S for each later run, at least an equal
+    share. Start-up and compilation times differ a lot between runs; equal shares would time out a
+    slow first run while later ones leave time unused."""
+    return max(left / runs_left, left - RESERVE_S * (runs_left - 1), 1.0)
+
+
 def run_model(args, model: str, deadline: float, runs_left: int, work: Path) -> dict:
     """Both sides for one model; each result is a dict of numbers or a string saying what went wrong."""
     run_dir = work / f"sparsetron-{model}"
@@ -127,7 +136,7 @@ def run_model(args, model: str, deadline: float, runs_left: int, work: Path) -> 
     }
     results = {"active_params": expected_active}
     for side, cmd in sides.items():
-        timeout = max((deadline - time.perf_counter()) / runs_left, 1.0)
+        timeout = run_timeout(deadline - time.perf_counter(), runs_left)
         runs_left -= 1
         print(f"{model} {side}: up to {timeout:.0f} s: {' '.join(cmd)}", file=sys.stderr, flush=True)
         start = time.perf_counter()

@@ -7,9 +7,9 @@
 # Parts, in order, each under `timeout` with its own budget in seconds, so that one hang cannot
 # eat the rest (the last part also gets whatever the others left of SUITE_BUDGET, default 540):
 #   pytest_gpu     80   pytest -m gpu tests/gpu
-#   moe_layer      45   benchmarks/moe_layer.py, the anchor shapes (sparsetron vs transformers)
-#   moba           95   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
-#   doc_attention  70   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
+#   moe_layer      50   benchmarks/moe_layer.py, the anchor shapes (sparsetron vs transformers)
+#   moba           90   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
+#   doc_attention  80   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
 #   end_to_end    240   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor)
 # A budget can be changed with BUDGET_<part>=seconds, and SUITE_PARTS="moba end_to_end" runs only
 # those parts (a second call that reruns what failed). Each part writes $OUT/<part>.txt (its
@@ -55,7 +55,7 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 
 # ---- parts and their budgets -------------------------------------------------------------------
 ALL_PARTS=(pytest_gpu moe_layer moba doc_attention end_to_end)
-declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=45 [moba]=95 [doc_attention]=70 [end_to_end]=240)
+declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=50 [moba]=90 [doc_attention]=80 [end_to_end]=240)
 read -ra PARTS <<<"${SUITE_PARTS:-${ALL_PARTS[*]}}"
 for part in "${PARTS[@]}"; do
   [[ -n ${BUDGET[$part]:-} ]] || { note "- SUITE_PARTS: unknown part '$part'; known: ${ALL_PARTS[*]}"; exit 2; }

@@ -121,3 +121,11 @@ def test_table_gives_ratios_only_where_both_sides_measured(e2e):
     assert "| dense | | sparsetron / anchor | 1.50x | 1.80x | 0.50x | |" in lines
     assert "| moe | 0.612B | sparsetron | OOM |  |  | 9 |" in lines
     assert "| moe | | sparsetron / anchor | not measured | not measured | not measured | |" in lines
+
+
+def test_a_slow_first_run_may_use_what_later_runs_do_not_need(e2e):
+    reserve = e2e.RESERVE_S
+    assert e2e.run_timeout(300.0, 4) == 300.0 - 3 * reserve
+    assert e2e.run_timeout(100.0, 2) == 100.0 - reserve
+    assert e2e.run_timeout(60.0, 1) == 60.0  # the last run takes all that is left
+    assert e2e.run_timeout(120.0, 4) == 30.0  # little left: equal shares, never less
