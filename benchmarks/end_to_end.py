@@ -11,7 +11,7 @@ or outlives its share of --budget is reported in its cell, and the next one stil
 
     python benchmarks/end_to_end.py                            # GPU: dense and MoE, ~1B each
     python benchmarks/end_to_end.py --models moe --warmup 10 --steps 10 --output $OUT/end_to_end.md
-    python benchmarks/end_to_end.py --set attention.document_masking=true   # extra overrides, sparsetron only
+    python benchmarks/end_to_end.py --models dense --set model.n_layers=8   # recipe overrides; the anchor follows the shapes
     python benchmarks/end_to_end.py --device cpu               # tiny dims, fp32, eager: a smoke test
 """
 
@@ -201,7 +201,13 @@ def parse(argv: list[str]):
     parser.add_argument("--models", default="dense,moe", help=f"comma-separated, of {', '.join(RECIPES)}")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (compilation)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps, at most --warmup")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="sparsetron only")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="recipe override (the anchor gets the shapes)",
+    )
     parser.add_argument("--budget", type=float, default=300.0, help="seconds for all runs, shared out as they start")
     parser.add_argument("--work-dir", help="run folders and logs (default: a temporary folder)")
     parser.add_argument("--output", help="also write the report to this file")
