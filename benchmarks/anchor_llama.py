@@ -40,11 +40,11 @@ def rope(x_BSHd: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
 
 
 class MoE(nn.Module):
-    def __init__(self, D: int, E: int, k: int, F_: int):
+    def __init__(self, D: int, E: int, k: int, hidden: int):
         super().__init__()
         self.k, self.router = k, nn.Linear(D, E, bias=False)
-        self.w13 = nn.Parameter(torch.randn(E, D, 2 * F_) * 0.02)
-        self.w2 = nn.Parameter(torch.randn(E, F_, D) * 0.02)
+        self.w13 = nn.Parameter(torch.randn(E, D, 2 * hidden) * 0.02)
+        self.w2 = nn.Parameter(torch.randn(E, hidden, D) * 0.02)
 
     def experts(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         w13, w2 = self.w13, self.w2
@@ -62,7 +62,9 @@ class MoE(nn.Module):
         return torch.cat(outs)
 
     def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
-        probs_NE = self.router(x_ND).float().softmax(-1)
+        w = self.router.weight
+        with torch.autocast(x_ND.device.type, enabled=False):  # the router runs in fp32, as anchors.md's
+            probs_NE = F.linear(x_ND.type_as(w), w).softmax(-1)
         weights_Nk, experts_Nk = probs_NE.topk(self.k, -1)
         order = experts_Nk.flatten().argsort()
         counts_E = torch.zeros(probs_NE.shape[1], dtype=torch.int64, device=x_ND.device)
