@@ -235,6 +235,7 @@ def run_case(args, S: int, kv_heads: int) -> tuple[list[dict], dict, list[str], 
 
     q, k, v, grad = randn(S, H, d), randn(S, kv_heads, d), randn(S, kv_heads, d), randn(S, H, d)
     verdict = check(args, found, q, k, v, grad, lengths)
+    print(f"  checks: {verdict}", file=sys.stderr, flush=True)
     fwd_flops = 4 * pair_count(lengths) * H * d
     leaves = [t.requires_grad_() for t in (q, k, v)]
     rows = []
@@ -259,6 +260,8 @@ def run_case(args, S: int, kv_heads: int) -> tuple[list[dict], dict, list[str], 
             if args.device == "cuda":
                 torch.cuda.empty_cache()
             rows.append(row)
+            # Each cell as it is measured: a run stopped by a timeout still leaves its numbers.
+            print(f"  {row}", file=sys.stderr, flush=True)
     return rows, verdict, notes, lengths
 
 

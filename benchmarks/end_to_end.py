@@ -152,6 +152,8 @@ def run_model(args, model: str, deadline: float, runs_left: int, work: Path) -> 
         if error is not None:
             results[side] = error.replace("|", "/")
             results[f"{side}_tail"] = output.splitlines()[-5:]
+        # Each result as it comes: a suite timeout still leaves the runs that finished.
+        print(f"{model} {side}: {results[side]}", file=sys.stderr, flush=True)
     anchor = results["anchor"]
     if isinstance(anchor, dict) and anchor["active_params"] != expected_active:
         results["anchor"] = (
