@@ -96,3 +96,12 @@ def test_an_unknown_part_is_refused_by_name(tmp_path):
     result = run_suite(tmp_path, PYTHON=sys.executable, SUITE_PARTS="moba speed")
     assert result.returncode == 2
     assert "SUITE_PARTS: unknown part 'speed'" in result.stdout
+
+
+def test_without_cuda_the_real_run_stops_at_the_prerequisites(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env |= {"OUT": str(tmp_path), "PYTHON": sys.executable, "SUITE_PARTS": "doc_attention", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(["bash", str(SUITE)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "PREREQUISITE: torch sees no CUDA device" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["suite.md"]
