@@ -87,11 +87,14 @@ if missing:
     sys.exit(f"python modules missing: {' '.join(missing)} (carry them as wheels, see this script's header)")
 import sparsetron
 import torch
+import triton
+import transformers
 where = os.path.realpath(os.path.dirname(sparsetron.__file__))
 if where != os.path.realpath(sys.argv[1]):
     sys.exit(f"python imports sparsetron from {where}, not from this checkout {sys.argv[1]}")
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-print(f"python {sys.version.split()[0]}, torch {torch.__version__}, {gpu}")
+versions = f"torch {torch.__version__}, triton {triton.__version__}, transformers {transformers.__version__}"
+print(f"python {sys.version.split()[0]}, {versions}, {gpu}")
 PYCHECK
 ) || { note "- PREREQUISITE: $checks"; exit 2; }
 note "- environment: $checks"
