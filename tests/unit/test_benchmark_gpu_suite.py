@@ -83,13 +83,7 @@ def test_a_failing_and_a_hanging_part_are_named_and_the_suite_goes_on(tmp_path):
     assert (out / "moe_layer.txt").read_text() == "broken\n"
     assert rows["moba"][3] == "TIMEOUT after 5 s" and int(rows["moba"][2]) < 20
     assert rows["doc_attention"][3] == "ok" and (out / "doc_attention.txt").read_text() == "fine\n"
-    assert "SOME PARTS FAILED" in result.stdout.splitlines()[-1]
-
-
-def test_a_timeout_alone_fails_the_suite(tmp_path):
-    result = run_suite(tmp_path, PYTHON=str(fake_python(tmp_path)), SUITE_PARTS="moba doc_attention", BUDGET_moba="5")
-    assert result.returncode == 1
-    assert status_rows(tmp_path)["moba"][3] == "TIMEOUT after 5 s"
+    assert result.stdout.splitlines()[-1].endswith("parts failed or timed out: moe_layer moba.")
 
 
 def test_an_unknown_part_is_refused_by_name(tmp_path):
