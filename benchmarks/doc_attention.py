@@ -1,24 +1,30 @@
-"""Document-masked causal attention: the dense-mask path against variable-length flash attention.
+"""Document-masked causal attention: sparsetron's dense-mask path against its variable-length path.
 
 One row of S tokens packed with documents of random lengths (a fixed seed), bf16, forward and
-forward+backward, side by side in one run:
-  - dense mask: what `model/attention.py` does today: a boolean [S, S] document-causal mask
-    built from the document ids and K/V heads repeated for GQA, through SDPA (the backend torch
-    picks for a masked call). Building the mask and repeating K/V are timed: the model pays for
-    both in every layer;
-  - varlen: `torch.nn.attention.varlen.varlen_attn` on the packed [S, H, d] layout with
-    cu_seqlens (computed once per batch, untimed), GQA without repeating K/V;
-  - flash-attn: `flash_attn_varlen_func`, when the flash-attn package is importable.
+forward+backward, side by side in one run, each path called as the model calls it (on a batch of
+one row, [1, S, H, d]):
+  - dense mask: `kernels.varlen.document_attention_reference`, what the model ran before its varlen
+    op: a boolean [1, 1, S, S] document-causal mask built from the document ids and K/V heads
+    repeated for GQA, through SDPA (the backend torch picks for a masked call). Building the mask
+    and repeating K/V are timed: the model paid for both in every layer;
+  - sparsetron varlen: `kernels.varlen.varlen_attention`, which on CUDA in bf16/fp16 is torch's
+    `torch.nn.attention.varlen.varlen_attn` (flash) on the packed layout, GQA without repeating
+    K/V; cu_seqlens and max_seqlen come from `model.sequence.SequenceInfo.build`, once per batch,
+    untimed. Where that kernel is missing, varlen_attention falls back to the dense mask, so the
+    row is not measured on a GPU (a note says so);
+  - flash-attn: `flash_attn_varlen_func`, the peer, when the flash-attn package is importable.
 Before anything is timed, each path's output and q/k/v gradients are compared per element,
-relative to each row's scale, with an fp32 computation (each document through SDPA on its own);
-a path whose error exceeds 4x the dense-mask path's own bf16 error gets no ratio. Out-of-memory
-is reported per cell. TFLOP/s counts only the causal within-document (query, key) pairs, 4 d
-FLOPs per pair and head, fwd+bwd 3.5x the forward (as ../shared/specs/anchors.md).
+relative to each row's scale, with an fp32 computation (softmax attention written out per
+document, shared with no path); a path whose error exceeds 4x the dense-mask path's own bf16
+error gets no ratio. Out-of-memory is reported per cell. TFLOP/s counts only the causal
+within-document (query, key) pairs, 4 d FLOPs per pair and head, fwd+bwd 3.5x the forward (as
+../shared/specs/anchors.md).
 
     python benchmarks/doc_attention.py                       # GPU: S 8K and 32K, 16 heads x 128, MHA and GQA 16/4
     python benchmarks/doc_attention.py --output $OUT/doc_attention.md
-    python benchmarks/doc_attention.py --device cpu          # tiny, fp32; varlen is CUDA-only, so an
-                                                             # fp32 per-document SDPA stands in for it
+    python benchmarks/doc_attention.py --device cpu          # tiny, fp32: a smoke test of the report. On the CPU
+                                                             # varlen_attention is the dense mask itself, so its
+                                                             # row ("varlen (CPU stand-in)") times the same code
 
 Shape legend: S tokens, H query heads, K key/value heads, d head dim, N documents.
 """
@@ -26,19 +32,22 @@ Shape legend: S tokens, H query heads, K key/value heads, d head dim, N document
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
+
+from sparsetron.kernels.varlen import document_attention_reference, flash_varlen_available, varlen_attention
+from sparsetron.model.sequence import SequenceInfo
 
 GPU = {"seqs": "8192,32768", "heads": 16, "kv_heads": "16,4", "head_dim": 128, "mean_doc": 2048}
 CPU = {"seqs": "128,200", "heads": 4, "kv_heads": "4,2", "head_dim": 16, "mean_doc": 40}
 # A path may lose this much more accuracy than the dense-mask path in the same dtype.
 ERROR_FACTOR = 4.0
+# The baseline's name: its row comes first, and every ratio is to it.
+BASELINE = "dense mask"
 
 
 def doc_lengths(S: int, mean_doc: int, seed: int) -> list[int]:
@@ -55,31 +64,6 @@ def pair_count(lengths: list[int]) -> int:
     return sum(n * (n + 1) // 2 for n in lengths)
 
 
-def dense_mask_attention(q_SHd, k_SKd, v_SKd, doc_ids_S):
-    """The model's old path: a dense document-causal mask and K/V repeated up to H heads."""
-    S, H, _ = q_SHd.shape
-    groups = H // k_SKd.shape[1]
-    k_SHd = k_SKd.repeat_interleave(groups, dim=1) if groups > 1 else k_SKd
-    v_SHd = v_SKd.repeat_interleave(groups, dim=1) if groups > 1 else v_SKd
-    causal_SS = torch.ones(S, S, dtype=torch.bool, device=q_SHd.device).tril()
-    mask_SS = (doc_ids_S[:, None] == doc_ids_S[None, :]) & causal_SS
-    o_1HSd = F.scaled_dot_product_attention(
-        q_SHd.transpose(0, 1)[None], k_SHd.transpose(0, 1)[None], v_SHd.transpose(0, 1)[None], attn_mask=mask_SS
-    )
-    return o_1HSd[0].transpose(0, 1)
-
-
-def per_document_attention(q_SHd, k_SKd, v_SKd, lengths: list[int]):
-    """Each document through causal SDPA on its own: varlen's CPU stand-in."""
-    outs = []
-    for q, k, v in zip(q_SHd.split(lengths), k_SKd.split(lengths), v_SKd.split(lengths), strict=True):
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=True
-        )
-        outs.append(o.transpose(0, 1))
-    return torch.cat(outs)
-
-
 def reference_attention(q_SHd, k_SKd, v_SKd, lengths: list[int]):
     """softmax(q k^T / sqrt(d) + causal) v written out per document: the oracle, shared with no path."""
     groups = q_SHd.shape[1] // k_SKd.shape[1]
@@ -92,29 +76,6 @@ def reference_attention(q_SHd, k_SKd, v_SKd, lengths: list[int]):
     return torch.cat(outs)
 
 
-def torch_varlen() -> Callable | None:
-    """torch's varlen attention as f(q, k, v, cu, max_len), or None where torch lacks it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    params = inspect.signature(varlen_attn).parameters
-    # torch 2.10/2.11 take is_causal; later releases say causal as window_size=(-1, 0).
-    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    native_gqa = "enable_gqa" in params
-
-    def run(q_SHd, k_SKd, v_SKd, cu_N, max_len):
-        groups = q_SHd.shape[1] // k_SKd.shape[1]
-        gqa = {}
-        if groups > 1 and native_gqa:
-            gqa = {"enable_gqa": True}
-        elif groups > 1:  # this torch's varlen has no GQA: the repeat is timed, as it would be paid
-            k_SKd, v_SKd = k_SKd.repeat_interleave(groups, 1), v_SKd.repeat_interleave(groups, 1)
-        return varlen_attn(q_SHd, k_SKd, v_SKd, cu_N, cu_N, max_len, max_len, **causal, **gqa)
-
-    return run
-
-
 def flash_attn_varlen() -> Callable | None:
     try:
         from flash_attn import flash_attn_varlen_func
@@ -124,23 +85,38 @@ def flash_attn_varlen() -> Callable | None:
 
 
 def paths(args, lengths: list[int]) -> tuple[dict[str, Callable], list[str]]:
-    """name -> f(q, k, v) for this document layout (dense first: the baseline), and notes on absent paths."""
+    """name -> f(q, k, v) on [S, H, d] for this document layout (dense first: the baseline), and notes.
+
+    Each path is sparsetron's own function on a batch of one row.
+    """
     device = args.device
-    doc_ids_S = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)
-    cu_N = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    max_len = max(lengths)
-    found = {"dense mask": lambda q, k, v: dense_mask_attention(q, k, v, doc_ids_S)}
+    doc_ids_1S = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)).to(device)[None]
+    seq = SequenceInfo.build(1, sum(lengths), doc_ids_1S)
+    found = {BASELINE: lambda q, k, v: document_attention_reference(q[None], k[None], v[None], doc_ids_1S)[0]}
     notes = []
-    if device == "cpu":
-        found["varlen (CPU stand-in)"] = lambda q, k, v: per_document_attention(q, k, v, lengths)
-        notes.append("varlen is CUDA-only: an fp32 per-document SDPA stands in for it on the CPU")
-        return found, notes
-    for name, make in (("varlen", torch_varlen), ("flash-attn", flash_attn_varlen)):
-        fn = make()
+
+    def varlen(q, k, v):
+        return varlen_attention(q[None], k[None], v[None], doc_ids_1S, seq.cu_seqlens_N, seq.max_seqlen)[0]
+
+    if flash_varlen_available(device, args.dtype):
+        found["sparsetron varlen (torch varlen_attn)"] = varlen
+    elif device == "cpu":
+        found["varlen (CPU stand-in)"] = varlen
+        notes.append(
+            "the flash varlen kernel is CUDA-only: on the CPU sparsetron's varlen_attention falls back to "
+            "the dense mask, so both rows time the same code (a smoke test of the report, not a comparison)"
+        )
+    else:
+        notes.append(
+            "sparsetron varlen: torch.nn.attention.varlen is not importable (torch < 2.10), so varlen_attention "
+            "would run the dense mask: not measured"
+        )
+    if device == "cuda":
+        fn = flash_attn_varlen()
         if fn is None:
-            notes.append(f"{name}: not importable in this environment, not measured")
+            notes.append("flash-attn: not importable in this environment, not measured")
         else:
-            found[name] = lambda q, k, v, fn=fn: fn(q, k, v, cu_N, max_len)
+            found["flash-attn"] = lambda q, k, v: fn(q, k, v, seq.cu_seqlens_N, seq.max_seqlen)
     return found, notes
 
 
@@ -185,9 +161,9 @@ def check(args, found, q, k, v, grad, lengths) -> dict[str, tuple[bool, str]]:
         except Exception as err:
             errors[name] = failure(err)
     del refs
-    baseline = errors["dense mask"]
+    baseline = errors[BASELINE]
     if not isinstance(baseline, float):
-        return {name: (False, f"no baseline: dense mask {baseline}") for name in found}
+        return {name: (False, f"no baseline: {BASELINE} {baseline}") for name in found}
     tolerance = ERROR_FACTOR * max(baseline, torch.finfo(args.dtype).eps)
     verdict = {}
     for name, err in errors.items():
@@ -279,12 +255,12 @@ def table(rows: list[dict], verdicts: dict) -> list[str]:
         base = next(
             r
             for r in rows
-            if (r["S"], r["heads"], r["mode"], r["path"]) == (row["S"], row["heads"], row["mode"], "dense mask")
+            if (r["S"], r["heads"], r["mode"], r["path"]) == (row["S"], row["heads"], row["mode"], BASELINE)
         )
         verdict = verdicts[(row["S"], row["heads"])]
-        ok = verdict[row["path"]][0] and verdict["dense mask"][0]
+        ok = verdict[row["path"]][0] and verdict[BASELINE][0]
         timed = isinstance(row["ms"], float) and isinstance(base["ms"], float)
-        if row["path"] == "dense mask":
+        if row["path"] == BASELINE:
             speedup = memory = "1"
         elif not ok:
             speedup = memory = "refused"

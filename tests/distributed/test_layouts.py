@@ -167,22 +167,32 @@ def test_composes_with_activation_checkpointing_and_compile(tmp_path, reference,
     assert_same_training(run_layout(tmp_path, layout, *wrappers), reference("sequence-aux"))
 
 
+def rms(t):
+    return t.double().square().mean().sqrt().item()
+
+
 def bf16_tolerances(bf16, fp32):
-    """What bf16 itself costs, from one process: the largest change of any step's loss, and of
-    each parameter's elements after the steps, between a bf16 and an fp32 run. A layout in bf16
-    may differ from one process in bf16 by reduction order and rounding, never by more than a
-    small multiple of this."""
+    """What bf16 itself costs, from one process: the largest change of any step's loss, and the
+    root-mean-square change of each parameter after the steps, between a bf16 and an fp32 run.
+    A layout in bf16 may differ from one process in bf16 by reduction order and rounding, never by
+    more than a small multiple of this. (Per parameter, not per element: AdamW's first steps move
+    an element by about lr x the sign of its gradient, so rounding that flips a near-zero gradient
+    moves that element by 2 lr in any run; a mean over the tensor is what rounding sets.)"""
     losses, _, params, _ = bf16
     ref_losses, _, ref_params, _ = fp32
     loss_tol = max(abs(losses[step] - ref_losses[step]) for step in ref_losses)
-    param_tol = {name: (params[name] - ref).abs().max().item() for name, ref in ref_params.items()}
+    param_tol = {name: rms(params[name] - ref) for name, ref in ref_params.items()}
     return loss_tol, param_tol
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_trains_like_one_process_in_bf16(tmp_path, reference, layout):
     """Every layout in bf16 (FSDP mixed precision where it shards, autocast everywhere, one
-    policy: parallel/precision.py) against one process in bf16, within 2x bf16's own error."""
+    policy: parallel/precision.py) against one process in bf16, within 2x bf16's own error; 4x
+    with tensor parallelism, whose ranks round their partial sums to bf16 before reducing them
+    (forward and backward, as Megatron's do), roundings one process never makes. Measured: 0.4-0.6
+    without tensor parallelism (4.3 when FSDP gathered the norms in bf16), 1.5-2.7 with it."""
+    multiple = 4 if "tp" in layout else 2
     single, fp32 = reference("sequence-aux", *BF16), reference("sequence-aux")
     loss_tol, param_tol = bf16_tolerances(single, fp32)
     assert loss_tol > 0 and min(param_tol.values()) > 0  # bf16 did change every number
@@ -190,14 +200,14 @@ def test_layout_trains_like_one_process_in_bf16(tmp_path, reference, layout):
     ref_losses, ref_eval, ref_params, _ = single
     assert losses.keys() == ref_losses.keys()
     for step, loss in ref_losses.items():
-        assert abs(losses[step] - loss) <= 2 * loss_tol, (step, losses[step], loss, loss_tol)
+        assert abs(losses[step] - loss) <= multiple * loss_tol, (step, losses[step], loss, loss_tol)
     for step, loss in ref_eval.items():
-        assert abs(eval_losses[step] - loss) <= 2 * loss_tol, (step, eval_losses[step], loss, loss_tol)
+        assert abs(eval_losses[step] - loss) <= multiple * loss_tol, (step, eval_losses[step], loss, loss_tol)
     assert params.keys() == ref_params.keys()
     for name, ref in ref_params.items():
         assert params[name].dtype == torch.float32, name  # master weights stay fp32
-        error = (params[name] - ref).abs().max().item()
-        assert error <= 2 * param_tol[name], (name, error, param_tol[name])
+        error = rms(params[name] - ref)
+        assert error <= multiple * param_tol[name], (name, error, param_tol[name])
 
 
 # A checkpoint written at one layout (two steps) resumes at another for the third step.

@@ -1,15 +1,16 @@
-"""benchmarks/doc_attention.py on the CPU: its paths compute document-causal attention, the varlen
-adapter speaks both torch signatures, and a path that computes another function gets no ratio.
-(The whole CPU report is checked by test_benchmark_gpu_suite.py's dry run.)"""
+"""benchmarks/doc_attention.py on the CPU: its paths are sparsetron's own functions called on a
+batch of one row and compute document-causal attention, and a path that computes another function
+or raises gets no ratio. (The whole CPU report is checked by test_benchmark_gpu_suite.py's dry run;
+varlen_attention's torch-signature handling by test_varlen.py.)"""
 
 import importlib.util
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+from sparsetron.kernels.varlen import document_attention_reference
 
 
 @pytest.fixture(scope="module")
@@ -35,80 +36,84 @@ def test_documents_fill_the_row_and_pairs_are_the_masks_true_entries(bench):
             assert bench.pair_count(lengths) == int(mask.sum())
 
 
+def cpu_paths(bench, monkeypatch, lengths, flash=False):
+    """The benchmark's paths for this layout on the CPU in fp64 (flash: as if the flash kernel ran)."""
+    monkeypatch.setattr(bench, "flash_varlen_available", lambda device, dtype: flash)
+    args = bench.parse(["--device", "cpu"])
+    args.dtype = torch.float64
+    return bench.paths(args, lengths)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_dense_mask_and_per_document_paths_equal_the_oracle(bench, kv_heads):
+def test_both_paths_equal_the_oracle(bench, monkeypatch, kv_heads):
     lengths = bench.doc_lengths(203, 30, seed=kv_heads)
-    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     q, k, v = qkv(203, 4, kv_heads, 16)
     expected = bench.reference_attention(q, k, v, lengths)
-    for got in (bench.dense_mask_attention(q, k, v, doc_ids), bench.per_document_attention(q, k, v, lengths)):
+    found, notes = cpu_paths(bench, monkeypatch, lengths)
+    assert list(found) == ["dense mask", "varlen (CPU stand-in)"] and "same code" in notes[0]
+    for got in (fn(q, k, v) for fn in found.values()):
         torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     # A later document must not see an earlier one: its first query attends to itself alone.
     first = sum(lengths[:2])
     torch.testing.assert_close(expected[first], v[first].repeat_interleave(4 // kv_heads, 0))
 
 
-def fake_varlen(window_api: bool):
-    """A CPU varlen_attn with one of torch's two signatures, computing from cu_seqlens alone."""
-
-    def attend(q, k, v, cu, causal, gqa):
-        outs = []
-        for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
-            o = F.scaled_dot_product_attention(
-                q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1), is_causal=causal, enable_gqa=gqa
-            )
-            outs.append(o.transpose(0, 1))
-        return torch.cat(outs)
-
-    if window_api:
-
-        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
-            assert window_size in ((-1, -1), (-1, 0))
-            return attend(q, k, v, cu_q, window_size == (-1, 0), enable_gqa)
-    else:
-
-        def varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
-            return attend(q, k, v, cu_q, is_causal, False)
-
-    return varlen_attn
-
-
-@pytest.mark.parametrize("window_api", [True, False], ids=["window_size", "is_causal"])
-def test_varlen_adapter_asks_for_causal_attention_with_either_signature(bench, monkeypatch, window_api):
-    monkeypatch.setitem(
-        sys.modules, "torch.nn.attention.varlen", types.SimpleNamespace(varlen_attn=fake_varlen(window_api))
-    )
-    run = bench.torch_varlen()
+def test_paths_call_sparsetrons_functions_with_the_batch_of_one_row(bench, monkeypatch):
     lengths = bench.doc_lengths(150, 30, seed=1)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    calls = []
+
+    def spy(name, fn):
+        def record(*args):
+            calls.append((name, args))
+            return fn(*args)
+
+        monkeypatch.setattr(bench, name, record)
+
+    spy("document_attention_reference", document_attention_reference)
+    spy("varlen_attention", bench.varlen_attention)
+    found, notes = cpu_paths(bench, monkeypatch, lengths, flash=True)
+    # Where the flash kernel runs, the row is sparsetron's op by name, and no stand-in note is left.
+    assert list(found) == ["dense mask", "sparsetron varlen (torch varlen_attn)"] and notes == []
     q, k, v = qkv(150, 4, 2, 8)
-    torch.testing.assert_close(run(q, k, v, cu, max(lengths)), bench.reference_attention(q, k, v, lengths))
+    for fn in found.values():
+        fn(q, k, v)
+    doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    (dense_name, dense), (varlen_name, varlen) = calls
+    assert dense_name == "document_attention_reference" and varlen_name == "varlen_attention"
+    for args in (dense, varlen):
+        assert [t.shape for t in args[:3]] == [(1, 150, 4, 8), (1, 150, 2, 8), (1, 150, 2, 8)]
+        assert torch.equal(args[3], doc_ids)
+    assert torch.equal(varlen[4], cu) and varlen[5] == max(lengths)
 
 
-def test_a_path_computing_another_function_gets_no_ratio(bench, monkeypatch):
-    # Plausible bugs: the stand-in attends across document boundaries, or not causally.
-    for wrong in (
-        lambda q, k, v, lengths: bench.reference_attention(q, k, v, [sum(lengths)]),
-        lambda q, k, v, lengths: torch.cat(
-            [
-                F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in x), enable_gqa=True).transpose(0, 1)
-                for x in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
-            ]
-        ),
-    ):
-        monkeypatch.setattr(bench, "per_document_attention", wrong)
-        report = bench.main(["--device", "cpu", "--seqs", "96", "--heads", "4", "--kv-heads", "2"])
-        assert "- S=96 heads 4/2 varlen (CPU stand-in): WRONG" in report
-        assert "- S=96 heads 4/2 dense mask: ok" in report
-        rows = [line for line in report.splitlines() if "| varlen (CPU stand-in) |" in line]
-        assert len(rows) == 2 and all(line.endswith("| refused | refused |") for line in rows)
+def across_documents(q, k, v, doc_ids, cu, max_len):
+    return document_attention_reference(q, k, v, torch.zeros_like(doc_ids))
+
+
+def not_causal(q, k, v, doc_ids, cu, max_len):
+    groups = q.shape[2] // k.shape[2]
+    k, v = (t.repeat_interleave(groups, 2).transpose(1, 2) for t in (k, v))
+    same_doc = (doc_ids[:, :, None] == doc_ids[:, None, :])[:, None]
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=same_doc).transpose(1, 2)
+
+
+@pytest.mark.parametrize("wrong", [across_documents, not_causal])
+def test_a_path_computing_another_function_gets_no_ratio(bench, monkeypatch, wrong):
+    # Plausible bugs: the varlen path attends across document boundaries, or not causally.
+    monkeypatch.setattr(bench, "varlen_attention", wrong)
+    report = bench.main(["--device", "cpu", "--seqs", "96", "--heads", "4", "--kv-heads", "2"])
+    assert "- S=96 heads 4/2 varlen (CPU stand-in): WRONG" in report
+    assert "- S=96 heads 4/2 dense mask: ok" in report
+    rows = [line for line in report.splitlines() if "| varlen (CPU stand-in) |" in line]
+    assert len(rows) == 2 and all(line.endswith("| refused | refused |") for line in rows)
 
 
 def test_a_path_that_raises_is_reported_in_its_cells_and_the_run_goes_on(bench, monkeypatch):
-    def refuse(q, k, v, lengths):
+    def refuse(*args):
         raise RuntimeError("kernel refused | this shape")
 
-    monkeypatch.setattr(bench, "per_document_attention", refuse)
+    monkeypatch.setattr(bench, "varlen_attention", refuse)
     report = bench.main(["--device", "cpu", "--seqs", "96,128", "--heads", "4", "--kv-heads", "4"])
     for S in (96, 128):
         assert (
