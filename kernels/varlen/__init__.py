@@ -30,11 +30,13 @@ def flash_varlen_available(device_type: str, dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _causal_keyword(varlen_attn) -> dict:
-    """How `varlen_attn` is told to be causal: torch 2.10 and 2.11 take is_causal=True, later
-    releases a window of (-1, 0) (all keys before the query, none after)."""
+def _signature(varlen_attn) -> tuple[dict, bool]:
+    """How this torch's `varlen_attn` is called: (the keyword that makes it causal, whether it
+    reads shared K/V heads itself). torch 2.10 and 2.11 take is_causal=True and no enable_gqa;
+    later releases take a window of (-1, 0) (every key before the query, none after) and enable_gqa."""
     params = inspect.signature(varlen_attn).parameters
-    return {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    causal = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    return causal, "enable_gqa" in params
 
 
 def varlen_attention(
@@ -62,7 +64,14 @@ def varlen_attention(
         return document_attention_reference(q_BSHd, k_BSKd, v_BSKd, doc_ids_BS)
     from torch.nn.attention.varlen import varlen_attn
 
+    causal, reads_gqa = _signature(varlen_attn)
     K = k_BSKd.shape[2]
+    gqa = {}
+    if H != K and reads_gqa:
+        gqa = {"enable_gqa": True}
+    elif H != K:  # an older torch: the shared heads are repeated (memory, not correctness)
+        k_BSKd, v_BSKd = (t.repeat_interleave(H // K, dim=2) for t in (k_BSKd, v_BSKd))
+        K = H
     o_THd = varlen_attn(
         q_BSHd.reshape(B * S, H, d),
         k_BSKd.reshape(B * S, K, d),
@@ -71,7 +80,7 @@ def varlen_attention(
         cu_seqlens_N,
         max_seqlen,
         max_seqlen,
-        enable_gqa=H != K,
-        **_causal_keyword(varlen_attn),
+        **causal,
+        **gqa,
     )
     return o_THd.view(B, S, H, d)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparsetron.kernels.varlen import _causal_keyword, flash_varlen_available, varlen_attention
+from sparsetron.kernels.varlen import _signature, flash_varlen_available, varlen_attention
 from sparsetron.model.sequence import SequenceInfo
 
 
@@ -48,15 +48,40 @@ def test_flash_only_on_cuda_in_half_precision():
     assert not flash_varlen_available("cuda", torch.float32)
 
 
-def test_causal_keyword_for_each_torch_signature():
+def test_call_for_each_torch_signature():
     def current(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
         pass
 
-    def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, enable_gqa=False):
+    def torch_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):
         pass
 
-    assert _causal_keyword(current) == {"window_size": (-1, 0)}
-    assert _causal_keyword(torch_2_11) == {"is_causal": True}
+    assert _signature(current) == ({"window_size": (-1, 0)}, True)
+    assert _signature(torch_2_11) == ({"is_causal": True}, False)
+
+
+@pytest.mark.parametrize("reads_gqa", [True, False])
+def test_flash_call_is_formed_for_each_torch(monkeypatch, reads_gqa):
+    """What varlen_attention hands torch's kernel (stubbed here: it runs on CUDA only)."""
+    import torch.nn.attention.varlen as torch_varlen
+
+    calls = []
+
+    def stub(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs):
+        calls.append((q.shape, k.shape, v.shape, cu_q, cu_k, max_q, max_k, kwargs))
+        return torch.zeros_like(q)
+
+    monkeypatch.setattr(torch_varlen, "varlen_attn", stub)
+    monkeypatch.setattr("sparsetron.kernels.varlen.flash_varlen_available", lambda device_type, dtype: True)
+    monkeypatch.setattr("sparsetron.kernels.varlen._signature", lambda fn: ({"is_causal": True}, reads_gqa))
+    q = torch.randn(2, 5, 4, 8)
+    k = torch.randn(2, 5, 2, 8)
+    seq = SequenceInfo.build(2, 5, torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 2, 2]]))
+    out = varlen_attention(q, k, k, seq.doc_ids_BS, seq.cu_seqlens_N, seq.max_seqlen)
+    assert out.shape == q.shape
+    (q_shape, k_shape, v_shape, cu_q, cu_k, max_q, max_k, kwargs) = calls[0]
+    assert q_shape == (10, 4, 8) and k_shape == v_shape == ((10, 2, 8) if reads_gqa else (10, 4, 8))
+    assert cu_q is cu_k is seq.cu_seqlens_N and max_q == max_k == 5
+    assert kwargs == ({"is_causal": True, "enable_gqa": True} if reads_gqa else {"is_causal": True})
 
 
 def test_bad_shapes_are_refused():
