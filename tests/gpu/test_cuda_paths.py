@@ -64,7 +64,7 @@ def test_training_on_gpu_learns_and_reports_mfu(tmp_path):
         ["trainer.steps=30", "trainer.eval_interval=0", "metrics.console=none", f"trainer.run_dir={tmp_path}"],
     )
     trainer = Trainer(job)
-    assert trainer.device.type == "cuda" and trainer.autocast_dtype == torch.bfloat16
+    assert trainer.device.type == "cuda" and trainer.precision.compute_dtype == torch.bfloat16
     result = trainer.run()
     assert result.eval_losses[30] < 0.8 * result.eval_losses[0]
     records = (tmp_path / "metrics.jsonl").read_text()

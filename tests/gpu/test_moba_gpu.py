@@ -164,7 +164,8 @@ def test_model_runs_the_kernels_as_the_cpu_runs_the_reference():
     doc_ids_BS[1, 1900:] = 2
     results = []
     for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
-        logits = model(tokens_BS.to(device), doc_ids_BS=doc_ids_BS.to(device))
+        tokens = tokens_BS.to(device)
+        logits = model(tokens, model.sequence_info(tokens, doc_ids_BS.to(device)))
         logits.float().pow(2).mean().backward()
         results.append((logits.detach().cpu(), model.layers["0"].attention.wq.weight.grad.cpu()))
     for ours, theirs in zip(results[1], results[0], strict=True):
