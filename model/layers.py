@@ -10,8 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def as_computed(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as the forward computes with it: rounded to the autocast dtype under autocast, as
+    FSDP's mixed precision gathers every parameter, else unchanged. Norms and routers then up-cast
+    it and do their math in fp32, so they compute the same on every layout (parallel/precision.py)."""
+    device_type = weight.device.type
+    if torch.is_autocast_enabled(device_type):
+        return weight.to(torch.get_autocast_dtype(device_type))
+    return weight
+
+
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 whatever the input dtype."""
+    """x / rms(x) * weight, computed in fp32 whatever the input dtype (the weight rounded to the
+    autocast dtype first under autocast: see `as_computed`)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -24,7 +35,7 @@ class RMSNorm(nn.Module):
         compute = torch.promote_types(x_BSD.dtype, torch.float32)
         x = x_BSD.to(compute)
         normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (normed * self.weight.to(compute)).to(x_BSD.dtype)
+        return (normed * as_computed(self.weight).to(compute)).to(x_BSD.dtype)
 
     def init_weights(self) -> None:
         nn.init.ones_(self.weight)

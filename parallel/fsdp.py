@@ -10,23 +10,18 @@ ranks: sharded over mesh["edp_shard"] (HSDP over ("dp_replicate", "edp_shard")),
 gradients summed over those edp ranks then divided by dp_cp, not edp: the all-to-all has
 already summed the contributions of the ep ranks' tokens into each expert's gradient.
 
-Mixed precision (parallel/precision.py): units gather their parameters in bf16, which gives the
-products autocast computes, except the parameters the policy computes in fp32 on every layout,
-the RMSNorm weights and the routers: each block's (and the root's final norm) are one more unit
-that gathers them in fp32. Rounded to bf16 they would differ from one process's (a norm weight
-near 1.0 has bf16 steps of 2^-7: early updates would not move the forward at all).
+Mixed precision (parallel/precision.py): units gather their parameters in bf16, which is what
+every layout computes with (autocast rounds the weights of its products; norms and routers
+round theirs with `model.layers.as_computed`), so FSDP changes no number but the reduction order.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
-from sparsetron.model.layers import RMSNorm
 from sparsetron.model.moe.balancing import moe_layers
-from sparsetron.model.moe.router import Router
 from sparsetron.parallel.dims import ParallelMesh
 from sparsetron.parallel.expert_parallel import ExpertParallelExperts
 from sparsetron.parallel.precision import FP32, Precision
@@ -51,20 +46,8 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, precision: Precision = FP32
         for layer in moe_layers(block):
             if isinstance(layer.experts, ExpertParallelExperts):
                 _shard_experts(layer.experts, expert_mesh, dims.dp_cp, dims.edp_shard, policy)
-        _shard_fp32_pieces(block, dense_mesh, precision)
         fully_shard(block, mesh=dense_mesh, mp_policy=policy)
-    if getattr(model, "norm", None) is not None:
-        _shard_fp32_pieces(model.norm, dense_mesh, precision)
     fully_shard(model, mesh=dense_mesh, mp_policy=policy)
-
-
-def _shard_fp32_pieces(module: nn.Module, mesh: DeviceMesh, precision: Precision) -> None:
-    """Under mixed precision, `module`'s norms and routers as one unit gathered in fp32 (see the
-    module docstring); kept gathered after forward: they are small, and so one all-gather a step."""
-    pieces = [m for m in module.modules() if isinstance(m, RMSNorm | Router)]
-    if precision.mixed and pieces:
-        keep = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-        fully_shard(pieces, mesh=mesh, mp_policy=keep, reshard_after_forward=False)
 
 
 def reduce_across_replicas(model: nn.Module, enabled: bool) -> None:

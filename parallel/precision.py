@@ -3,14 +3,18 @@
 trainer.precision bf16 (the default on a GPU) means, wherever the model runs:
 
 - parameters, their gradients' reduction, gradient clipping and the optimizer stay fp32;
-- matrix products run in bf16: the forward runs under `torch.autocast(bf16)`, and where FSDP
-  shards the model it also all-gathers the parameters in bf16 (`MixedPrecisionPolicy`), which
-  halves its traffic and computes the same products autocast would;
+- every parameter enters the forward as a bf16 copy: where FSDP shards the model it all-gathers
+  bf16 copies (`MixedPrecisionPolicy`, half the traffic); elsewhere autocast rounds the weights
+  of its matrix products, and RMSNorm and the router round theirs (`model.layers.as_computed`).
+  So each layout computes the same numbers but for reduction order (as Megatron's bf16
+  parameters and torchtitan's FSDP do; a norm weight near 1.0 moves in the forward in bf16 steps
+  of 2^-7 while its fp32 master accumulates every update);
+- matrix products run in bf16 (autocast);
 - the residual stream is bf16: `Transformer` casts the embedding's output to the autocast
   dtype, which is what FSDP's bf16 embedding gives, so hidden states, pipeline stage
   boundaries and activation memory do not depend on the layout;
-- RMSNorm, rotary embeddings and the router compute in fp32 internally (each up-casts its
-  input); the MoE combine weighs in fp32; attention and experts compute in bf16;
+- RMSNorm, rotary embeddings and the router do their math in fp32 (each up-casts its input
+  and its bf16 weight); the MoE combine weighs in fp32; attention and experts compute in bf16;
 - the head's logits come out bf16 and the loss is computed in fp32 (`cross_entropy`).
 
 fp32 (the default on a CPU) runs everything in fp32, no autocast.

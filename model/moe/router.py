@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetron.model.config import MoEConfig
+from sparsetron.model.layers import as_computed
 
 
 @dataclass
@@ -73,8 +74,9 @@ class Router(nn.Module):
         if x_TD.dim() != 2:
             raise ValueError(f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}")
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
+        weight_ED = as_computed(self.gate.weight)  # what FSDP's mixed precision would gather
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            logits_TE = F.linear(x_TD.to(dtype), self.gate.weight.to(dtype))
+            logits_TE = F.linear(x_TD.to(dtype), weight_ED.to(dtype))
             if self.score_func == "softmax":
                 scores_TE = torch.softmax(logits_TE, dim=-1)
             else:
