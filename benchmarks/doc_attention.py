@@ -32,12 +32,12 @@ Shape legend: S tokens, H query heads, K key/value heads, d head dim, N document
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
 
 import torch
+from report import cpu_median_ms, emit
 
 from sparsetron.kernels.varlen import document_attention_reference, flash_varlen_available, varlen_attention
 from sparsetron.model.sequence import SequenceInfo
@@ -179,13 +179,7 @@ def bench_ms(args, fn, leaves) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, warmup=25, rep=args.rep_ms, grad_to_none=leaves, return_mode="median")
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return cpu_median_ms(fn, reps=3, warmup=1)
 
 
 def peak_gib(args, fn) -> float | None:
@@ -341,12 +335,7 @@ def main(argv: list[str] | None = None) -> str:
     if skipped:
         lines.append(f"- not run (--budget {args.budget:.0f} s spent): {', '.join(skipped)}")
     lines.append(f"\nRun time {time.perf_counter() - t0:.0f} s.")
-    report = "\n".join(lines)
-    print(report, flush=True)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
-    return report
+    return emit("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

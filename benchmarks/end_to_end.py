@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from report import emit
+
 from sparsetron.model.params import active_params
 from sparsetron.train.config_io import load_job_config
 
@@ -248,11 +250,7 @@ def main(argv: list[str] | None = None) -> str:
             for line in res.get(f"{side}_tail", []):
                 lines.append(f"- {model} {side} output: {line[-200:]}")
     lines.append(f"\nRun time {time.perf_counter() - t0:.0f} s.")
-    report = "\n".join(lines)
-    print(report, flush=True)
-    if args.output:
-        Path(args.output).write_text(report + "\n")
-    return report
+    return emit("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from report import cpu_median_ms, emit
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -324,12 +325,7 @@ class Cell:
 def bench_ms(args, fn, inp: Inputs) -> float:
     """Median milliseconds of fn(), already warmed up."""
     if args.device == "cpu":
-        times = []
-        for _ in range(args.cpu_reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
+        return cpu_median_ms(fn, reps=args.cpu_reps)
     import triton.testing
 
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -845,12 +841,7 @@ def main(argv: list[str] | None = None) -> str:
         "",
         f"Run time {time.perf_counter() - args.t0:.0f} s.",
     ]
-    report = "\n".join(lines)
-    print(report, flush=True)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(report + "\n")
-    return report
+    return emit("\n".join(lines), args.output)
 
 
 if __name__ == "__main__":

@@ -15,10 +15,9 @@ Needs `pip install -e ".[dev]"` (transformers).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from report import cpu_median_ms
 
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.moe.layer import MoE
@@ -67,14 +66,8 @@ def bench(fn, device: str) -> float:
         import triton.testing
 
         return triton.testing.do_bench(fn, return_mode="median")
-    for _ in range(3):  # the first calls pay for allocation and one-time dispatch
-        fn()
-    times = []
-    for _ in range(15):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    # The first calls pay for allocation and one-time dispatch.
+    return cpu_median_ms(fn, reps=15, warmup=3)
 
 
 def main() -> None:

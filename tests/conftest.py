@@ -1,7 +1,7 @@
 """Shared test settings: `gpu`-marked tests are skipped where no CUDA device is present, and
 without one Triton kernels run in its interpreter (decided when a kernel is defined, so here,
-before any test imports one). The tests' shared helpers (tolerance.py, moba_tolerance.py) are
-importable by name."""
+before any test imports one). The tests' shared helpers (tolerance.py, moba_tolerance.py), and
+benchmarks/report.py which the benchmark scripts the tests load import, are importable by name."""
 
 import os
 import sys
@@ -13,9 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+_HERE = Path(__file__).resolve().parent
+for folder in (_HERE, _HERE.parent / "benchmarks"):  # the benchmarks' shared `report` too
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def pytest_collection_modifyitems(config, items):

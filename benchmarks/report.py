@@ -1,0 +1,33 @@
+"""What every benchmark script shares: CPU timing and writing its report.
+
+The scripts run as `python benchmarks/NAME.py`, which puts this folder on sys.path (the tests
+put it there too: tests/conftest.py), so they import this module as `report`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def cpu_median_ms(fn: Callable[[], object], reps: int, warmup: int = 0) -> float:
+    """Median wall milliseconds of `reps` calls of fn() after `warmup` untimed ones (CPU: no
+    asynchronous work to wait for; GPU timings use triton.testing.do_bench or CUDA events)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def emit(report: str, output: str | None) -> str:
+    """Print the report and, when `output` names a file, write it there too; returns the report."""
+    print(report, flush=True)
+    if output:
+        Path(output).write_text(report + "\n")
+    return report
