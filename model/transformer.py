@@ -95,17 +95,27 @@ class Transformer(nn.Module):
 
         seq: the batch's sequences (`sequence_info`); None when each row is one sequence.
         """
-        seq = seq if seq is not None else self.sequence_info(tokens_BS)
+        if seq is None:
+            seq = self.sequence_info(tokens_BS)
+        elif tuple(seq.positions_BS.shape) != tuple(tokens_BS.shape[:2]):
+            raise ValueError(
+                f"the SequenceInfo describes [B, S] = {list(seq.positions_BS.shape)}, the tokens are "
+                f"{list(tokens_BS.shape[:2])}: build it from this batch (Transformer.sequence_info)"
+            )
+        self._check_length(seq.seq_len)
         return run_pieces(tokens_BS, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output)
 
     def sequence_info(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> SequenceInfo:
         """The `SequenceInfo` of a batch of token ids [B, S] whose rows hold the documents `doc_ids_BS`
         (masked from each other with attention.document_masking); refuses sequences over max_seq_len."""
         B, S = tokens_BS.shape[:2]
-        if S > self.model_cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.model_cfg.max_seq_len}")
+        self._check_length(S)
         masked = doc_ids_BS if self.attn_cfg.document_masking else None
         return SequenceInfo.build(B, S, masked, device=tokens_BS.device)
+
+    def _check_length(self, S: int) -> None:
+        if S > self.model_cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.model_cfg.max_seq_len}")
 
     @torch.no_grad()
     def init_weights(self) -> None:

@@ -167,8 +167,7 @@ class StepRunner:
             if s == last:
                 loss = self._loss(stage, x, batch.targets, seq)
             else:
-                with self.precision.autocast(self.device.type):
-                    x = stage(x, seq)
+                x = stage(x, seq)  # a pipeline stage: it runs under the policy's autocast itself
                 if ranks[s + 1] != ranks[s]:
                     dist.send(x.contiguous(), group=self.pp_group, group_dst=ranks[s + 1])
             if self.pipeline is not None:

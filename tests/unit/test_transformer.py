@@ -241,6 +241,9 @@ def test_bad_inputs_raise_clear_errors():
     m = build(model_cfg, attn_cfg, moe_cfg)
     with pytest.raises(ValueError, match="max_seq_len=64"):
         m(torch.zeros(1, 65, dtype=torch.long))
+    tokens = torch.zeros(2, 9, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"describes \[B, S\] = \[2, 8\], the tokens are \[2, 9\]"):
+        m(tokens, m.sequence_info(tokens[:, :8]))
     model_cfg.vocab_size = 0
     with pytest.raises(ValueError, match="vocab_size"):
         Transformer(model_cfg, attn_cfg, moe_cfg)
