@@ -60,13 +60,33 @@ def boundary_worker(run_dir, overrides):
     return ranks, sent, received, sequences
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+PRECISIONS = ("bf16", "fp32")
+
+
+def both_precisions_worker(run_dir, overrides):
+    """`boundary_worker` in each precision, one after the other: one spawn per layout."""
+    return {p: boundary_worker(f"{run_dir}/{p}", [*overrides, f"trainer.precision={p}"]) for p in PRECISIONS}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    cache = {}
+
+    def get(layout):
+        if layout not in cache:
+            world, overrides = LAYOUTS[layout]
+            run_dir = str(tmp_path_factory.mktemp(f"boundary-{layout}"))
+            by_rank = run_distributed(both_precisions_worker, world, run_dir, overrides, timeout=300)
+            cache[layout] = {p: [rank_results[p] for rank_results in by_rank] for p in PRECISIONS}
+        return cache[layout]
+
+    return get
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_stage_receives_what_the_previous_stage_sent(tmp_path, layout, precision):
-    world, overrides = LAYOUTS[layout]
-    results = run_distributed(
-        boundary_worker, world, str(tmp_path), [*overrides, f"trainer.precision={precision}"], timeout=240
-    )
+def test_stage_receives_what_the_previous_stage_sent(runs, layout, precision):
+    results = runs(layout)[precision]
     # Stage 0 on pipeline rank 0 sends to stage 1 on rank 1, within each (data, tensor) rank.
     sent = {(r["dp"], r["tp"]): s for r, s, _, _ in results if r["pp"] == 0}
     received = {(r["dp"], r["tp"]): got for r, _, got, _ in results if r["pp"] == 1}
