@@ -37,7 +37,9 @@ class Attention(nn.Module):
         super().__init__()
         self.op = attention_op(attn_cfg, layer_id, model_cfg.n_layers)
         """The attention op this layer was built with (see model.attention_ops)."""
-        self.moba = self.op is not full_attention
+        self.full_op = full_attention
+        """The op while `full_attention` is set (context parallelism wraps both)."""
+        self.moba = attn_cfg.uses_moba(layer_id, model_cfg.n_layers)
         """This layer runs MoBA (backend moba, not a hybrid full-attention layer)."""
         self.full_attention = False
         """Run full attention even though `moba` is set (the end of training, see `set_full_attention`)."""
@@ -73,7 +75,7 @@ class Attention(nn.Module):
             k_BSKd = self.k_norm(k_BSKd)
         q_BSHd = apply_rope(q_BSHd, self.rope_cos, self.rope_sin, seq.positions_BS)
         k_BSKd = apply_rope(k_BSKd, self.rope_cos, self.rope_sin, seq.positions_BS)
-        op = self.op if self.runs_moba else full_attention
+        op = self.op if self.runs_moba else self.full_op
         o_BSHd = op(q_BSHd, k_BSKd, v_BSKd, seq)
         return self.wo(o_BSHd.reshape(B, S, self.n_heads * self.head_dim))
 

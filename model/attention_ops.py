@@ -9,11 +9,14 @@ Every op has the signature `op(q_BSHd, k_BSKd, v_BSKd, seq) -> o_BSHd`, with `se
   reference on the CPU);
 - `MobaAttention`: Mixture of Block Attention (`kernels.moba`) over the batch's sequences.
 
-Context parallelism will wrap these ops (exchanging heads or keys around them) without
-reaching into the layers that call them.
+Context parallelism (`parallel.context_parallel`) wraps these ops without reaching into the
+layers that call them: Ulysses hands them whole sequences with a share of the heads; the
+all-gather style hands them this rank's queries against whole keys, with a `seq` whose
+`context` (model.sequence_shard.ContextShard) says which positions the queries are. The ops
+then attend chunk by chunk: each chunk's queries against the keys before its end.
 
 Shape legend: B rows, S positions per row, T = B * S tokens, H query heads, K key/value heads,
-d head dim.
+d head dim, C positions of a chunk, U = its end (keys it sees).
 """
 
 from __future__ import annotations
@@ -27,12 +30,45 @@ from sparsetron.kernels.moba import moba_attention
 from sparsetron.kernels.varlen import varlen_attention
 from sparsetron.model.config import AttentionConfig
 from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sequence_shard import QueryChunk
 
 AttentionOp = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SequenceInfo], torch.Tensor]
 
 
+def per_chunk(chunk_op, q_BSHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKd: torch.Tensor, seq: SequenceInfo):
+    """A context-parallel rank's queries q [B, S / cp, H, d] against the whole keys k, v [B, S, K, d]:
+    `chunk_op(q_BCHd, k_BUKd, v_BUKd, chunk, whole)` for each of its chunks, outputs in local order."""
+    shard = seq.context
+    if k_BSKd.shape[1] != shard.whole.seq_len:
+        raise ValueError(
+            f"a context shard's queries attend to the whole {shard.whole.seq_len} keys of a row, got {k_BSKd.shape[1]}"
+        )
+    outputs = []
+    for chunk in shard.chunks:
+        U = chunk.global_end
+        q_BCHd = q_BSHd[:, chunk.local_start : chunk.local_start + chunk.length]
+        outputs.append(chunk_op(q_BCHd, k_BSKd[:, :U], v_BSKd[:, :U], chunk, shard.whole))
+    return torch.cat(outputs, dim=1)
+
+
+def _full_chunk(q_BCHd, k_BUKd, v_BUKd, chunk: QueryChunk, whole: SequenceInfo) -> torch.Tensor:
+    doc_ids_BU = whole.doc_ids_BS[:, : chunk.global_end] if whole.doc_ids_BS is not None else None
+    return varlen_attention(
+        q_BCHd,
+        k_BUKd,
+        v_BUKd,
+        doc_ids_BU,
+        chunk.cu_seqlens_q,
+        chunk.max_seqlen_q,
+        chunk.cu_seqlens_k,
+        chunk.max_seqlen_k,
+    )
+
+
 def full_attention(q_BSHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKd: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
     """Causal attention within each sequence of `seq` (rows, or packed documents)."""
+    if seq.context is not None:
+        return per_chunk(_full_chunk, q_BSHd, k_BSKd, v_BSKd, seq)
     if seq.doc_ids_BS is not None:
         return varlen_attention(q_BSHd, k_BSKd, v_BSKd, seq.doc_ids_BS, seq.cu_seqlens_N, seq.max_seqlen)
     q_BHSd, k_BKSd, v_BKSd = (t.transpose(1, 2) for t in (q_BSHd, k_BSKd, v_BSKd))
@@ -42,14 +78,16 @@ def full_attention(q_BSHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKd: torch.Ten
 
 
 @torch.compiler.disable
-def _moba(q_THd, k_TKd, v_TKd, cu_seqlens_N, block_size: int, topk: int) -> torch.Tensor:
+def _moba(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size: int, topk: int, cu_seqlens_k=None) -> torch.Tensor:
     # Outside any compiled graph: the reference walks the sequences in Python (`.tolist()`), and
     # the CUDA kernels are launched as they are, with their own bookkeeping; a compiled block
     # breaks its graph here.
     # Autocast off: q, k, v keep the dtype they come in (bf16 under mixed precision), and the
     # op computes the gate in fp32 as specified rather than autocast's bf16 einsum.
     with torch.autocast(q_THd.device.type, enabled=False):
-        return moba_attention(q_THd, k_TKd, v_TKd, cu_seqlens_N, block_size, topk)
+        if cu_seqlens_k is None:
+            return moba_attention(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size, topk)
+        return moba_attention(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size, topk, cu_seqlens_k=cu_seqlens_k)
 
 
 class MobaAttention:
@@ -60,6 +98,8 @@ class MobaAttention:
         self.topk = topk
 
     def __call__(self, q_BSHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKd: torch.Tensor, seq: SequenceInfo):
+        if seq.context is not None:
+            return per_chunk(self._chunk, q_BSHd, k_BSKd, v_BSKd, seq)
         B, S, H, d = q_BSHd.shape
         K = k_BSKd.shape[2]
         # MoBA reads shared K/V heads itself (no repeat).
@@ -72,6 +112,22 @@ class MobaAttention:
             self.topk,
         )
         return o_THd.view(B, S, H, d)
+
+    def _chunk(self, q_BCHd, k_BUKd, v_BUKd, chunk: QueryChunk, whole: SequenceInfo) -> torch.Tensor:
+        """A chunk's queries against the keys before its end: blocks count from each document's
+        start, so a query routes among the same blocks as in the whole sequence."""
+        B, C, H, d = q_BCHd.shape
+        U, K = k_BUKd.shape[1:3]
+        o_THd = _moba(
+            q_BCHd.reshape(B * C, H, d),
+            k_BUKd.reshape(B * U, K, d),
+            v_BUKd.reshape(B * U, K, d),
+            chunk.cu_seqlens_q,
+            self.block_size,
+            self.topk,
+            chunk.cu_seqlens_k,
+        )
+        return o_THd.view(B, C, H, d)
 
     def __repr__(self) -> str:
         return f"MobaAttention(block_size={self.block_size}, topk={self.topk})"

@@ -11,6 +11,10 @@ context parallelism split it afterwards, pipeline stages each receive it):
   varlen attention and MoBA take,
 - the longest document, which varlen kernels size their grids by.
 
+Context parallelism gives each rank a share of every row (`model.sequence_shard.shard_sequence`):
+its SequenceInfo holds the rotary positions of its own tokens and a `ContextShard` (`context`)
+with the whole description; doc_ids, cu_seqlens and max_seqlen stay those of the whole batch.
+
 Documents need a host synchronisation (their number sizes cu_seqlens); it happens here, once
 per batch, not in every layer or pipeline stage.
 
@@ -20,8 +24,12 @@ Shape legend: B rows, S positions per row, N sequences (documents) in the batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from sparsetron.model.sequence_shard import ContextShard
 
 
 def positions_from_doc_ids(doc_ids_BS: torch.Tensor) -> torch.Tensor:
@@ -53,6 +61,9 @@ class SequenceInfo:
     """int32 [N + 1]: where each sequence (document, or row) starts in the flattened batch, then B * S."""
     max_seqlen: int
     """The longest sequence (document, or row) in the batch."""
+    context: ContextShard | None = None
+    """This rank's share of the whole sequences under context parallelism (positions_BS are then its
+    tokens' only), else None."""
 
     @classmethod
     def build(
@@ -86,5 +97,7 @@ class SequenceInfo:
         return self.positions_BS.shape[1]
 
     def to(self, device: torch.device | str) -> SequenceInfo:
+        if self.context is not None:
+            raise ValueError("move the whole SequenceInfo, then shard it (model.sequence_shard.shard_sequence)")
         doc_ids = self.doc_ids_BS.to(device) if self.doc_ids_BS is not None else None
         return SequenceInfo(self.positions_BS.to(device), doc_ids, self.cu_seqlens_N.to(device), self.max_seqlen)

@@ -8,6 +8,7 @@ from typing import Literal
 from sparsetron.model.config import check
 
 PIPELINE_SCHEDULES = ("1f1b", "interleaved_1f1b", "zero_bubble")
+CONTEXT_STYLES = ("allgather", "ulysses")
 
 AXES = ("data_parallel_replicate", "data_parallel_shard", "context", "tensor", "pipeline", "expert")
 
@@ -21,7 +22,11 @@ class ParallelConfig:
     data_parallel_shard: int = 1
     """Ranks the parameters are sharded over (FSDP2); -1 = whatever the other degrees leave of the world size."""
     context: int = 1
-    """Ranks the sequence is split over for attention (context parallelism)."""
+    """Ranks every sequence is split over (context parallelism), each holding two chunks of it (head and tail)."""
+    context_style: Literal["allgather", "ulysses"] = "allgather"
+    """How attention sees the other context ranks' positions: allgather (queries stay, keys and values are
+    all-gathered; any context degree, the cheaper with few key/value heads) or ulysses (an all-to-all exchanges
+    positions for heads around the unchanged attention op; needs tensor x context to divide the head counts)."""
     tensor: int = 1
     """Ranks each matrix is split over (tensor + sequence parallelism)."""
     pipeline: int = 1
@@ -50,6 +55,11 @@ class ParallelConfig:
             self.pipeline_schedule in PIPELINE_SCHEDULES,
             f"{prefix}.pipeline_schedule",
             f"must be one of {', '.join(PIPELINE_SCHEDULES)}, got {self.pipeline_schedule!r}",
+        )
+        check(
+            self.context_style in CONTEXT_STYLES,
+            f"{prefix}.context_style",
+            f"must be one of {', '.join(CONTEXT_STYLES)}, got {self.context_style!r}",
         )
         n = self.stages_per_rank()
         if self.pipeline_schedule == "1f1b":

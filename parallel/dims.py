@@ -34,6 +34,8 @@ only in the named coordinates):
     dp_cp         dp_replicate x dp_shard x cp   loss averaging, dense gradient reduction
     dp_cp_tp      dp_cp x tp                     ranks of a stage holding different tokens (tp ranks
                                                  do under sequence parallelism): MoE expert counts
+    cp_tp         cp x tp                        ranks holding parts of the same sequences: MoE
+                                                 per-sequence statistics
     ep            ep                             experts split over, token all-to-all
     edp_shard     dp_shard * cp / ep             FSDP's shard axis for expert parameters
     edp           dp_replicate x edp_shard       expert gradient reduction
@@ -249,6 +251,7 @@ class ParallelDims:
         dp = root["dp_replicate", "dp_shard"]._flatten("dp")
         dp_cp = root["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
         dp_cp_tp = root["dp_replicate", "dp_shard", "cp", "tp"]._flatten("dp_cp_tp")
+        cp_tp = root["cp", "tp"]._flatten("cp_tp")
         # The two cuts of dp_cp: dense (replicate x shard over dp_shard x cp) and expert.
         dense_dp = dp_cp._unflatten(0, (self.dp_replicate, self.dp_shard_cp), ("dp_replicate", "dp_shard_cp"))
         expert = dp_cp._unflatten(0, (self.dp_replicate, self.edp_shard, self.ep), ("dp_replicate", "edp_shard", "ep"))
@@ -257,6 +260,7 @@ class ParallelDims:
             "dp": dp,
             "dp_cp": dp_cp,
             "dp_cp_tp": dp_cp_tp,
+            "cp_tp": cp_tp,
             "dp_shard_cp": dense_dp["dp_shard_cp"],
             "ep": expert["ep"],
             "edp_shard": expert["edp_shard"],

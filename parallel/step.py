@@ -8,7 +8,9 @@ evaluation, the same object for every layout (DESIGN.md, principle 6).
     eval_loss = runner.eval_loss(batches)
 
 A micro-batch is anything with `tokens`, `targets` and `doc_ids` [B, S] (train.data.Batch).
-Each one's `SequenceInfo` is computed once, on the whole sequence, before any forward.
+Each one's `SequenceInfo` is computed once, on the whole sequence, before any forward; under
+context parallelism each cp rank then keeps its share of the tokens, targets and positions
+(`parallel.context_parallel.shard_batch`).
 
 What it hides from the trainer:
 - how micro-batches run: a loop with gradient accumulation, or the pipeline schedule
@@ -17,7 +19,8 @@ What it hides from the trainer:
   the tensor-parallel sums of replicated parameters' shares, clipping by the norm over every
   mesh and pipeline stage;
 - the loss: each micro-batch's mean cross-entropy in fp32 (`parallel.precision.cross_entropy`),
-  averaged over micro-batches and data ranks, the same number on every rank;
+  averaged over micro-batches and data and context ranks (each holding as many tokens), the
+  same number on every rank;
 - precision: every forward under the one policy (`parallel.precision.Precision`);
 - evaluation: one path for every layout, the rank's stages in order with send/recv between
   pipeline ranks (one stage, the whole model, without a pipeline);
@@ -39,6 +42,7 @@ from sparsetron.model.sequence import SequenceInfo
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.clipping import clip_grad_norm
 from sparsetron.parallel.collectives import sum_over
+from sparsetron.parallel.context_parallel import shard_batch
 from sparsetron.parallel.dims import ParallelDims, ParallelMesh
 from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.pipeline import PipelineSchedule, PipelineSplit
@@ -78,9 +82,11 @@ class StepRunner:
         self.grad_accum_steps = grad_accum_steps
         self.device = device
         self.pipeline = None
+        self.cp_rank = mesh["cp"].get_local_rank() if dims.cp_enabled else None
         if split is not None:
+            local_len = seq_len // dims.cp
             self.pipeline = PipelineSchedule(
-                split, mesh.group("pp"), grad_accum_steps, micro_batch_size, seq_len, device, precision, dims.tp
+                split, mesh.group("pp"), grad_accum_steps, micro_batch_size, local_len, device, precision, dims.tp
             )
             self.stages: dict[int, nn.Module] = dict(zip(split.stage_indices, split.stages, strict=True))
             self.stage_ranks = split.stage_ranks
@@ -103,18 +109,18 @@ class StepRunner:
         if len(micro_batches) != self.grad_accum_steps:
             raise ValueError(f"a step takes {self.grad_accum_steps} micro-batches, got {len(micro_batches)}")
         self.model.train()
-        batches = [b.to(self.device, non_blocking=True) for b in micro_batches]
-        sequences = [self.model.sequence_info(b.tokens, b.doc_ids) for b in batches]
+        batches = [self._prepare(b.to(self.device, non_blocking=True)) for b in micro_batches]
         if self.pipeline is not None:
-            tokens = torch.cat([b.tokens for b in batches])
-            targets = torch.cat([b.targets for b in batches])
+            tokens = torch.cat([tokens for tokens, _, _ in batches])
+            targets = torch.cat([targets for _, targets, _ in batches])
+            sequences = [seq for _, _, seq in batches]
             total = self._from_last_stage(self.pipeline.train_step(tokens, targets, sequences))
         else:
             total = torch.zeros((), device=self.device)
-            for i, (batch, seq) in enumerate(zip(batches, sequences, strict=True)):
+            for i, (tokens, targets, seq) in enumerate(batches):
                 if self.dims.dp_replicate_enabled:
                     reduce_across_replicas(self.model, i == len(batches) - 1)
-                loss = self._loss(self.model, batch.tokens, batch.targets, seq)
+                loss = self._loss(self.model, tokens, targets, seq)
                 (loss / len(batches)).backward()
                 total += loss.detach()
         if self.dp_group is not None:
@@ -125,6 +131,13 @@ class StepRunner:
             sum_grads_over_tp(self.model, self.mesh["tp"])
         grad_norm = clip_grad_norm(self.model, grad_clip, self.pp_group)
         return (total / len(batches)).item(), grad_norm.item()
+
+    def _prepare(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, SequenceInfo]:
+        """The tokens, targets and SequenceInfo this rank runs of a micro-batch on its device."""
+        seq = self.model.sequence_info(batch.tokens, batch.doc_ids)
+        if self.cp_rank is None:
+            return batch.tokens, batch.targets, seq
+        return shard_batch(batch.tokens, batch.targets, seq, self.cp_rank, self.dims.cp)
 
     def close_step(self, applied: bool) -> None:
         """After the optimizer step (or its skip, `applied` False): the MoE layers' step statistics
@@ -142,7 +155,8 @@ class StepRunner:
 
     @torch.no_grad()
     def eval_loss(self, batches: list[MicroBatch]) -> float:
-        """Mean cross-entropy over `batches` (forward only; any number of rows each), on every rank."""
+        """Mean cross-entropy over `batches` (forward only; any number of rows each, of a length
+        context parallelism can split), on every rank."""
         self.model.eval()
         try:
             losses = [self._eval_batch(batch.to(self.device)) for batch in batches]
@@ -153,19 +167,19 @@ class StepRunner:
     def _eval_batch(self, batch: MicroBatch) -> torch.Tensor:
         """One batch through this rank's stages in order, with plain send/recv between pipeline
         ranks (the training schedule's micro-batch count and shapes are fixed)."""
-        seq = self.model.sequence_info(batch.tokens, batch.doc_ids)
+        tokens, targets, seq = self._prepare(batch)
         ranks, last = self.stage_ranks, len(self.stage_ranks) - 1
         loss = None
         for s, stage in sorted(self.stages.items()):
             if s == 0:
-                x = batch.tokens
+                x = tokens
             elif ranks[s - 1] != ranks[s]:
-                B, S = batch.tokens.shape
+                B, S = tokens.shape
                 shape = (B, S // self.dims.tp, self.model.model_cfg.dim)
                 x = torch.empty(shape, dtype=self.precision.activation_dtype, device=self.device)
                 dist.recv(x, group=self.pp_group, group_src=ranks[s - 1])
             if s == last:
-                loss = self._loss(stage, x, batch.targets, seq)
+                loss = self._loss(stage, x, targets, seq)
             else:
                 x = stage(x, seq)  # a pipeline stage: it runs under the policy's autocast itself
                 if ranks[s + 1] != ranks[s]:
@@ -174,7 +188,14 @@ class StepRunner:
                 for module in stage.modules():
                     if isinstance(module, FSDPModule):
                         module.reshard()  # training keeps stages gathered; evaluation need not
-        return self._from_last_stage(loss) if self.pipeline is not None else loss
+        if self.pipeline is not None:
+            loss = self._from_last_stage(loss)
+        if self.cp_rank is not None:
+            # The context ranks hold equal parts of the batch: the mean of their means.
+            loss = loss.float()
+            dist.all_reduce(loss, group=self.mesh.group("cp"))
+            loss /= self.dims.cp
+        return loss
 
     # ---- agreement between ranks ------------------------------------------------------------
 

@@ -92,7 +92,9 @@ class Trainer:
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
-        check_supported(job.parallel, self.dims, job.model, job.data.seq_len, job.trainer.grad_accum_steps)
+        check_supported(
+            job.parallel, self.dims, job.model, job.attention, job.data.seq_len, job.trainer.grad_accum_steps
+        )
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.precision = Precision.from_config(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)

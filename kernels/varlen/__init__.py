@@ -1,7 +1,7 @@
 """Causal attention over packed documents (variable-length sequences).
 
-Shape legend: B rows, S positions per row, T = B * S tokens, H query heads, K key/value
-heads, d head dim, N sequences.
+Shape legend: B rows, Q query positions and U key positions per row (Q = U but under context
+parallelism), H query heads, K key/value heads, d head dim, N sequences.
 
 `varlen_attention` runs FlashAttention's variable-length kernel on CUDA in bf16/fp16
 (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10: shared K/V heads are read in place,
@@ -40,47 +40,61 @@ def _signature(varlen_attn) -> tuple[dict, bool]:
 
 
 def varlen_attention(
-    q_BSHd: torch.Tensor,
-    k_BSKd: torch.Tensor,
-    v_BSKd: torch.Tensor,
-    doc_ids_BS: torch.Tensor,
+    q_BQHd: torch.Tensor,
+    k_BUKd: torch.Tensor,
+    v_BUKd: torch.Tensor,
+    doc_ids_BU: torch.Tensor | None,
     cu_seqlens_N: torch.Tensor,
     max_seqlen: int,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_k: int | None = None,
 ) -> torch.Tensor:
-    """Causal attention within each document: o [B, S, H, d] in q's dtype.
+    """Causal attention within each document: o [B, Q, H, d] in q's dtype.
 
-    q [B, S, H, d], k and v [B, S, K, d] (H a multiple of K); `doc_ids_BS` marks the documents
-    (runs of equal ids in a row); `cu_seqlens_N` (int32 [N + 1]) and `max_seqlen` describe the
-    same documents in the flattened batch (`model.sequence.SequenceInfo` computes all three once
-    per batch). The flash path reads cu_seqlens and max_seqlen, the reference doc_ids.
+    q [B, Q, H, d], k and v [B, U, K, d] (H a multiple of K). By default Q = U, the whole rows;
+    `doc_ids_BU` marks the documents (runs of equal ids in a row); `cu_seqlens_N` (int32 [N + 1])
+    and `max_seqlen` describe the same documents in the flattened batch
+    (`model.sequence.SequenceInfo` computes all three once per batch).
+
+    Queries shorter than the keys (context parallelism: a chunk of positions against the keys
+    before its end) are the last Q positions of every row; `cu_seqlens_N` and `max_seqlen` then
+    cut the [B * Q] queries and `cu_seqlens_k`, `max_seqlen_k` the [B * U] keys into the same N
+    sequences, each sequence's queries the last of its keys (`model.sequence_shard.QueryChunk`),
+    and doc_ids may be None (each row one sequence). The flash path reads the cu_seqlens, the
+    reference doc_ids.
     """
-    B, S, H, d = q_BSHd.shape
-    if k_BSKd.shape[:2] != (B, S) or k_BSKd.shape != v_BSKd.shape or H % k_BSKd.shape[2]:
+    B, Q, H, d = q_BQHd.shape
+    U = k_BUKd.shape[1]
+    if k_BUKd.shape[0] != B or Q > U or k_BUKd.shape != v_BUKd.shape or H % k_BUKd.shape[2]:
         raise ValueError(
-            f"q {tuple(q_BSHd.shape)} needs k and v of shape [B, S, K, d] with K dividing H; "
-            f"got {tuple(k_BSKd.shape)} and {tuple(v_BSKd.shape)}"
+            f"q {tuple(q_BQHd.shape)} needs k and v of shape [B, U >= Q, K, d] with K dividing H; "
+            f"got {tuple(k_BUKd.shape)} and {tuple(v_BUKd.shape)}"
         )
-    if not flash_varlen_available(q_BSHd.device.type, q_BSHd.dtype):
-        return document_attention_reference(q_BSHd, k_BSKd, v_BSKd, doc_ids_BS)
+    if Q != U and cu_seqlens_k is None:
+        raise ValueError(f"{Q} queries against {U} keys need cu_seqlens_k and max_seqlen_k")
+    if not flash_varlen_available(q_BQHd.device.type, q_BQHd.dtype):
+        return document_attention_reference(q_BQHd, k_BUKd, v_BUKd, doc_ids_BU)
     from torch.nn.attention.varlen import varlen_attn
 
     causal, reads_gqa = _signature(varlen_attn)
-    K = k_BSKd.shape[2]
+    K = k_BUKd.shape[2]
     gqa = {}
     if H != K and reads_gqa:
         gqa = {"enable_gqa": True}
     elif H != K:  # an older torch: the shared heads are repeated (memory, not correctness)
-        k_BSKd, v_BSKd = (t.repeat_interleave(H // K, dim=2) for t in (k_BSKd, v_BSKd))
+        k_BUKd, v_BUKd = (t.repeat_interleave(H // K, dim=2) for t in (k_BUKd, v_BUKd))
         K = H
+    # FlashAttention aligns a causal mask to the bottom right when a sequence has fewer queries
+    # than keys: query i of Q sees keys up to U - Q + i, what the reference computes.
     o_THd = varlen_attn(
-        q_BSHd.reshape(B * S, H, d),
-        k_BSKd.reshape(B * S, K, d),
-        v_BSKd.reshape(B * S, K, d),
+        q_BQHd.reshape(B * Q, H, d),
+        k_BUKd.reshape(B * U, K, d),
+        v_BUKd.reshape(B * U, K, d),
         cu_seqlens_N,
-        cu_seqlens_N,
+        cu_seqlens_N if cu_seqlens_k is None else cu_seqlens_k,
         max_seqlen,
-        max_seqlen,
+        max_seqlen if max_seqlen_k is None else max_seqlen_k,
         **causal,
         **gqa,
     )
-    return o_THd.view(B, S, H, d)
+    return o_THd.view(B, Q, H, d)

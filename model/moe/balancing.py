@@ -31,19 +31,22 @@ Reducer = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class TokenSplit:
-    """The tokens of every sequence are split over `ranks` ranks (sequence parallelism), and
-    the gradients of the MoE layer's parameters are summed over them.
+    """The tokens of every sequence are split over `ranks` ranks (sequence and context
+    parallelism). The gradients of the MoE layer's parameters are summed over the tensor ranks
+    and averaged (by data parallelism) over the `averaged` context ranks among them.
 
     Each rank then routes only its own tokens. A balancing loss over whole sequences (or
     micro-batches) is rebuilt from the parts: expert counts are summed over the split with
     `reduce`, and the differentiable means over tokens (router probabilities, z-loss) are taken
     locally and divided by `ranks`, since the mean over all tokens is the mean of the equal-sized
     parts' means. Each rank's loss is then its share, the shares sum to one process's loss, and
-    so do their gradients.
+    so do their gradients; the MoE layer weighs each share's gradient by `averaged`, which the
+    average over the context ranks divides out again.
     """
 
     reduce: Reducer
     ranks: int
+    averaged: int = 1
 
 
 def expert_counts(indices_BN: torch.Tensor, num_experts: int) -> torch.Tensor:

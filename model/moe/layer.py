@@ -130,7 +130,8 @@ class MoE(nn.Module):
             z_loss = router_z_loss(route.logits_TE, cfg.z_loss_coeff, self.token_split)
         losses = [loss for loss in (aux_loss, z_loss) if loss is not None]
         if losses and torch.is_grad_enabled():
-            y_TD = _AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale)
+            averaged = self.token_split.averaged if self.token_split is not None else 1
+            y_TD = _AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale * averaged)
 
         training = self.training and torch.is_grad_enabled()
         with torch.no_grad():

@@ -32,6 +32,7 @@ NAMED = {
     "dp_shard_cp": (DENSE_VIEW, ("dp_shard", "cp")),
     "dp_cp": (DENSE_VIEW, ("dp_replicate", "dp_shard", "cp")),
     "dp_cp_tp": (DENSE_VIEW, ("dp_replicate", "dp_shard", "cp", "tp")),
+    "cp_tp": (DENSE_VIEW, ("cp", "tp")),
     "ep": (EXPERT_VIEW, ("ep",)),
     "edp_shard": (EXPERT_VIEW, ("edp_shard",)),
     "edp": (EXPERT_VIEW, ("dp_replicate", "edp_shard")),

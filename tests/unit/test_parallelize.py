@@ -54,7 +54,14 @@ def test_compiled_blocks_match_eager(tmp_path, eager):
 
 
 REFUSED = {
-    "context": (2, ["parallel.data_parallel_shard=1", "parallel.context=2"], "parallel.context=2"),
+    "uneven context split": (2, ["parallel.context=2", "data.seq_len=62"], "data.seq_len=62"),
+    "context x tensor split": (8, ["parallel.context=2", "parallel.tensor=4", "data.seq_len=36"], "context x parallel"),
+    "context over MoBA blocks": (
+        2,
+        ["parallel.context=2", "attention.backend=moba", "attention.moba_block_size=32", "data.seq_len=64"],
+        "attention.moba_block_size 32",
+    ),
+    "ulysses heads": (3, ["parallel.context=3", "parallel.context_style=ulysses", "data.seq_len=60"], "n_heads=4"),
     "uneven sequence split": (2, ["parallel.tensor=2", "data.seq_len=63"], "data.seq_len=63"),
     "too few micro-batches": (2, ["parallel.pipeline=2", "trainer.grad_accum_steps=1"], "trainer.grad_accum_steps"),
     "tied pipeline": (2, ["parallel.pipeline=2", "model.tie_embeddings=true"], "model.tie_embeddings"),
@@ -67,4 +74,4 @@ def test_layouts_that_cannot_run_are_refused_by_key_before_any_process_group(cas
     cfg = load_job_config("debug-deepseek", overrides)
     dims = ParallelDims.from_config(cfg.parallel, world)
     with pytest.raises(ConfigError, match=re.escape(key)):
-        check_supported(cfg.parallel, dims, cfg.model, cfg.data.seq_len, cfg.trainer.grad_accum_steps)
+        check_supported(cfg.parallel, dims, cfg.model, cfg.attention, cfg.data.seq_len, cfg.trainer.grad_accum_steps)
