@@ -100,34 +100,27 @@ class MobaAttention:
     def __call__(self, q_BSHd: torch.Tensor, k_BSKd: torch.Tensor, v_BSKd: torch.Tensor, seq: SequenceInfo):
         if seq.context is not None:
             return per_chunk(self._chunk, q_BSHd, k_BSKd, v_BSKd, seq)
-        B, S, H, d = q_BSHd.shape
-        K = k_BSKd.shape[2]
-        # MoBA reads shared K/V heads itself (no repeat).
-        o_THd = _moba(
-            q_BSHd.reshape(B * S, H, d),
-            k_BSKd.reshape(B * S, K, d),
-            v_BSKd.reshape(B * S, K, d),
-            seq.cu_seqlens_N,
-            self.block_size,
-            self.topk,
-        )
-        return o_THd.view(B, S, H, d)
+        return self._packed(q_BSHd, k_BSKd, v_BSKd, seq.cu_seqlens_N)
 
     def _chunk(self, q_BCHd, k_BUKd, v_BUKd, chunk: QueryChunk, whole: SequenceInfo) -> torch.Tensor:
         """A chunk's queries against the keys before its end: blocks count from each document's
         start, so a query routes among the same blocks as in the whole sequence."""
-        B, C, H, d = q_BCHd.shape
+        return self._packed(q_BCHd, k_BUKd, v_BUKd, chunk.cu_seqlens_q, chunk.cu_seqlens_k)
+
+    def _packed(self, q_BQHd, k_BUKd, v_BUKd, cu_seqlens_q, cu_seqlens_k=None) -> torch.Tensor:
+        """MoBA over the rows flattened into sequences; MoBA reads shared K/V heads itself (no repeat)."""
+        B, Q, H, d = q_BQHd.shape
         U, K = k_BUKd.shape[1:3]
         o_THd = _moba(
-            q_BCHd.reshape(B * C, H, d),
+            q_BQHd.reshape(B * Q, H, d),
             k_BUKd.reshape(B * U, K, d),
             v_BUKd.reshape(B * U, K, d),
-            chunk.cu_seqlens_q,
+            cu_seqlens_q,
             self.block_size,
             self.topk,
-            chunk.cu_seqlens_k,
+            cu_seqlens_k,
         )
-        return o_THd.view(B, C, H, d)
+        return o_THd.view(B, Q, H, d)
 
     def __repr__(self) -> str:
         return f"MobaAttention(block_size={self.block_size}, topk={self.topk})"

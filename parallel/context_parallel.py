@@ -123,17 +123,9 @@ def _gather_sequence(x_BLKd: torch.Tensor, seq: SequenceInfo, group: dist.Proces
     return by_rank_BSKd[:, seq.context.natural_S]
 
 
-def _check_shard(seq: SequenceInfo, group: dist.ProcessGroup) -> None:
-    if seq.context is None or seq.context.ranks != dist.get_world_size(group):
-        ranks = None if seq.context is None else seq.context.ranks
-        raise ValueError(
-            f"context-parallel attention over {dist.get_world_size(group)} ranks needs the batch sharded over "
-            f"them (parallel.context_parallel.shard_batch), got a SequenceInfo sharded over {ranks}"
-        )
-
-
-class UlyssesAttention:
-    """`inner` on whole sequences with a share of the heads (module docstring)."""
+class _ContextParallelOp:
+    """An attention op over a context-parallel rank's shard of every row: `inner` with the other
+    ranks' positions brought in by a collective over `group` (mesh["cp"]'s)."""
 
     def __init__(self, inner: AttentionOp, group: dist.ProcessGroup):
         self.inner = inner
@@ -141,29 +133,32 @@ class UlyssesAttention:
 
     @torch.compiler.disable
     def __call__(self, q_BLHd: torch.Tensor, k_BLKd: torch.Tensor, v_BLKd: torch.Tensor, seq: SequenceInfo):
-        _check_shard(seq, self.group)
+        if seq.context is None or seq.context.ranks != dist.get_world_size(self.group):
+            ranks = None if seq.context is None else seq.context.ranks
+            raise ValueError(
+                f"context-parallel attention over {dist.get_world_size(self.group)} ranks needs the batch sharded "
+                f"over them (parallel.context_parallel.shard_batch), got a SequenceInfo sharded over {ranks}"
+            )
+        return self._attend(q_BLHd, k_BLKd, v_BLKd, seq)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.inner!r})"
+
+
+class UlyssesAttention(_ContextParallelOp):
+    """`inner` on whole sequences with a share of the heads (module docstring)."""
+
+    def _attend(self, q_BLHd, k_BLKd, v_BLKd, seq: SequenceInfo) -> torch.Tensor:
         q, k, v = (_to_whole_sequences(t, seq, self.group) for t in (q_BLHd, k_BLKd, v_BLKd))
         return _to_own_positions(self.inner(q, k, v, seq.context.whole), seq, self.group)
 
-    def __repr__(self) -> str:
-        return f"UlyssesAttention({self.inner!r})"
 
-
-class AllGatherAttention:
+class AllGatherAttention(_ContextParallelOp):
     """`inner` on this rank's queries against the all-gathered keys and values (module docstring)."""
 
-    def __init__(self, inner: AttentionOp, group: dist.ProcessGroup):
-        self.inner = inner
-        self.group = group
-
-    @torch.compiler.disable
-    def __call__(self, q_BLHd: torch.Tensor, k_BLKd: torch.Tensor, v_BLKd: torch.Tensor, seq: SequenceInfo):
-        _check_shard(seq, self.group)
+    def _attend(self, q_BLHd, k_BLKd, v_BLKd, seq: SequenceInfo) -> torch.Tensor:
         k, v = (_gather_sequence(t, seq, self.group) for t in (k_BLKd, v_BLKd))
         return self.inner(q_BLHd, k, v, seq)
-
-    def __repr__(self) -> str:
-        return f"AllGatherAttention({self.inner!r})"
 
 
 STYLES = {"ulysses": UlyssesAttention, "allgather": AllGatherAttention}
