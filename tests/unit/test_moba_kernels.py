@@ -320,7 +320,7 @@ def suffix_packed(pairs, hq, hkv, d, seed):
         ([(0, 13), (20, 20), (5, 30), (11, 35), (3, 3), (0, 0)], 2, 1, 8, 3),
         ([(30, 70)], 1, 1, 24, 3),  # blocks of 24 in tiles of 16: query tiles start mid-block
         ([(13, 40), (9, 9)], 2, 1, 8, 1),  # K = 1: no routing
-        ([(20, 45)], 1, 1, 8, 12),  # K beyond the 6 blocks
+        ([(12, 30)], 1, 1, 8, 12),  # K beyond the 4 blocks
     ],
 )
 def test_suffix_queries_equal_reference(pairs, hq, hkv, block_size, topk):
