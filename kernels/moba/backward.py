@@ -11,7 +11,8 @@ dS_tu = P_tu (do_t . v_u - delta_t).
   dq from the chosen block, added to an fp32 dq of the routed blocks (slot order, no races).
 - `_bwd_dq_current_kernel`: per query tile, dq from the current block plus the routed dq.
 
-Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots.
+Shape legend: T tokens (of q; k and v may hold more, see layout.BlockLayout), Hq/Hkv heads, D
+head dim, NB blocks (bound), K1 routed slots.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ def _bwd_delta_kernel(
 
 @triton.jit
 def _dq_from_keys(
-    q, do, lse, delta, dq, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, key_lo, key_hi, qk_scale, D,
+    q, do, lse, delta, dq, t_key, k_ptr, v_ptr, hk, stride_kt, stride_kh, key_lo, key_hi, qk_scale, D,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Add the query tile's dq (unscaled) from keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
+    """Add the query tile's dq (unscaled) from keys [key_lo, key_hi) (and u <= t_key, the queries'
+    key positions, if CAUSAL)."""
     for n0 in range(key_lo, key_hi, BLOCK_N):
         k, v, s = key_tile(
-            q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D, CAUSAL, BLOCK_N, BLOCK_D, PRECISION
-        )
+            q, t_key, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D,
+            CAUSAL, BLOCK_N, BLOCK_D, PRECISION,
+        )  # fmt: skip
         p = tl.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -95,21 +98,23 @@ def _bwd_dq_routed_kernel(
 
 @triton.jit
 def _bwd_dq_current_kernel(
-    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sel_ptr, state_dq_ptr, start_ptr, end_ptr,
-    stride_qt, stride_qh, stride_kt, stride_kh,
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, sel_ptr, state_dq_ptr,
+    qblock_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
     HQ, K1, D, qk_scale, sm_scale,
     GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     h = tl.program_id(2)
-    start, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
-    if q0 >= end:
+    _, start, end, q0, qend, t, t_ok, shift = block_query_rows(
+        qblock_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr, BLOCK_M
+    )
+    if q0 >= qend:
         return
     q, do, lse, delta = grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _dq_from_keys(
-        q, do, lse, delta, dq, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
-        start, tl.minimum(q0 + BLOCK_M, end), qk_scale, D, True, BLOCK_N, BLOCK_D, PRECISION,
+        q, do, lse, delta, dq, t + shift, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh,
+        start, tl.minimum(q0 + shift + BLOCK_M, end), qk_scale, D, True, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
     dq = dq * sm_scale
     if K1 > 0:
@@ -161,8 +166,9 @@ def moba_bwd(
             FIRST=slot == 0, **sizes, num_warps=tiles.warps,
         )  # fmt: skip
     dq_THD = torch.empty_like(q_THD)
-    _bwd_dq_current_kernel[(NB, triton.cdiv(block_size, tiles.block_m), Hq)](
-        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dq_THD, sel_THK, state_dq_THD, layout.start_NB, layout.end_NB,
+    _bwd_dq_current_kernel[(layout.n_query_blocks, triton.cdiv(block_size, tiles.block_m), Hq)](
+        q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dq_THD, sel_THK, state_dq_THD,
+        layout.qblock_P, layout.start_NB, layout.end_NB, layout.qstart_NB, layout.qend_NB, layout.shift_NB,
         *strides, Hq, K1, D, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
     )  # fmt: skip
     return dq_THD, dk_THD, dv_THD

@@ -15,8 +15,9 @@ whole call, at most E / chunk of [B, D] pairs, cost 8 T Hkv D / split bytes (2 b
 of k at split 4, as much as k in bf16), whatever the routing; and the longest program reads at
 most `split` x the mean of routed queries besides its own block.
 
-Shape legend: T tokens, Hq/Hkv heads, G = Hq / Hkv, D head dim, B block size, NB blocks (bound),
-K1 routed slots, E = T Hq K1 routed entries, P partials (bound).
+Shape legend: T tokens (of q; k and v may hold more, see layout.BlockLayout), Hq/Hkv heads,
+G = Hq / Hkv, D head dim, B block size, NB blocks (bound), K1 routed slots, E = T Hq K1 routed
+entries, P partials (bound).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _dkdv_from_queries(
     k, v, dk, dv, u, t, t_ok, h, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh, HQ, D, qk_scale,
     CAUSAL: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Add the contribution of query rows t (head h) to the key tile's dk and dv."""
+    """Add the contribution of query rows t (head h) to the key tile's dk and dv; if CAUSAL, only
+    of the queries at or after each key, u being the keys' positions minus the queries' shift."""
     q, do, lse, delta = grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, t_ok, HQ, D, BLOCK_D)
     # Transposed scores [keys, queries], so that dk and dv come out as plain products.
     s_T = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
@@ -134,7 +136,7 @@ def _bwd_dkdv_chunk_kernel(
 @triton.jit
 def _bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, part_dk_ptr, part_dv_ptr,
-    tokens_ptr, list_begin_ptr, list_end_ptr, part_first_ptr, start_ptr, end_ptr,
+    tokens_ptr, list_begin_ptr, list_end_ptr, part_first_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh,
     NB, HQ, HKV, K1, D, B, CHUNK_ROWS, qk_scale, sm_scale,
     GROUPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -150,13 +152,16 @@ def _bwd_dkdv_kernel(
         return
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # The block's own queries (rows sitting at key row + shift) at or after the tile's first key.
+    qend = tl.load(qend_ptr + g)
+    shift = tl.load(shift_ptr + g)
+    q_lo = tl.maximum(key_lo - shift, tl.load(qstart_ptr + g))
     for i in range(GROUPS):
-        # The block's own queries at or after the tile's first key.
-        for m0 in range(key_lo, end, BLOCK_M):
+        for m0 in range(q_lo, qend, BLOCK_M):
             t = tl.arange(0, BLOCK_M).to(tl.int64) + m0
             dk, dv = _dkdv_from_queries(
-                k, v, dk, dv, u, t, t < end, hk * GROUPS + i, q_ptr, do_ptr, lse_ptr, delta_ptr, stride_qt, stride_qh,
-                HQ, D, qk_scale, True, BLOCK_D, PRECISION,
+                k, v, dk, dv, u - shift, t, t < qend, hk * GROUPS + i, q_ptr, do_ptr, lse_ptr, delta_ptr,
+                stride_qt, stride_qh, HQ, D, qk_scale, True, BLOCK_D, PRECISION,
             )  # fmt: skip
     lo = tl.full([], 0, tl.int64)
     dk, dv = _dkdv_from_routed(
@@ -214,6 +219,7 @@ def dkdv_bwd(
     _bwd_dkdv_kernel[(NB, key_tiles, Hkv)](
         q_THD, k_THD, v_THD, do_THD, lse_TH, delta_TH, dk_THD, dv_THD, part_dk_PBD, part_dv_PBD,
         lists.tokens_E, lists.list_begin_L, lists.list_end_L, chunks.first_W, layout.start_NB, layout.end_NB,
+        layout.qstart_NB, layout.qend_NB, layout.shift_NB,
         *strides, NB, Hq, Hkv, K1, D, block_size, rows, qk_scale, sm_scale, **sizes, num_warps=tiles.warps,
     )  # fmt: skip
     return dk_THD, dv_THD

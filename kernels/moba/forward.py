@@ -12,7 +12,8 @@ Spec step 6 is one softmax over the union of a query's blocks. It is computed in
    block, merged with the routed state (an exact log-sum-exp merge). It writes the output and
    the log-sum-exp the backward needs.
 
-Shape legend: T tokens, Hq/Hkv heads, D head dim, NB blocks (bound), K1 routed slots.
+Shape legend: T tokens (of q; k and v may hold more, see layout.BlockLayout), Hq/Hkv heads, D
+head dim, NB blocks (bound), K1 routed slots.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _attend(
     m,
     denom,
     acc,
-    t,
+    t_key,
     k_ptr,
     v_ptr,
     hk,
@@ -56,11 +57,13 @@ def _attend(
     BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Online softmax of the query tile over keys [key_lo, key_hi) (and u <= t if CAUSAL)."""
+    """Online softmax of the query tile over keys [key_lo, key_hi) (and u <= t_key, the queries'
+    key positions, if CAUSAL)."""
     for n0 in range(key_lo, key_hi, BLOCK_N):
         _, v, s = key_tile(
-            q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D, CAUSAL, BLOCK_N, BLOCK_D, PRECISION
-        )
+            q, t_key, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D,
+            CAUSAL, BLOCK_N, BLOCK_D, PRECISION,
+        )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         # A row with nothing allowed yet keeps m = -inf; shift by 0 instead of -inf - -inf.
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -120,8 +123,12 @@ def _fwd_current_kernel(
     sel_ptr,
     state_o_ptr,
     state_lse_ptr,
+    qblock_ptr,
     start_ptr,
     end_ptr,
+    qstart_ptr,
+    qend_ptr,
+    shift_ptr,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -139,16 +146,19 @@ def _fwd_current_kernel(
     PRECISION: tl.constexpr,
 ):
     h = tl.program_id(2)
-    start, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
-    if q0 >= end:
+    _, start, end, q0, qend, t, t_ok, shift = block_query_rows(
+        qblock_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr, BLOCK_M
+    )
+    if q0 >= qend:
         return
     q = load_rows(q_ptr, t, h, stride_qt, stride_qh, t_ok, D, BLOCK_D)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     denom = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    key_hi = tl.minimum(q0 + BLOCK_M, end)
+    # The tile's queries sit at keys q0 + shift ..: keys of the block up to its last one.
+    key_hi = tl.minimum(q0 + shift + BLOCK_M, end)
     m, denom, acc = _attend(
-        q, m, denom, acc, t, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, start, key_hi, qk_scale, D,
+        q, m, denom, acc, t + shift, k_ptr, v_ptr, h // GROUPS, stride_kt, stride_kh, start, key_hi, qk_scale, D,
         True, BLOCK_N, BLOCK_D, PRECISION,
     )  # fmt: skip
     if K1 > 0:
@@ -200,10 +210,10 @@ def moba_fwd(
         )  # fmt: skip
     o_THD = torch.empty_like(q_THD)
     lse_TH = torch.empty(T, Hq, dtype=torch.float32, device=q_THD.device)
-    grid = (NB, triton.cdiv(block_size, tiles.block_m), Hq)
+    grid = (layout.n_query_blocks, triton.cdiv(block_size, tiles.block_m), Hq)
     _fwd_current_kernel[grid](
         q_THD, k_THD, v_THD, o_THD, lse_TH, sel_THK, state_o_THD, state_lse_TH,
-        layout.start_NB, layout.end_NB,
+        layout.qblock_P, layout.start_NB, layout.end_NB, layout.qstart_NB, layout.qend_NB, layout.shift_NB,
         q_THD.stride(0), q_THD.stride(1), k_THD.stride(0), k_THD.stride(1), o_THD.stride(0), o_THD.stride(1),
         Hq, K1, D, qk_scale,
         GROUPS=Hq // Hkv, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_D=BLOCK_D,

@@ -4,9 +4,11 @@ Every size here is a static bound computed from shapes alone (never from the con
 `cu_seqlens` or of the routing), so the whole op can be captured in a CUDA graph; kernels
 launched over a bound exit early where the bound is not reached.
 
-Shape legend: T packed tokens, S sequences, Hq query heads, NB the bound on the number of
-blocks, K1 routed slots per query (topk - 1), E = T * Hq * K1 routed entries, R = K1 * Hq
-rows of entries (one per slot and head), J = NB + 1 list bounds per row, L lists, U work tiles.
+Shape legend: T packed tokens (queries Tq and keys Tk where they differ: the routed entries and
+the lists hold queries, the blocks cover keys), S sequences, Hq query heads, NB the bound on the
+number of key blocks, P that on the blocks holding queries, K1 routed slots per query (topk - 1),
+E = T * Hq * K1 routed entries, R = K1 * Hq rows of entries (one per slot and head), J = NB + 1
+list bounds per row, L lists, U work tiles.
 """
 
 from __future__ import annotations
@@ -20,20 +22,34 @@ INT32_MAX = 2**31 - 1
 
 @dataclass
 class BlockLayout:
-    """Every block of every packed sequence, numbered globally in token order.
+    """Every key block of every packed sequence, numbered globally in key order, and the queries
+    that sit in each.
 
-    Block g covers tokens [start[g], end[g]); `first[g]` is the number of the first block of
-    its sequence, so its fully past blocks are first[g] .. g-1. Numbers past the real count
-    have start == end and are skipped.
+    Block g covers keys [start[g], end[g]); `first[g]` is the number of the first block of its
+    sequence, so its fully past blocks are first[g] .. g-1. Its queries are the query rows
+    [qstart[g], qend[g]) (empty when none): row t sits at key position t + shift[g] (queries are
+    the last Lq of their sequence's Lk keys; without a separate query layout, shift is 0 and
+    the queries are the keys' own rows). Numbers past the real count have empty ranges and are
+    skipped; every array has NB + 1 entries, the last always such an empty block.
+
+    Kernels that work per query (routing, the current block) run over query blocks: p is key
+    block qblock[p], or the empty block NB past the real count. Without a separate query layout
+    the query blocks are the key blocks.
     """
 
     start_NB: torch.Tensor
     end_NB: torch.Tensor
     first_NB: torch.Tensor
+    qstart_NB: torch.Tensor
+    qend_NB: torch.Tensor
+    shift_NB: torch.Tensor
+    qblock_P: torch.Tensor
     n_blocks: int
-    """NB: a bound on the block count, from T, S and the block size alone."""
+    """NB: a bound on the key block count, from Tk, S and the block size alone."""
+    n_query_blocks: int
+    """P: a bound on the blocks holding queries, from Tq, Tk, S and the block size alone."""
     max_blocks_per_seq: int
-    """A bound on the blocks of one sequence (ceil(T / block_size))."""
+    """A bound on the blocks of one sequence (ceil(Tk / block_size))."""
 
 
 def n_blocks_bound(n_tokens: int, n_seqs: int, block_size: int) -> int:
@@ -41,13 +57,29 @@ def n_blocks_bound(n_tokens: int, n_seqs: int, block_size: int) -> int:
     return max((n_tokens + n_seqs * (block_size - 1)) // block_size, 1)
 
 
-def block_layout(cu_seqlens: torch.Tensor, n_tokens: int, block_size: int) -> BlockLayout:
+def n_query_blocks_bound(n_queries: int, n_seqs: int, block_size: int, n_blocks: int) -> int:
+    # Lq consecutive queries starting anywhere in a block span at most (Lq + 2 (B - 1)) / B blocks
+    # and at most Lq; they are among the n_blocks key blocks.
+    spans = (n_queries + n_seqs * 2 * (block_size - 1)) // block_size
+    return max(min(spans, n_queries, n_blocks), 1)
+
+
+def block_layout(
+    cu_seqlens: torch.Tensor,
+    n_tokens: int,
+    block_size: int,
+    cu_seqlens_q: torch.Tensor | None = None,
+    n_queries: int = 0,
+) -> BlockLayout:
+    """The blocks of the keys split by `cu_seqlens` (n_tokens keys), with the queries split by
+    `cu_seqlens_q` (n_queries rows), each the suffix of its key sequence; None: the keys' own."""
     S = cu_seqlens.numel() - 1
     NB = n_blocks_bound(n_tokens, S, block_size)
     cu = cu_seqlens.to(torch.int64)
     blocks_S = (cu[1:] - cu[:-1] + block_size - 1) // block_size
     cu_blocks = torch.cat([blocks_S.new_zeros(1), blocks_S.cumsum(0)])
-    g_NB = torch.arange(NB, device=cu.device)
+    # One more than the bound: block NB is always empty (the padding query blocks point at it).
+    g_NB = torch.arange(NB + 1, device=cu.device)
     seq_NB = (torch.searchsorted(cu_blocks, g_NB, right=True) - 1).clamp(0, max(S - 1, 0))
     first_NB = cu_blocks[seq_NB]
     start_NB = cu[seq_NB] + (g_NB - first_NB) * block_size
@@ -55,13 +87,51 @@ def block_layout(cu_seqlens: torch.Tensor, n_tokens: int, block_size: int) -> Bl
     real_NB = g_NB < cu_blocks[-1]
     start_NB = torch.where(real_NB, start_NB, 0)
     end_NB = torch.where(real_NB, end_NB, 0)
+    start_NB, end_NB = start_NB.to(torch.int32), end_NB.to(torch.int32)
+    if cu_seqlens_q is None:
+        # The queries are the keys' own rows: the same tensors, nothing more to compute.
+        qstart_NB, qend_NB, shift_NB = start_NB, end_NB, torch.zeros_like(start_NB)
+        qblock_P, n_query_blocks = g_NB[:NB].to(torch.int32), NB
+    else:
+        qstart_NB, qend_NB, shift_NB, qblock_P, n_query_blocks = _query_blocks(
+            cu, cu_seqlens_q.to(torch.int64), cu_blocks, seq_NB, start_NB, end_NB, n_queries, block_size
+        )
     return BlockLayout(
-        start_NB=start_NB.to(torch.int32),
-        end_NB=end_NB.to(torch.int32),
+        start_NB=start_NB,
+        end_NB=end_NB,
         first_NB=first_NB.to(torch.int32),
+        qstart_NB=qstart_NB,
+        qend_NB=qend_NB,
+        shift_NB=shift_NB,
+        qblock_P=qblock_P,
         n_blocks=NB,
+        n_query_blocks=n_query_blocks,
         max_blocks_per_seq=-(-n_tokens // block_size),
     )
+
+
+def _query_blocks(cu_k, cu_q, cu_blocks, seq_NB, start_NB, end_NB, n_queries, block_size):
+    """Per key block its query rows and shift; the query blocks (see BlockLayout)."""
+    S = cu_k.numel() - 1
+    NB = seq_NB.numel() - 1
+    # Query row t of sequence s sits at key t + shift_s: its last query is its last key.
+    shift_S = cu_k[1:] - cu_q[1:]
+    q_lo_S = cu_k[1:] - (cu_q[1:] - cu_q[:-1])  # the first query's key position
+    shift_NB = shift_S[seq_NB]
+    key_lo_NB = torch.maximum(start_NB, q_lo_S[seq_NB])
+    has_NB = key_lo_NB < end_NB
+    qstart_NB = torch.where(has_NB, key_lo_NB - shift_NB, 0)
+    qend_NB = torch.where(has_NB, end_NB - shift_NB, 0)
+    # The blocks of sequence s holding queries: from the first query's block to its last block.
+    skipped_S = (q_lo_S - cu_k[:-1]) // block_size
+    count_S = torch.where(q_lo_S < cu_k[1:], cu_blocks[1:] - cu_blocks[:-1] - skipped_S, 0)
+    cu_count = torch.cat([count_S.new_zeros(1), count_S.cumsum(0)])
+    P = n_query_blocks_bound(n_queries, S, block_size, NB)
+    p_P = torch.arange(P, device=cu_k.device)
+    seq_P = (torch.searchsorted(cu_count, p_P, right=True) - 1).clamp(0, max(S - 1, 0))
+    g_P = cu_blocks[seq_P] + skipped_S[seq_P] + p_P - cu_count[seq_P]
+    qblock_P = torch.where(p_P < cu_count[-1], g_P, NB)
+    return qstart_NB.to(torch.int32), qend_NB.to(torch.int32), shift_NB.to(torch.int32), qblock_P.to(torch.int32), P
 
 
 @dataclass
@@ -91,12 +161,16 @@ class GatherLists:
 
 
 def tiles_per_slot(n_tokens: int, n_heads: int, n_blocks: int, tile_rows: int) -> int:
-    """A bound on one slot's work tiles: each list's tiles hold at most tile_rows - 1 unused rows."""
-    return -(-n_tokens * n_heads // tile_rows) + n_heads * n_blocks
+    """A bound on one slot's work tiles (n_tokens queries): each list's tiles hold at most
+    tile_rows - 1 unused rows, and a (slot, head) has at most min(n_blocks, n_tokens) lists in use."""
+    return -(-n_tokens * n_heads // tile_rows) + n_heads * min(n_blocks, n_tokens)
 
 
-def check_index_range(n_tokens: int, n_seqs: int, n_heads: int, block_size: int, tile_rows: int) -> None:
-    """Refuse, from shapes alone, what the kernels' int32 quantities cannot hold.
+def check_index_range(
+    n_tokens: int, n_seqs: int, n_heads: int, block_size: int, tile_rows: int, n_queries: int | None = None
+) -> None:
+    """Refuse, from shapes alone, what the kernels' int32 quantities cannot hold (n_tokens keys,
+    n_queries queries: the same when None).
 
     Tokens and block bounds are int32 and a tile's rows run up to block_size past a block's
     start; a slot's work tiles are one launch grid, whose first axis CUDA caps at 2^31 - 1.
@@ -107,11 +181,13 @@ def check_index_range(n_tokens: int, n_seqs: int, n_heads: int, block_size: int,
             f"MoBA kernels index tokens in int32: {n_tokens} tokens + block size {block_size} "
             f"= {n_tokens + block_size} > 2^31 - 1"
         )
-    tiles = tiles_per_slot(n_tokens, n_heads, n_blocks_bound(n_tokens, n_seqs, block_size), tile_rows)
+    n_queries = n_tokens if n_queries is None else n_queries
+    tiles = tiles_per_slot(n_queries, n_heads, n_blocks_bound(n_tokens, n_seqs, block_size), tile_rows)
     if tiles > INT32_MAX:
         raise ValueError(
-            f"MoBA launches one program per work tile of a slot: {n_tokens} tokens x {n_heads} heads in tiles of "
-            f"{tile_rows} (block size {block_size}, {n_seqs} sequences) need {tiles} programs > 2^31 - 1"
+            f"MoBA launches one program per work tile of a slot: {n_queries} tokens x {n_heads} heads in tiles of "
+            f"{tile_rows} ({n_tokens} keys, block size {block_size}, {n_seqs} sequences) need {tiles} programs "
+            "> 2^31 - 1"
         )
 
 

@@ -8,7 +8,8 @@ tensor never exists, and merges each chunk into a running top K - 1 kept in regi
 order is (gate descending, block number ascending), which also breaks exact ties
 deterministically. Each gate is computed once, in fp32 products (not tf32).
 
-Shape legend: T tokens, Hq/Hkv query/key-value heads, D head dim, NB blocks (bound), K1 = K - 1.
+Shape legend: T tokens (of q; k and v may hold more, see layout.BlockLayout), Hq/Hkv query/key-value
+heads, D head dim, NB blocks (bound), K1 = K - 1.
 """
 
 from __future__ import annotations
@@ -56,9 +57,13 @@ def _route_kernel(
     q_ptr,
     kbar_ptr,
     sel_ptr,
+    qblock_ptr,
     start_ptr,
     end_ptr,
     first_ptr,
+    qstart_ptr,
+    qend_ptr,
+    shift_ptr,
     stride_qt,
     stride_qh,
     stride_bn,
@@ -73,10 +78,11 @@ def _route_kernel(
     CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    g = tl.program_id(0)
     h = tl.program_id(2)
-    _, end, q0, t, t_ok = block_query_rows(start_ptr, end_ptr, BLOCK_M)
-    if q0 >= end:
+    g, _, _, q0, qend, t, t_ok, _ = block_query_rows(
+        qblock_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr, BLOCK_M
+    )
+    if q0 >= qend:
         return
     first = tl.load(first_ptr + g)
     hk = h // GROUPS
@@ -120,7 +126,9 @@ def _route_kernel(
 def route(
     q_THD: torch.Tensor, k_THD: torch.Tensor, layout: BlockLayout, block_size: int, k1: int, tiles: LaunchTiles
 ) -> torch.Tensor:
-    """The routed blocks of every query: int32 [T, Hq, K1], global block numbers, -1 for none."""
+    """The routed blocks of every query: int32 [T, Hq, K1], global key block numbers, -1 for none.
+
+    Block means cover every key block; the routing runs over the query blocks only."""
     T, Hq, D = q_THD.shape
     Hkv = k_THD.shape[1]
     NB = layout.n_blocks
@@ -140,14 +148,18 @@ def route(
         BLOCK_D=BLOCK_D,
     )
     sel_THK = torch.empty(T, Hq, k1, dtype=torch.int32, device=q_THD.device)
-    grid = (NB, triton.cdiv(block_size, tiles.block_m), Hq)
+    grid = (layout.n_query_blocks, triton.cdiv(block_size, tiles.block_m), Hq)
     _route_kernel[grid](
         q_THD,
         kbar_NHD,
         sel_THK,
+        layout.qblock_P,
         layout.start_NB,
         layout.end_NB,
         layout.first_NB,
+        layout.qstart_NB,
+        layout.qend_NB,
+        layout.shift_NB,
         q_THD.stride(0),
         q_THD.stride(1),
         kbar_NHD.stride(0),

@@ -64,15 +64,18 @@ def store_rows(ptr, x, t, h, stride_t, stride_h, ok, D, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def block_query_rows(start_ptr, end_ptr, BLOCK_M: tl.constexpr):
-    """The query tile of a program launched over (block, tile of the block, head): the block's
-    [start, end), the tile's first row q0, its rows t (int64) and which of them are real."""
-    g = tl.program_id(0)
+def block_query_rows(qblock_ptr, start_ptr, end_ptr, qstart_ptr, qend_ptr, shift_ptr, BLOCK_M: tl.constexpr):
+    """The query tile of a program launched over (query block, tile of it, head) (see
+    layout.BlockLayout): its key block g and that block's keys [start, end), the tile's first
+    query row q0, the block's query rows' end qend, the tile's rows t (int64), which of them are
+    real, and the shift from a query row to its key position."""
+    g = tl.load(qblock_ptr + tl.program_id(0))
     start = tl.load(start_ptr + g)
     end = tl.load(end_ptr + g)
-    q0 = start + tl.program_id(1) * BLOCK_M
+    qend = tl.load(qend_ptr + g)
+    q0 = tl.load(qstart_ptr + g) + tl.program_id(1) * BLOCK_M
     t = q0.to(tl.int64) + tl.arange(0, BLOCK_M)
-    return start, end, q0, t, t < end
+    return g, start, end, q0, qend, t, t < qend, tl.load(shift_ptr + g)
 
 
 @triton.jit
@@ -105,11 +108,12 @@ def grad_rows(q_ptr, do_ptr, lse_ptr, delta_ptr, t, h, stride_qt, stride_qh, ok,
 
 @triton.jit
 def key_tile(
-    q, t, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D,
+    q, t_key, k_ptr, v_ptr, hk, stride_kt, stride_kh, n0, key_hi, qk_scale, D,
     CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Keys n0 .. n0 + BLOCK_N - 1 (below key_hi) of KV head hk: k, v and the query tile's scores
-    in log2 units, -inf where a key is out of range (or after the query, if CAUSAL)."""
+    in log2 units, -inf where a key is out of range (or, if CAUSAL, after the query's key
+    position t_key)."""
     u = tl.arange(0, BLOCK_N).to(tl.int64) + n0
     u_ok = u < key_hi
     k = load_rows(k_ptr, u, hk, stride_kt, stride_kh, u_ok, D, BLOCK_D)
@@ -117,5 +121,5 @@ def key_tile(
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     ok = u_ok[None, :]
     if CAUSAL:
-        ok = ok & (u[None, :] <= t[:, None])
+        ok = ok & (u[None, :] <= t_key[:, None])
     return k, v, tl.where(ok, s, float("-inf"))

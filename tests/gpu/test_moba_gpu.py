@@ -4,11 +4,13 @@ CUDA-graph capture and memory. Run: pytest -m gpu tests/gpu/test_moba_gpu.py.
 Shape legend: T packed tokens, Hq/Hkv heads, D head dim, B block size, K blocks per query.
 """
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from moba_tolerance import masked_sdpa
-from tolerance import assert_within_dtype_error
+from tolerance import allowed_error, assert_within_dtype_error
 
 from sparsetron.kernels.moba import moba_attention, moba_reference, moba_selection
 
@@ -53,6 +55,54 @@ def test_kernels_equal_reference(lengths, hq, hkv, d, block_size, topk, dtype):
         assert_within_dtype_error(name, ours, truth, theirs)
 
 
+def cut_suffix(q_full, do_full, cu_k, lq):
+    """The last lq[s] rows of each sequence s of q_full / do_full (split by cu_k): q, do, cu_q,
+    those rows' indices, and do_full zero elsewhere (so that dk and dv of the full sequences come
+    from these rows' outputs only)."""
+    ends = cu_k[1:].tolist()
+    rows = torch.cat([torch.arange(end - n, end, device=q_full.device) for n, end in zip(lq, ends, strict=True)])
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32, device=q_full.device)
+    do = do_full[rows]
+    return q_full[rows], do, cu_q, rows, torch.zeros_like(do_full).index_copy_(0, rows, do)
+
+
+@pytest.mark.parametrize(
+    "pairs, hq, hkv, d, block_size, topk, dtype",
+    [
+        # A context-parallel rank's chunk [4096, 6144) of a packed row: a document that ended before
+        # it, one straddling its start, one inside it, one running past its end.
+        ([(0, 1500), (2100, 3000), (1000, 1000), (948, 948)], 8, 2, 128, 512, 3, torch.bfloat16),
+        ([(777, 8192)], 4, 1, 128, 64, 8, torch.bfloat16),  # small blocks, queries from mid-block
+        ([(300, 5000), (45, 45), (0, 77)], 4, 4, 64, 128, 1, torch.bfloat16),  # K = 1: block-diagonal
+        ([(1000, 3333), (20, 100)], 4, 2, 128, 128, 12, torch.float16),  # K beyond a short document's blocks
+        ([(1000, 3333)], 4, 2, 128, 128, 4, torch.float32),
+    ],
+)
+def test_suffix_queries_equal_reference(pairs, hq, hkv, d, block_size, topk, dtype):
+    """Queries that are the last Lq of their Lk keys (cu_seqlens_k): against the fp64 reference,
+    within torch's own error, which is SDPA at the dtype on the full sequences (a query at every
+    key) read at the suffix rows."""
+    lq, lk = zip(*pairs, strict=True)
+    q_full, k, v, do_full, cu_k = packed(lk, hq, hkv, d)
+    q, do, cu_q, rows, do_full = cut_suffix(q_full, do_full, cu_k, lq)
+    rounded = [x.to(dtype).double() for x in (q, k, v, do)]
+    exact = output_and_grads(
+        partial(moba_reference, cu_seqlens_k=cu_k), *rounded, cu_q, block_size, topk, torch.float64
+    )
+    full = [x.to(dtype).double() for x in (q_full, k, v, do_full)]
+    torch_full = output_and_grads(masked_sdpa, *full, cu_k, block_size, topk, dtype)
+    torch_dtype = (torch_full[0][rows], torch_full[1][rows], *torch_full[2:])
+    kernel = output_and_grads(partial(moba_attention, cu_seqlens_k=cu_k), q, k, v, do, cu_q, block_size, topk, dtype)
+    for name, ours, theirs, truth in zip(("o", "dq", "dk", "dv"), kernel, torch_dtype, exact, strict=True):
+        assert ours.dtype == dtype, name
+        # A document's first query reads one key: its dq is exactly 0, a row with no scale of its
+        # own (torch's rounding there would let any error pass), held to the tensor's scale instead.
+        some = truth.abs().amax(-1) > 0
+        assert_within_dtype_error(name, ours[some], truth[some], theirs[some])
+        zero_rows = ours.masked_fill(some[..., None], 0).abs().max().item()
+        assert zero_rows <= allowed_error(theirs[some], truth[some]) * truth.abs().max().item(), name
+
+
 def test_long_sequence_within_k_blocks_is_full_causal_attention():
     q, k, v, _, cu = packed([12288], 16, 4, 128)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
@@ -95,27 +145,37 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-def test_captured_in_a_cuda_graph():
-    """No host synchronization: forward and backward replay from a graph on new data."""
-    q, k, v, do, cu = packed([5000, 3192], 4, 2, 128, seed=2)
+@pytest.mark.parametrize("lq", [None, (1000, 2192)])
+def test_captured_in_a_cuda_graph(lq):
+    """No host synchronization: forward and backward replay from a graph on new data (with
+    queries that are all the keys, or the last lq of each sequence's keys)."""
+
+    def inputs(seed):
+        q, k, v, do, cu = packed([5000, 3192], 4, 2, 128, seed=seed)
+        if lq is None:
+            return q, k, v, do, cu, None
+        q, do, cu_q, _, _ = cut_suffix(q, do, cu, lq)
+        return q, k, v, do, cu_q, cu
+
+    q, k, v, do, cu, cu_k = inputs(2)
     static = [x.bfloat16().requires_grad_() for x in (q, k, v)]
     static_do = do.bfloat16()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # warm up (compiles the kernels) outside the capture
-        o = moba_attention(*static, cu, 512, 3)
+        o = moba_attention(*static, cu, 512, 3, cu_k)
         torch.autograd.grad(o, static, static_do)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        o = moba_attention(*static, cu, 512, 3)
+        o = moba_attention(*static, cu, 512, 3, cu_k)
         grads = torch.autograd.grad(o, static, static_do)
-    fresh = packed([5000, 3192], 4, 2, 128, seed=3)
+    fresh = inputs(3)
     for dst, src in zip(static, fresh[:3], strict=True):
         dst.data.copy_(src)
     static_do.copy_(fresh[3])
     graph.replay()
-    eager = output_and_grads(moba_attention, *fresh[:4], cu, 512, 3, torch.bfloat16)
+    eager = output_and_grads(partial(moba_attention, cu_seqlens_k=cu_k), *fresh[:5], 512, 3, torch.bfloat16)
     for a, b in zip((o, *grads), eager, strict=True):
         assert torch.equal(a, b)
 

@@ -22,7 +22,17 @@ FLOATS = {
     "part_dk_ptr",
     "part_dv_ptr",
 }
-INDICES = {"sel_ptr", "tokens_ptr", "start_ptr", "end_ptr", "first_ptr"}
+INDICES = {
+    "sel_ptr",
+    "tokens_ptr",
+    "start_ptr",
+    "end_ptr",
+    "first_ptr",
+    "qblock_ptr",
+    "qstart_ptr",
+    "qend_ptr",
+    "shift_ptr",
+}
 # Positions in the gathered entries and list numbers (layout.GatherLists).
 WIDE_INDICES = {"list_begin_ptr", "list_end_ptr", "tile_list_ptr", "tile_row0_ptr", "slot_tile_start_ptr"}
 WIDE_INDICES |= {"part_first_ptr", "owner_ptr", "index_ptr"}  # dk/dv chunks (layout.KeyBlockChunks)

@@ -65,6 +65,17 @@ def test_tiles_of_a_slot_fit_one_launch_grid():
         check_index_range(hi, 1, Hq, block_size, rows)
 
 
+def test_tiles_of_a_slot_are_bounded_by_the_queries():
+    """Queries that are the suffix of longer keys: a slot's work tiles grow with the queries
+    (at most one list per query and head), not with the key blocks."""
+    T, Hq, block_size, rows = INT32_MAX - 4096, 64, 4096, 64
+    with pytest.raises(ValueError, match=r"2147479551 tokens x 64 heads .* \(2147479551 keys,"):
+        check_index_range(T, 1, Hq, block_size, rows)
+    check_index_range(T, 1, Hq, block_size, rows, n_queries=2**20)
+    assert tiles_per_slot(2**20, Hq, n_blocks_bound(T, 1, block_size), rows) == 2**20 + Hq * (T // block_size + 1)
+    assert tiles_per_slot(10, Hq, n_blocks_bound(T, 1, block_size), rows) == 10 + Hq * 10
+
+
 def test_op_refuses_before_any_launch():
     """On meta tensors nothing can launch: the refusal comes from the shapes alone."""
     T = INT32_MAX - 511

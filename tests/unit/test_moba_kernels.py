@@ -52,9 +52,9 @@ def packed(lengths, hq, hkv, d, seed):
     return q, k, v, do, cu
 
 
-def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype):
+def output_and_grads(fn, q, k, v, do, cu, block_size, topk, dtype, cu_k=None):
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in (q, k, v))
-    o = fn(q, k, v, cu, block_size, topk)
+    o = fn(q, k, v, cu, block_size, topk, cu_k)
     return (o, *torch.autograd.grad(o, (q, k, v), do.to(dtype)))
 
 
@@ -64,10 +64,11 @@ def assert_matches_reference(lengths, hq, hkv, d, block_size, topk, seed=0):
     assert_inputs_match_reference(q, k, v, do, cu, block_size, topk)
 
 
-def assert_inputs_match_reference(q, k, v, do, cu, block_size, topk):
-    exact = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float64)
-    torch_fp32 = output_and_grads(moba_reference, q, k, v, do, cu, block_size, topk, torch.float32)
-    kernel = output_and_grads(moba_triton, q, k, v, do, cu, block_size, topk, torch.float32)
+def assert_inputs_match_reference(q, k, v, do, cu, block_size, topk, cu_k=None):
+    args = (q, k, v, do, cu, block_size, topk)
+    exact = output_and_grads(moba_reference, *args, torch.float64, cu_k)
+    torch_fp32 = output_and_grads(moba_reference, *args, torch.float32, cu_k)
+    kernel = output_and_grads(moba_triton, *args, torch.float32, cu_k)
     for name, ours, theirs, truth in zip(("o", "dq", "dk", "dv"), kernel, torch_fp32, exact, strict=True):
         assert ours.dtype == torch.float32 and ours.shape == truth.shape
         err = (ours.double() - truth).abs().max().item()
@@ -240,6 +241,37 @@ def test_block_layout_covers_every_sequence():
         assert all(start == end for start, end, _ in got[real:])
 
 
+def test_block_layout_places_suffix_queries_in_their_key_blocks():
+    """With queries the last Lq of Lk keys: each key block's query rows and their shift to key
+    positions, and the query blocks (the key blocks holding queries, then the empty block NB)."""
+    g = torch.Generator().manual_seed(14)
+    for _ in range(20):
+        lk = torch.randint(0, 50, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g).tolist()
+        lq = [int(torch.randint(0, n + 1, (1,), generator=g)) for n in lk]
+        block_size = int(torch.randint(1, 20, (1,), generator=g))
+        cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk))
+        layout = block_layout(cu_k, sum(lk), block_size, cu_q, sum(lq))
+        expected, holding = [], []
+        for s, (n_q, n_k) in enumerate(zip(lq, lk, strict=True)):
+            k0, shift = int(cu_k[s]), int(cu_k[s + 1] - cu_q[s + 1])
+            for b in range(0, n_k, block_size):
+                keys = range(k0 + b, k0 + min(b + block_size, n_k))
+                queries = [u - shift for u in keys if u >= k0 + n_k - n_q]
+                if queries:
+                    holding.append(len(expected))
+                    expected.append((queries[0], queries[-1] + 1, shift))
+                else:
+                    expected.append((0, 0, None))
+        real = len(expected)
+        got = zip(layout.qstart_NB.tolist(), layout.qend_NB.tolist(), layout.shift_NB.tolist(), strict=True)
+        got = [(a, b, shift if a < b else None) for a, b, shift in got]
+        assert got[:real] == expected and all(a == b for a, b, _ in got[real:])
+        assert layout.qend_NB[-1] == layout.qstart_NB[-1] and layout.qstart_NB.numel() == layout.n_blocks + 1
+        assert len(holding) <= layout.n_query_blocks <= max(sum(lq), 1)
+        qblock_P = layout.qblock_P.tolist()
+        assert qblock_P == holding + [layout.n_blocks] * (layout.n_query_blocks - len(holding))
+
+
 def test_gather_lists_group_entries_by_slot_head_and_block():
     g = torch.Generator().manual_seed(7)
     T, Hq, K1, NB, rows = 23, 3, 2, 5, 4
@@ -269,6 +301,77 @@ def test_gather_lists_group_entries_by_slot_head_and_block():
         assert sorted(covered) == expected
 
 
+def suffix_packed(pairs, hq, hkv, d, seed):
+    """Queries that are the last Lq of their sequence's Lk keys, for (Lq, Lk) in `pairs`."""
+    g = torch.Generator().manual_seed(seed)
+    lq, lk = zip(*pairs, strict=True)
+    q, do = (torch.randn(sum(lq), hq, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(sum(lk), hkv, d, generator=g) for _ in range(2))
+    cu_q, cu_k = (torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lq, lk))
+    return q, k, v, do, cu_q, cu_k
+
+
+@pytest.mark.parametrize(
+    "pairs, hq, hkv, block_size, topk",
+    [
+        # (Lq, Lk): a document that ended before the chunk (Lq 0), one wholly inside (Lq = Lk), fewer
+        # queries than a block starting mid-block, queries from mid-block over several blocks, a
+        # document shorter than a block; GQA 2.
+        ([(0, 13), (20, 20), (5, 30), (11, 35), (3, 3), (0, 0)], 2, 1, 8, 3),
+        ([(30, 70)], 1, 1, 24, 3),  # blocks of 24 in tiles of 16: query tiles start mid-block
+        ([(13, 40), (9, 9)], 2, 1, 8, 1),  # K = 1: no routing
+        ([(12, 30)], 1, 1, 8, 12),  # K beyond the 4 blocks
+    ],
+)
+def test_suffix_queries_equal_reference(pairs, hq, hkv, block_size, topk):
+    q, k, v, do, cu_q, cu_k = suffix_packed(pairs, hq, hkv, 16, seed=len(pairs) + topk)
+    assert_inputs_match_reference(q, k, v, do, cu_q, block_size, topk, cu_k)
+
+
+def test_keys_split_like_queries_give_the_same_bits():
+    """cu_seqlens_k = cu_seqlens takes the query-offset path, which must reduce to the plain one."""
+    q, k, v, do, cu = packed([21, 3, 14], 1, 1, 16, seed=12)
+    plain = output_and_grads(moba_triton, q, k, v, do, cu, 8, 3, torch.float32)
+    offset = output_and_grads(moba_triton, q, k, v, do, cu, 8, 3, torch.float32, cu.clone())
+    for a, b in zip(plain, offset, strict=True):
+        assert torch.equal(a, b)
+
+
+class _LaunchLog:
+    """Stands in for a Triton kernel of a module: records the largest first grid axis it is
+    launched over, then launches."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        name = self.kernel.__name__
+        self.log[name] = max(self.log[name], grid[0])
+        return self.kernel[grid]
+
+
+def test_work_follows_the_queries_not_the_keys(monkeypatch):
+    """A few queries after a long key prefix: only the block means and dk/dv (which write every
+    key) launch over the key blocks; every other kernel's grid is bounded by the queries alone."""
+    pairs, hq, block_size = [(3, 200), (0, 40), (4, 4)], 2, 8
+    q, k, v, do, cu_q, cu_k = suffix_packed(pairs, hq, 1, 16, seed=13)
+    launches = collections.defaultdict(int)
+    for module in (moba_routing, moba_forward, moba_backward, moba_dkdv):
+        for name in dir(module):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(module, name, _LaunchLog(getattr(module, name), launches))
+    assert_inputs_match_reference(q, k, v, do, cu_q, block_size, 3, cu_k)
+    key_side = {"_block_means_kernel", "_bwd_dkdv_kernel"}
+    per_query = {"_route_kernel", "_fwd_routed_kernel", "_fwd_current_kernel", "_bwd_delta_kernel"}
+    per_query |= {"_bwd_dq_routed_kernel", "_bwd_dq_current_kernel"}
+    assert set(launches) - {"_bwd_dkdv_chunk_kernel"} == key_side | per_query
+    # A program per query tile of a block, per (list, tile of it) of a slot, per partial: each
+    # bounded by 2 Tq Hq = 28; the key blocks number 31.
+    Tq, n_key_blocks = q.shape[0], -(-k.shape[0] // block_size)
+    worst = {name: grid for name, grid in launches.items() if name not in key_side}
+    assert max(worst.values()) <= 2 * Tq * hq < n_key_blocks, worst
+
+
 def test_public_op_runs_the_reference_off_cuda():
     q, k, v, _, cu = packed([40], 2, 1, 16, seed=8)
     assert torch.equal(moba.moba_attention(q, k, v, cu, 8, 2), moba_reference(q, k, v, cu, 8, 2))
@@ -277,7 +380,7 @@ def test_public_op_runs_the_reference_off_cuda():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda q, k, v, cu: (q, k[:, :, :8], v[:, :, :8], cu), "must be \\[T, Hkv, D\\]"),
+        (lambda q, k, v, cu: (q, k[:, :, :8], v[:, :, :8], cu), "must be \\[Tk, Hkv, D\\]"),
         (
             lambda q, k, v, cu: (q, k.repeat(1, 3, 1)[:, :3], v.repeat(1, 3, 1)[:, :3], cu),
             "multiple of key/value heads",
@@ -291,3 +394,21 @@ def test_bad_inputs_name_the_problem(change, message):
     q, k, v, _, cu = packed([20], 4, 2, 16, seed=9)
     with pytest.raises(ValueError, match=message):
         moba_triton(*change(q, k, v, cu), 8, 2)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v, cu_q, cu_k: (q, k, v, cu_q, None), "k has 30 tokens and q 9: .* need cu_seqlens_k"),
+        (lambda q, k, v, cu_q, cu_k: (q, k, v, cu_q, cu_k.long()), "cu_seqlens_k must be a 1-D int32"),
+        (lambda q, k, v, cu_q, cu_k: (q, k, v, cu_q, cu_k[1:]), r"cu_seqlens_k \(2,\) must split k .* \(3,\)"),
+        (lambda q, k, v, cu_q, cu_k: (q, k, v, cu_q, cu_k.to("meta")), "cu_seqlens_k is on meta, q on cpu"),
+        (lambda q, k, v, cu_q, cu_k: (q, k.to("meta"), v, cu_q, cu_k), "must share a device"),
+        (lambda q, k, v, cu_q, cu_k: (q, k, v[:-1], cu_q, cu_k), r"k \(30, 1, 16\) and v \(29, 1, 16\)"),
+    ],
+)
+def test_bad_suffix_inputs_name_the_problem(change, message):
+    q, k, v, _, cu_q, cu_k = suffix_packed([(4, 10), (5, 20)], 2, 1, 16, seed=9)
+    q, k, v, cu_q, cu_k = change(q, k, v, cu_q, cu_k)
+    with pytest.raises(ValueError, match=message):
+        moba_triton(q, k, v, cu_q, 8, 2, cu_k)

@@ -1,4 +1,5 @@
-"""The MoBA reference against an independent brute force and the spec's special cases.
+"""The MoBA reference against an independent brute force and the spec's special cases, and its
+queries-as-a-suffix form (separate cu_seqlens_k) against the full sequences it is cut from.
 
 Shape legend: T packed tokens, H heads, D head dim, L tokens of one sequence, B block size, K blocks.
 """
@@ -159,3 +160,61 @@ def test_bad_arguments_are_refused():
         moba_reference(q, k, v, torch.tensor([0, 6, 4, 10], dtype=torch.int32), 4, 2)
     with pytest.raises(ValueError, match="block_size >= 1 and topk >= 1"):
         moba_reference(q, k, v, cu, 4, 0)
+
+
+SUFFIX_CASES = {
+    # (Lq, Lk) per sequence, query heads, kv heads, block size, topk. A document that ended before
+    # the chunk (Lq 0), one wholly in it (Lq = Lk), fewer queries than a block, queries starting
+    # mid-block, a document shorter than a block, an empty one.
+    "mixed-gqa2": ([(0, 21), (37, 37), (5, 30), (19, 53), (3, 3), (0, 0)], 4, 2, 8, 3),
+    "k1": ([(13, 40), (9, 9)], 2, 1, 8, 1),
+    "k-beyond-blocks": ([(30, 61)], 2, 2, 8, 12),
+    "gqa4-block-7": ([(25, 64), (1, 50)], 4, 1, 7, 2),
+}
+
+
+def output_and_grads(q, k, v, do, cu, block_size, topk, cu_k=None):
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    o = moba_reference(q, k, v, cu, block_size, topk, cu_k)
+    return (o, *torch.autograd.grad(o, (q, k, v), do))
+
+
+@pytest.mark.parametrize("case", list(SUFFIX_CASES))
+def test_suffix_queries_are_the_last_rows_of_their_full_sequences(case):
+    """Queries given as the last Lq of Lk keys: o and dq are those rows of the full sequences'
+    (a query at every key), dk and dv those of the full sequences with only these rows' outputs
+    in the loss; in fp64."""
+    pairs, hq, hkv, block_size, topk = SUFFIX_CASES[case]
+    lq, lk = zip(*pairs, strict=True)
+    q_full, k, v, cu_k = packed(lk, hq, hkv, seed=len(case))
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+    rows = torch.cat([torch.arange(end - n, end) for n, end in zip(lq, cu_k[1:].tolist(), strict=True)])
+    do_full = torch.zeros_like(q_full)
+    do_full[rows] = torch.randn(len(rows), hq, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    full = output_and_grads(q_full, k, v, do_full, cu_k, block_size, topk)
+    suffix = output_and_grads(q_full[rows], k, v, do_full[rows], cu_q, block_size, topk, cu_k)
+    for name, ours, theirs in zip(("o", "dq"), suffix[:2], full[:2], strict=True):
+        torch.testing.assert_close(ours, theirs[rows], rtol=1e-10, atol=1e-12, msg=name)
+    for name, ours, theirs in zip(("dk", "dv"), suffix[2:], full[2:], strict=True):
+        assert theirs.abs().sum() > 0
+        torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=name)
+    # On the CPU the public op is the reference.
+    assert torch.equal(moba_attention(q_full[rows], k, v, cu_q, block_size, topk, cu_k), suffix[0])
+
+
+@pytest.mark.parametrize(
+    "lq, lk, message",
+    [
+        ([4, 5], [10, 3], "sequence 1 has 5 queries but 3 keys"),
+        ([4, 5], [10, 20], "cu_seqlens_k must rise from 0 to the 13 tokens"),
+        ([4, 5], [13], "cu_seqlens_k has 1 sequences, cu_seqlens 2"),
+    ],
+)
+def test_bad_suffix_layouts_are_refused(lq, lk, message):
+    q, _, _, cu_q = packed(lq, 2, 2, seed=0)
+    _, k, v, _ = packed([13], 2, 2, seed=0)
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()], dtype=torch.int32)
+    with pytest.raises(ValueError, match=message):
+        moba_reference(q, k, v, cu_q, 4, 2, cu_k)
+    with pytest.raises(ValueError, match="k has 13 tokens and q 9"):
+        moba_reference(q, k, v, cu_q, 4, 2)
