@@ -85,8 +85,6 @@ def _moba(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size: int, topk: int, cu_seql
     # Autocast off: q, k, v keep the dtype they come in (bf16 under mixed precision), and the
     # op computes the gate in fp32 as specified rather than autocast's bf16 einsum.
     with torch.autocast(q_THd.device.type, enabled=False):
-        if cu_seqlens_k is None:
-            return moba_attention(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size, topk)
         return moba_attention(q_THd, k_UKd, v_UKd, cu_seqlens_N, block_size, topk, cu_seqlens_k=cu_seqlens_k)
 
 

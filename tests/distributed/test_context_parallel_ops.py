@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from harness import run_distributed
 
-from sparsetron.model.attention_ops import full_attention
+from sparsetron.model.attention_ops import MobaAttention, full_attention
 from sparsetron.model.sequence import SequenceInfo
 from sparsetron.parallel.context_parallel import STYLES, shard_batch
 
@@ -21,6 +21,9 @@ H, K, D = 8, 4, 8
 CASES = {
     "full, documents": (full_attention, 64, 0.1),
     "full, one sequence per row": (full_attention, 64, None),
+    "moba 8 top 3, documents": (MobaAttention(8, 3), 64, 0.05),
+    "moba K = 1": (MobaAttention(8, 1), 64, None),
+    "moba, documents shorter than a block": (MobaAttention(8, 2), 64, 0.3),
 }
 
 
