@@ -10,29 +10,61 @@ the same process group), which keeps this tier to about a minute on two cores.
 """
 
 import pytest
-from harness import run_distributed
 from training import (
     BF16,
+    RECIPE,
+    Layout,
+    TrainedLayouts,
+    assert_resumed_like_straight,
     assert_same_training,
-    bf16_tolerances,
-    expert_loads,
-    rms,
+    assert_within_bf16_error,
     single_process,
-    train_worker,
 )
 
 CP2 = ["parallel.context=2"]
 ULYSSES = ["parallel.context_style=ulysses"]
 AC = "parallel.activation_checkpointing=full"
+# name: (recipe, overrides)
 MODELS = {
-    "recipe": [],
-    "unmasked": ["attention.document_masking=false"],
-    "moba-hybrid": [
-        "attention.backend=moba",
-        "attention.moba_block_size=8",
-        "attention.moba_topk=2",
-        "attention.moba_full_last=1",
-    ],
+    "recipe": (RECIPE, []),
+    "unmasked": (RECIPE, ["attention.document_masking=false"]),
+    "moba-hybrid": (
+        RECIPE,
+        [
+            "attention.backend=moba",
+            "attention.moba_block_size=8",
+            "attention.moba_topk=2",
+            "attention.moba_full_last=1",
+        ],
+    ),
+    # configs/long-moba.yaml shrunk for a CPU at 4K tokens (MoBA as shipped: blocks of 512, top 3, grouped-query
+    # heads, the last layer full attention, activation checkpointing), one step in one process; the layout puts
+    # it on context 2 with the experts folded onto it.
+    "long-moba-cpu": (
+        "long-moba",
+        [
+            "model.vocab_size=320",
+            "model.dim=64",
+            "model.n_layers=2",
+            "model.ffn_hidden=128",
+            "model.max_seq_len=4096",
+            "attention.n_heads=2",
+            "attention.n_kv_heads=1",
+            "attention.moba_full_last=1",
+            "moe.num_experts=4",
+            "moe.top_k=2",
+            "moe.expert_hidden=32",
+            "moe.expert_backend=auto",
+            "data.seq_len=4096",
+            "data.max_documents=200",
+            "trainer.micro_batch_size=1",
+            "trainer.steps=1",
+            "trainer.grad_accum_steps=1",
+            "trainer.precision=fp32",
+            "parallel.context=1",
+            "parallel.expert=1",
+        ],
+    ),
 }
 
 # name: (world size, data-parallel degree, model, overrides)
@@ -43,13 +75,14 @@ LAYOUTS = {
     "cp2-moba-hybrid": (2, 1, "moba-hybrid", CP2),
     "cp2-ulysses-moba-hybrid": (2, 1, "moba-hybrid", [*CP2, *ULYSSES]),
     "cp2xep2": (2, 1, "recipe", [*CP2, "parallel.expert=2"]),
-    "cp2+ac": (2, 1, "recipe", [*CP2, AC]),
+    "cp2+ac+compile": (2, 1, "recipe", [*CP2, AC, "parallel.compile=true"]),
     "cp4": (4, 1, "recipe", ["parallel.context=4"]),
     "cp4-ulysses-moba-hybrid": (4, 1, "moba-hybrid", ["parallel.context=4", *ULYSSES]),
     "cp2xtp2": (4, 1, "recipe", [*CP2, "parallel.tensor=2"]),
     "cp2xdp2": (4, 2, "recipe", [*CP2, "parallel.data_parallel_shard=2"]),
     "cp2xpp2": (4, 1, "recipe", [*CP2, "parallel.pipeline=2"]),
     "cp2xtp2-ulysses+ac": (4, 1, "recipe", [*CP2, "parallel.tensor=2", *ULYSSES, AC]),
+    "long-moba-cpu-cp2xep2": (2, 1, "long-moba-cpu", [*CP2, "parallel.expert=2"]),
 }
 BF16_LAYOUTS = {
     "cp2-bf16": (2, 1, "recipe", [*CP2, *BF16]),
@@ -57,23 +90,16 @@ BF16_LAYOUTS = {
 }
 
 
-def several_worker(runs):
-    """Train each (run_dir, dp, overrides, resume) in turn on this process group."""
-    results = []
-    for run_dir, dp, overrides, resume in runs:
-        losses, eval_losses, params = train_worker(run_dir, dp, overrides, resume)
-        results.append((losses, eval_losses, params))
-    return results
+RESHARDS = {"one process->cp2": (None, "cp2"), "cp2->one process": ("cp2", None)}
 
 
-def merged(per_rank, run_dir):
-    """One layout's result from its ranks' (losses, eval losses, parameters gathered whole)."""
-    params = {}
-    for _, _, rank_params in per_rank:  # pipeline stages each hold their own part
-        params.update(rank_params)
-    losses, eval_losses, _ = per_rank[-1]  # the last rank holds the last stage
-    assert all(r[0] == losses and r[1] == eval_losses for r in per_rank), "ranks report different losses"
-    return losses, eval_losses, params, expert_loads(run_dir)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    layouts = {}
+    for name, (world, dp, model, overrides) in {**LAYOUTS, **BF16_LAYOUTS}.items():
+        recipe, model_overrides = MODELS[model]
+        layouts[name] = Layout(world, dp, [*model_overrides, *overrides], recipe)
+    return TrainedLayouts(tmp_path_factory, layouts, RESHARDS)
 
 
 @pytest.fixture(scope="module")
@@ -83,71 +109,25 @@ def single(tmp_path_factory):
     def get(model, *overrides):
         key = (model, *overrides)
         if key not in cache:
-            cache[key] = single_process(tmp_path_factory.mktemp("single"), *MODELS[model], *overrides)
+            recipe, model_overrides = MODELS[model]
+            run_dir = tmp_path_factory.mktemp("single")
+            cache[key] = single_process(run_dir, *model_overrides, *overrides, recipe=recipe)
         return cache[key]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, single):
-    """Every layout of LAYOUTS and BF16_LAYOUTS trained, and the checkpoint moves between cp 2 and
-    one process: one spawn per world size, on first use."""
-    cache = {}
-    layouts = {**LAYOUTS, **BF16_LAYOUTS}
-
-    def get(world):
-        if world not in cache:
-            names = [name for name, (w, *_) in layouts.items() if w == world]
-            runs = []
-            for name in names:
-                _, dp, model, overrides = layouts[name]
-                runs.append((str(tmp_path_factory.mktemp(name)), dp, [*MODELS[model], *overrides], None))
-            if world == 2:
-                # one process -> cp2: two steps in one process, the third at cp 2 from its checkpoint.
-                resumed = tmp_path_factory.mktemp("one-to-cp2")
-                single_process(resumed, "trainer.stop_at=2")
-                runs.append((str(resumed), 1, CP2, "auto"))
-                # cp2 -> one process: two steps at cp 2 here, the third in one process afterwards.
-                runs.append((str(tmp_path_factory.mktemp("cp2-to-one")), 1, [*CP2, "trainer.stop_at=2"], None))
-                names += ["one process->cp2", "cp2->one process"]
-            per_rank = run_distributed(several_worker, world, runs, timeout=600)
-            for i, name in enumerate(names):
-                cache[name] = merged([rank_results[i] for rank_results in per_rank], runs[i][0])
-            if world == 2:
-                cache["cp2->one process"] = single_process(runs[-1][0], resume="auto")
-        return cache
 
     return get
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_context_parallel_trains_like_one_process(trained, single, layout):
-    world, _, model, _ = LAYOUTS[layout]
-    assert_same_training(trained(world)[layout], single(model))
+    assert_same_training(trained[layout], single(LAYOUTS[layout][2]))
 
 
 @pytest.mark.parametrize("layout", list(BF16_LAYOUTS))
 def test_context_parallel_in_bf16_within_twice_bf16s_own_error(trained, single, layout):
-    world, _, model, _ = BF16_LAYOUTS[layout]
-    multiple = 2
-    reference, fp32 = single(model, *BF16), single(model)
-    loss_tol, param_tol = bf16_tolerances(reference, fp32)
-    losses, eval_losses, params, _ = trained(world)[layout]
-    for step, loss in reference[0].items():
-        assert abs(losses[step] - loss) <= multiple * loss_tol, (step, losses[step], loss, loss_tol)
-    for step, loss in reference[1].items():
-        assert abs(eval_losses[step] - loss) <= multiple * loss_tol, (step, eval_losses[step], loss, loss_tol)
-    for name, ref in reference[2].items():
-        error = rms(params[name] - ref)
-        assert error <= multiple * param_tol[name], (name, error, param_tol[name])
+    model = BF16_LAYOUTS[layout][2]
+    assert_within_bf16_error(trained[layout], single(model, *BF16), single(model))
 
 
-@pytest.mark.parametrize("reshard", ["one process->cp2", "cp2->one process"])
+@pytest.mark.parametrize("reshard", list(RESHARDS))
 def test_checkpoint_moves_between_context_degrees(trained, single, reshard):
-    resumed = trained(2)[reshard]
-    straight = single("recipe")
-    assert resumed[0].keys() == {3}
-    assert resumed[0][3] == pytest.approx(straight[0][3], rel=1e-5)
-    for name, ref in straight[2].items():
-        assert (resumed[2][name] - ref).abs().max() <= 1e-5 * (1 + ref.abs().max()), name
+    assert_resumed_like_straight(trained[reshard], single("recipe"))

@@ -4,13 +4,19 @@ at a layout on spawned ranks or in one process, and the comparisons between them
 One process reads micro-batches of GLOBAL_BATCH sequences; a layout with `dp` data ranks
 gives each GLOBAL_BATCH / dp of them (their slices of the same global batch), and its tensor,
 expert, context and pipeline ranks share their data rank's slice.
+
+`TrainedLayouts` trains every layout of one world size in one spawn, one Trainer after another
+on the same process group (a spawn of four ranks costs seconds on two cores), including the
+checkpoint moves between layouts.
 """
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+from harness import run_distributed
 from torch.distributed.tensor import DTensor
 
 from sparsetron.train.config_io import load_job_config
@@ -19,13 +25,14 @@ from sparsetron.train.trainer import Trainer
 STEPS = 3
 GLOBAL_BATCH = 4
 BF16 = ["trainer.precision=bf16"]  # what a GPU runs by default (precision auto)
+RECIPE = "debug-deepseek"
 
 
-def job(run_dir, dp, *overrides):
+def job(run_dir, dp, *overrides, recipe=RECIPE):
     # Evaluation reads eval_batches micro-batches on every rank: dp of GLOBAL_BATCH / dp
     # sequences, one of GLOBAL_BATCH in one process, so both evaluate the same sequences.
     return load_job_config(
-        "debug-deepseek",
+        recipe,
         [
             "model.n_layers=4",
             f"trainer.steps={STEPS}",
@@ -55,8 +62,8 @@ def full_parameters(model):
     }
 
 
-def train_worker(run_dir, dp, overrides, resume=None):
-    trainer = Trainer(job(run_dir, dp, *overrides), resume=resume)
+def train_worker(run_dir, dp, overrides, resume=None, recipe=RECIPE):
+    trainer = Trainer(job(run_dir, dp, *overrides, recipe=recipe), resume=resume)
     result = trainer.run()
     # The plan counts exactly what this rank holds.
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
@@ -71,8 +78,8 @@ def expert_loads(run_dir):
     return {key: value for key, value in last.items() if key.endswith("tokens_per_expert")}
 
 
-def single_process(run_dir, *overrides, resume=None):
-    trainer = Trainer(job(run_dir, 1, *overrides), resume=resume)
+def single_process(run_dir, *overrides, resume=None, recipe=RECIPE):
+    trainer = Trainer(job(run_dir, 1, *overrides, recipe=recipe), resume=resume)
     result = trainer.run()
     return result.losses, result.eval_losses, full_parameters(trainer.model), expert_loads(run_dir)
 
@@ -81,7 +88,7 @@ def assert_same_training(parallel, single):
     losses, eval_losses, params, loads = parallel
     ref_losses, ref_eval, ref_params, ref_loads = single
     # Every layer's expert load summed over all ranks, whichever stage holds the layer, as one process counts it.
-    assert loads == ref_loads and len(ref_loads) == 3
+    assert loads == ref_loads and ref_loads
     assert losses.keys() == ref_losses.keys()
     for step, loss in ref_losses.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
@@ -108,3 +115,120 @@ def bf16_tolerances(bf16, fp32):
     loss_tol = max(abs(losses[step] - ref_losses[step]) for step in ref_losses)
     param_tol = {name: rms(params[name] - ref) for name, ref in ref_params.items()}
     return loss_tol, param_tol
+
+
+def assert_within_bf16_error(parallel, single, fp32, multiple=2):
+    """A bf16 run against one process in bf16, within `multiple` x what bf16 itself costs there."""
+    loss_tol, param_tol = bf16_tolerances(single, fp32)
+    assert loss_tol > 0 and min(param_tol.values()) > 0  # bf16 did change every number
+    losses, eval_losses, params, _ = parallel
+    ref_losses, ref_eval, ref_params, _ = single
+    assert losses.keys() == ref_losses.keys()
+    for step, loss in ref_losses.items():
+        assert abs(losses[step] - loss) <= multiple * loss_tol, (step, losses[step], loss, loss_tol)
+    for step, loss in ref_eval.items():
+        assert abs(eval_losses[step] - loss) <= multiple * loss_tol, (step, eval_losses[step], loss, loss_tol)
+    assert params.keys() == ref_params.keys()
+    for name, ref in ref_params.items():
+        assert params[name].dtype == torch.float32, name  # master weights stay fp32
+        error = rms(params[name] - ref)
+        assert error <= multiple * param_tol[name], (name, error, param_tol[name])
+
+
+@dataclass
+class Layout:
+    """A layout to train: its world size, data-parallel degree and overrides of `recipe`."""
+
+    world: int
+    dp: int
+    overrides: list[str]
+    recipe: str = RECIPE
+
+
+@dataclass
+class _Run:
+    run_dir: str
+    dp: int
+    overrides: list[str]
+    resume: str | None = None
+    recipe: str = RECIPE
+    extra: list[str] = field(default_factory=list)
+
+
+def several_worker(runs):
+    """Train each run in turn on this process group; per run this rank's (losses, eval losses, parameters)."""
+    return [train_worker(r.run_dir, r.dp, [*r.overrides, *r.extra], r.resume, r.recipe) for r in runs]
+
+
+def merged(per_rank, run_dir):
+    """One layout's result from its ranks' (losses, eval losses, parameters gathered whole)."""
+    params = {}
+    for _, _, rank_params in per_rank:  # pipeline stages each hold their own part
+        params.update(rank_params)
+    losses, eval_losses, _ = per_rank[-1]  # the last rank holds the last stage
+    assert all(r[0] == losses and r[1] == eval_losses for r in per_rank), "ranks report different losses"
+    return losses, eval_losses, params, expert_loads(run_dir)
+
+
+class TrainedLayouts:
+    """Results of `layouts` (name -> Layout) trained, and of `reshards` (name -> (source, target),
+    layout names or None for one process): the source trains two steps and writes a checkpoint,
+    the target resumes it for the third. Every run of one world size trains in one spawn, on
+    first use; a source is never at a larger world size than its target.
+    """
+
+    def __init__(self, tmp_path_factory, layouts: dict[str, Layout], reshards: dict | None = None, timeout=900):
+        self.tmp = tmp_path_factory
+        self.layouts = layouts
+        self.reshards = reshards or {}
+        self.timeout = timeout
+        self.results: dict[str, tuple] = {}
+        self.trained_worlds: set[int] = set()
+        self.checkpoints: dict[str, str] = {}
+
+    def world(self, name):
+        return self.layouts[name].world if name is not None else 1
+
+    def __getitem__(self, name: str):
+        world = self.world(self.reshards[name][1]) if name in self.reshards else self.layouts[name].world
+        for w in sorted({*(lay.world for lay in self.layouts.values()), 1}):
+            if w <= world:
+                self._train(w)
+        return self.results[name]
+
+    def _run(self, layout: str, run_dir: str | None = None, **kw) -> _Run:
+        lay = self.layouts[layout]
+        return _Run(run_dir or str(self.tmp.mktemp(layout)), lay.dp, lay.overrides, recipe=lay.recipe, **kw)
+
+    def _train(self, world: int) -> None:
+        if world in self.trained_worlds:
+            return
+        self.trained_worlds.add(world)
+        runs: dict[str, _Run] = {}
+        if world > 1:
+            runs = {name: self._run(name) for name, lay in self.layouts.items() if lay.world == world}
+        for name, (source, target) in self.reshards.items():
+            if self.world(source) == world:
+                run_dir = str(self.tmp.mktemp("reshard"))
+                self.checkpoints[name] = run_dir
+                if source is None:
+                    single_process(run_dir, "trainer.stop_at=2")
+                else:
+                    runs[f"{name} (source)"] = self._run(source, run_dir, extra=["trainer.stop_at=2"])
+            if self.world(target) == world and target is not None:
+                runs[name] = self._run(target, self.checkpoints[name], resume="auto")
+        if runs:
+            per_rank = run_distributed(several_worker, world, list(runs.values()), timeout=self.timeout)
+            for i, (name, run) in enumerate(runs.items()):
+                self.results[name] = merged([rank_results[i] for rank_results in per_rank], run.run_dir)
+        for name, (source, target) in self.reshards.items():
+            if target is None and self.world(source) == world:
+                self.results[name] = single_process(self.checkpoints[name], resume="auto")
+
+
+def assert_resumed_like_straight(resumed, straight):
+    """The third step resumed from a checkpoint written after two equals the straight run."""
+    assert resumed[0].keys() == {STEPS}
+    assert resumed[0][STEPS] == pytest.approx(straight[0][STEPS], rel=1e-5)
+    for name, ref in straight[2].items():
+        torch.testing.assert_close(resumed[2][name], ref, rtol=1e-5, atol=1e-5, msg=name)

@@ -65,3 +65,33 @@ def test_varlen_uses_less_memory_than_the_dense_mask_at_16k():
     extra = torch.cuda.max_memory_allocated() - base
     # The output and the softmax statistics; the dense path's boolean mask alone is S^2 bytes (256 MiB).
     assert extra < 4 * q.numel() * q.element_size(), extra
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_context_shard_chunks_equal_the_reference(masked):
+    """Context parallelism's chunks: a chunk's queries against the keys before its end, with
+    separate query and key layouts (bottom-right causal alignment), in bf16 against fp64."""
+    from sparsetron.model.attention_ops import full_attention
+    from sparsetron.model.sequence_shard import shard_sequence
+
+    B, S, H, K, d, cp = 2, 2048, 8, 2, 64, 4
+    g = torch.Generator(device="cuda").manual_seed(3)
+    q, do = (torch.randn(B, S, H, d, generator=g, device="cuda", dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(B, S, K, d, generator=g, device="cuda", dtype=torch.float64) for _ in range(2))
+    doc_ids = documents(B, S, 300, 4) if masked else None
+    whole = SequenceInfo.build(B, S, doc_ids)
+    for rank in range(cp):
+        seq = shard_sequence(whole, rank, cp)
+        index = seq.context.index_S
+
+        def shard(q_, k_, v_, seq=seq, index=index):
+            return full_attention(q_[:, index], k_, v_, seq)
+
+        def dense(q_, k_, v_, index=index):
+            return document_attention_reference(q_, k_, v_, doc_ids)[:, index]
+
+        exact = outputs_and_grads(dense, q, k, v, do[:, index], torch.float64)
+        torch_at_dtype = outputs_and_grads(dense, q, k, v, do[:, index], torch.bfloat16)
+        got = outputs_and_grads(shard, q, k, v, do[:, index], torch.bfloat16)
+        for name, g_, e, t in zip(("o", "dq", "dk", "dv"), got, exact, torch_at_dtype, strict=True):
+            assert_within_dtype_error(f"rank {rank} {name}", g_, e, t)
