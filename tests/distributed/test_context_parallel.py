@@ -28,6 +28,7 @@ AC = "parallel.activation_checkpointing=full"
 MODELS = {
     "recipe": (RECIPE, []),
     "unmasked": (RECIPE, ["attention.document_masking=false"]),
+    "global-aux": (RECIPE, ["moe.aux_loss_level=global", "moe.aux_loss_coeff=0.01"]),
     "moba-hybrid": (
         RECIPE,
         [
@@ -72,6 +73,7 @@ LAYOUTS = {
     "cp2": (2, 1, "recipe", CP2),
     "cp2-ulysses": (2, 1, "recipe", [*CP2, *ULYSSES]),
     "cp2-unmasked": (2, 1, "unmasked", CP2),
+    "cp2-global-aux": (2, 1, "global-aux", CP2),
     "cp2-moba-hybrid": (2, 1, "moba-hybrid", CP2),
     "cp2-ulysses-moba-hybrid": (2, 1, "moba-hybrid", [*CP2, *ULYSSES]),
     "cp2xep2": (2, 1, "recipe", [*CP2, "parallel.expert=2"]),
