@@ -37,6 +37,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -74,6 +75,14 @@ class CommCounter(TorchDispatchMode):
         raise NotImplementedError(f"the benchmark does not count the bytes of collective {name}")
 
 
+def _storage(t: torch.Tensor) -> torch.UntypedStorage:
+    # The functional collectives return AsyncCollectiveTensor wrappers (views of them too), whose
+    # data lives in the wrapped `elem`.
+    while isinstance(t, funcol.AsyncCollectiveTensor):
+        t = t.elem
+    return t.untyped_storage()
+
+
 class SavedBytes:
     """Distinct storages autograd saves while active, those first saved inside an attention op apart."""
 
@@ -87,7 +96,7 @@ class SavedBytes:
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
+        storage = _storage(t)
         if storage.data_ptr() not in self.weights:
             self.storages.setdefault(storage.data_ptr(), (storage.nbytes(), self.in_attention))
             self.kept.append(t)
@@ -111,7 +120,7 @@ class _Tagged:
             self.saved.in_attention = False
         # The output is a per-token activation the output projection keeps whichever side saves it
         # first (SDPA saves its own output; the chunked ops' concatenation is first saved by wo).
-        ptr = o.untyped_storage().data_ptr()
+        ptr = _storage(o).data_ptr()
         if ptr in self.saved.storages:
             self.saved.storages[ptr] = (self.saved.storages[ptr][0], False)
         return o

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 
 import torch
 from doc_attention import failure, row_relative_error
@@ -198,14 +199,18 @@ def table(args, rows: list[dict]) -> list[str]:
 def section(args) -> list[str]:
     """The op timings, as markdown lines."""
     t0 = time.perf_counter()
-    rows, skipped = [], []
+    rows, skipped, failed = [], [], []
     for S in args.seqs:
         for name, (whole_op, chunk_op) in ops(args).items():
             if time.perf_counter() - t0 > args.budget:
                 skipped.append(f"S={S} {name}")
                 continue
             print(f"ops: S={S} {name} ...", file=sys.stderr, flush=True)
-            rows += run_case(args, S, name, whole_op, chunk_op)
+            try:
+                rows += run_case(args, S, name, whole_op, chunk_op)
+            except Exception as err:  # the whole op itself failed (OOM, ...): the next case still runs
+                traceback.print_exc()
+                failed.append(f"S={S} {name}: {failure(err)}")
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU (reference ops: dense masks, not a speed)"
@@ -221,4 +226,6 @@ def section(args) -> list[str]:
     ]
     if skipped:
         lines.append(f"Not run (--budget {args.budget:.0f} s spent): {', '.join(skipped)}.")
+    if failed:
+        lines.append(f"Failed: {'; '.join(failed)}.")
     return lines

@@ -141,3 +141,19 @@ def test_comm_counter_counts_what_leaves_the_rank():
     assert counter.transferred("reduce_scatter_tensor", (x, "sum", 4, "g")) == 96 * 3 // 4
     with pytest.raises(NotImplementedError, match="all_reduce"):
         counter.transferred("all_reduce", (x, "sum", "g"))
+
+
+def test_saved_bytes_read_through_collective_wrappers():
+    # A functional collective's output (and a view of it, as Ulysses' cp-4 head exchange returns)
+    # is a wrapper without storage of its own; its bytes are those of the tensor it wraps.
+    import torch.distributed._functional_collectives as funcol
+    from context_parallel_gloo import SavedBytes
+
+    model = torch.nn.Linear(3, 3)
+    saved = SavedBytes(model)
+    data = torch.randn(4, 3)
+    wrapped_view = funcol.AsyncCollectiveTensor(data).view(2, 6)
+    with saved.hooks:
+        (model(wrapped_view.view(4, 3)) * data).sum()
+    # The weight is left out; the wrapped data counts once, whichever way it was saved.
+    assert saved.total() == data.nbytes
