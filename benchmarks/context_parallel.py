@@ -103,7 +103,7 @@ def comm_table(spec: dict, cases: dict) -> tuple[list[str], bool]:
         n = spec["layers"]
         per_layer = {phase: Fraction(max(r["comm"][phase] for r in ranks), n) for phase in ("forward", "backward")}
         same = all(r["comm"] == ranks[0]["comm"] for r in ranks)
-        expected = formula_bytes(style, cp, spec, bytes_per_element=4)
+        expected = formula_bytes(style, cp, spec, bytes_per_element=4)  # the gloo model runs in fp32
         match = same and per_layer["forward"] == per_layer["backward"] == expected
         all_match &= match
         calls = "; ".join(
