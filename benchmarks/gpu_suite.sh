@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of issue 11 in one call of at most 9 minutes, every table under $OUT.
+# Every GPU figure of issues 11 and 12 in one call of at most 9 minutes, every table under $OUT.
 #
 #   bash benchmarks/gpu_suite.sh             # on a CUDA machine (one H100/H200)
 #   bash benchmarks/gpu_suite.sh --dry-run   # on a CPU: each part at tiny sizes, or skipped where it needs CUDA
@@ -8,13 +8,15 @@
 # eat the rest (the last part also gets whatever the others left of SUITE_BUDGET, default 540):
 #   pytest_gpu     80   pytest -m gpu tests/gpu
 #   moe_layer      50   benchmarks/moe_layer.py, the anchor shapes (sparsetron vs transformers)
-#   moba           90   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
-#   doc_attention  80   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
-#   end_to_end    240   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor)
+#   moba              80   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
+#   doc_attention     70   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
+#   context_parallel  70   benchmarks/context_parallel.py (each cp rank's MoBA / varlen op beside the
+#                          whole op, 32K and 128K, cp 2, 4, 8; the largest cases ~0.5 s a call)
+#   end_to_end       190   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor)
 # A budget can be changed with BUDGET_<part>=seconds, and SUITE_PARTS="moba end_to_end" runs only
 # those parts (a second call that reruns what failed). Each part writes $OUT/<part>.txt (its
 # stdout and stderr: the tables, markdown); $OUT/suite.md gets the environment, each part's
-# budget, wall time and status. Six files in all (the device tool returns at most 8). A failing
+# budget, wall time and status. Seven files in all (the device tool returns at most 8). A failing
 # part does not stop the next; the script exits 1 if any part failed or timed out, 2 if a
 # prerequisite is missing. $OUT defaults to runs/gpu-suite in the checkout.
 #
@@ -54,8 +56,8 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 : >"$SUMMARY"
 
 # ---- parts and their budgets -------------------------------------------------------------------
-ALL_PARTS=(pytest_gpu moe_layer moba doc_attention end_to_end)
-declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=50 [moba]=90 [doc_attention]=80 [end_to_end]=240)
+ALL_PARTS=(pytest_gpu moe_layer moba doc_attention context_parallel end_to_end)
+declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=50 [moba]=80 [doc_attention]=70 [context_parallel]=70 [end_to_end]=190)
 read -ra PARTS <<<"${SUITE_PARTS:-${ALL_PARTS[*]}}"
 for part in "${PARTS[@]}"; do
   [[ -n ${BUDGET[$part]:-} ]] || { note "- SUITE_PARTS: unknown part '$part'; known: ${ALL_PARTS[*]}"; exit 2; }
@@ -123,6 +125,10 @@ part_command() {
     doc_attention)
       CMD=("$PY" benchmarks/doc_attention.py --budget $((T / 2)))
       ((DRY)) && CMD+=(--device cpu --seqs 128 --kv-heads 4,2) ;;
+    context_parallel)
+      # The op times only (the CPU/gloo half is a CPU measurement, covered by its unit test).
+      CMD=("$PY" benchmarks/context_parallel.py --budget $((T / 2)))
+      ((DRY)) && CMD+=(--device cpu --quick --parts ops) ;;
     end_to_end)
       # end_to_end shares its --budget among its runs; the rest is for start-up and the report.
       CMD=("$PY" benchmarks/end_to_end.py --budget $((T - 15 > 1 ? T - 15 : 1)))

@@ -40,11 +40,11 @@ def test_dry_run_runs_every_part_and_writes_its_table(dry_run):
     result, out = dry_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{p}.txt" for p in ("pytest_gpu", "moe_layer", "moba", "doc_attention", "end_to_end")
+        f"{p}.txt" for p in ("pytest_gpu", "moe_layer", "moba", "doc_attention", "context_parallel", "end_to_end")
     ) + ["suite.md"]
     rows = status_rows(out)
     assert rows["pytest_gpu"][3] == "skipped: needs CUDA (tests/gpu is skipped without it)"
-    for part in ("moe_layer", "moba", "doc_attention", "end_to_end"):
+    for part in ("moe_layer", "moba", "doc_attention", "context_parallel", "end_to_end"):
         budget, granted, wall, status = rows[part]
         assert status == "ok" and 0 <= int(wall) <= int(granted), rows[part]
     assert "all parts ok" in result.stdout.splitlines()[-1]
@@ -53,6 +53,9 @@ def test_dry_run_runs_every_part_and_writes_its_table(dry_run):
     assert "- S=256 MoBA: ok" in texts["moba"]
     assert "| 128 | 4/2 | 3 | fwd+bwd | varlen (CPU stand-in) |" in texts["doc_attention"]
     assert "WRONG" not in texts["doc_attention"] + texts["moba"]
+    # The GPU run's code path of the context-parallel op times: each rank's chunks beside the whole op.
+    assert "| 256 | varlen | 2 | allgather rank 0: queries [0, 64) and [192, 256) |" in texts["context_parallel"]
+    assert "DIFFERS" not in texts["context_parallel"] and "CPU/gloo" not in texts["context_parallel"]
     # Both sides of the end-to-end run measured something, so a ratio was printed.
     assert re.search(r"\| dense \| \| sparsetron / anchor \| \d+\.\d\dx \|", texts["end_to_end"])
     assert "Suite wall time" in (out / "suite.md").read_text()
