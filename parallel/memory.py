@@ -21,7 +21,8 @@ token (its output, which the output projection keeps), without context paralleli
     MoBA reference         B (12 D_q S + 5 H S^2) + o T           (fp32 q and repeated k, v; a bool mask
                                                                    and fp32 probabilities [H, S, S] per row)
     MoBA kernels           T (b (D_q + 2 D_kv) + 4 H + 8 H k_1) + o T   (lse, the int32 selection
-                                                                   [T, H, k_1] and the gather lists' tokens)
+                                                                   [T, H, k_1] and the gather lists' tokens;
+                                                                   int64 arrays per block and tile besides)
 
 b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width, d the head
 dim, D_q = H d and D_kv = K d the query and key/value widths, F the FFN hidden size, E the
@@ -33,12 +34,14 @@ Context parallelism splits every row into 2 cp chunks of C = S / (2 cp); a rank'
 see the keys before U_1 = (r + 1) C and U_2 = (2 cp - r) C, together U = (2 cp + 1) C on every
 rank. All-gather (`parallel.context_style`): the queries' terms above hold for the T local
 tokens; the keys are the gathered whole rows, 2 b D_kv S per row (with several rows each
-chunk copies its U_i keys: 2 b D_kv U), repeated to the query heads by the dense reference
-(2 b D_q U per row) with its [B (1 without documents), 1, C, U_i] masks (b C U); MoBA's
-reference keeps 4 D_q (L + 2 U) + 5 H C U per row (L = S / cp); the chunks' outputs and their concatenation keep 2 o (MoBA's reference keeps 1). Ulysses: the op of one
-process on whole rows with H / cp and K / cp heads, its quadratic terms whole on every rank
-(the [B, 1, S, S] mask, MoBA's [H / cp, S, S] per row), and the all-to-all's copy of the
-output for the projection (2 o, MoBA's reference 1).
+chunk copies its U_i keys: 2 b D_kv U). The dense reference repeats them to the query heads
+(2 b D_q U per row; without shared heads its SDPA keeps the gathered ones) and builds
+[B (1 without documents), 1, C, U_i] masks (b C U); MoBA's reference keeps 4 D_q (L + 2 U) +
+5 H C U per row (L = S / cp); the chunks' outputs and their concatenation keep 2 o (MoBA's
+reference 1). Ulysses: the op of one process on whole rows with H / cp and K / cp heads, its
+quadratic terms whole on every rank (the [B, 1, S, S] mask, MoBA's [H / cp, S, S] per row: they
+do not fall with cp), and the all-to-all's copy of the output for the projection (2 o, MoBA's
+reference 1).
 
 With full activation checkpointing a layer keeps only its input (4 D) and one layer's
 activations exist at a time during recompute. Only the layers (and the head) this rank
@@ -148,6 +151,17 @@ def _gathered_kv(shard: _Shard, width: int) -> int:
     return width * shard.keys
 
 
+def _moba_index_bytes(queries: int, blocks: int, H: int, k1: int, b: int) -> int:
+    """The int64 arrays by block or work tile that one call of MoBA's kernels keeps beside the
+    per-token ones (kernels.moba.layout): the block layout (7 arrays), each (slot, head, block)
+    list's bounds, and each work tile's list and first row (tiles of 64 queries in 16-bit, 32 in fp32)."""
+    if not k1:
+        return 0
+    tile_rows = 64 if b < FP32 else 32
+    tiles = -(-queries * H // tile_rows) + H * min(blocks, queries)
+    return 8 * (7 * (blocks + 1) + 2 * k1 * H * blocks + 2 * k1 * tiles)
+
+
 def _op_bytes(moba: bool, shard: _Shard, heads: tuple[int, int, int], b: int, documents: bool, paths, attn_cfg):
     """Bytes one attention op keeps for a shard, its queries local and its keys the whole rows
     (without cp, or Ulysses' whole sequences, the shard is the whole row); the output excluded."""
@@ -160,7 +174,8 @@ def _op_bytes(moba: bool, shard: _Shard, heads: tuple[int, int, int], b: int, do
         k1 = max(min(attn_cfg.moba_topk - 1, blocks - 1), 0)
         # q, k, v and o, the log-sum-exp, the int32 selection [T, H, topk - 1] and the gather lists' tokens.
         kv = 2 * b * K * d * B * shard.S if len(shard.ends) == 1 else _gathered_kv(shard, 2 * b * K * d) * B
-        return b * H * d * B * L + kv + lse + 2 * 4 * H * k1 * B * L
+        index = sum(_moba_index_bytes(B * shard.C, B * -(-U // attn_cfg.moba_block_size), H, k1, b) for U in shard.ends)
+        return b * H * d * B * L + kv + lse + 2 * 4 * H * k1 * B * L + index
     if moba:
         # Per row: q, and k, v repeated to the query heads, in fp32; a bool mask and fp32
         # probabilities [H, C, U] per chunk (rows as one sequence each: packed documents shorter
@@ -171,10 +186,10 @@ def _op_bytes(moba: bool, shard: _Shard, heads: tuple[int, int, int], b: int, do
         return b * (H + 2 * K) * d * B * L + lse
     if paths.flash:
         return b * H * d * B * L + _gathered_kv(shard, 2 * b * K * d) * B + lse
-    # The dense-mask reference: k, v repeated to the query heads per chunk (the gathered ones
-    # themselves without sharing), and a mask in q's dtype, [B, 1, C, U] per chunk ([1, 1, C, U]
-    # without documents: causal only).
-    kv = 2 * b * H * d * B * shard.keys if H != K else _gathered_kv(shard, 2 * b * K * d) * B
+    # The dense-mask reference: k, v repeated to the query heads per chunk (SDPA keeps views of
+    # the gathered ones themselves without sharing), and a mask in q's dtype, [B, 1, C, U] per
+    # chunk ([1, 1, C, U] without documents: causal only).
+    kv = 2 * b * H * d * B * shard.keys if H != K else 2 * b * K * d * B * shard.S
     mask = b * (B if documents else 1) * shard.pairs
     return b * H * d * B * L + kv + lse + mask
 

@@ -10,9 +10,13 @@ import torch.nn.functional as F
 
 import sparsetron.model.attention_ops as attention_ops
 from sparsetron.kernels.moba import moba_triton
+from sparsetron.model.attention_ops import MobaAttention, full_attention
+from sparsetron.model.config import AttentionConfig
+from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sequence_shard import shard_sequence
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.dims import ParallelDims
-from sparsetron.parallel.memory import AttentionPaths, memory_plan
+from sparsetron.parallel.memory import AttentionPaths, attention_op_bytes, memory_plan
 from sparsetron.train.config_io import load_job_config
 
 SINGLE = ParallelDims(world_size=1)
@@ -53,24 +57,46 @@ def kept_storages(loss: torch.Tensor, storages: dict[int, int]) -> None:
         nodes.extend(next_node for next_node, _ in node.next_functions)
 
 
+def kept_bytes(run, excluded=()) -> int:
+    """Bytes of the distinct storages autograd keeps while `run()` builds a loss, but `excluded`'s."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    kept_storages(loss, storages)
+    skip = {t.untyped_storage().data_ptr() for t in excluded}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
+
+
 def saved_bytes(model, job, batch):
     """Bytes of the distinct storages autograd keeps for the backward (weights excluded)."""
     S = job.data.seq_len
     tokens = torch.randint(0, 256, (batch, S))
     doc_ids = torch.cumsum((torch.rand(batch, S) < 0.03).long(), dim=1)
-    storages = {}
 
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def run():
         logits = model(tokens, model.sequence_info(tokens, doc_ids))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
-    kept_storages(loss, storages)
-    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
-    return sum(n for ptr, n in storages.items() if ptr not in weights)
+        return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
+
+    return kept_bytes(run, [*model.parameters(), *model.buffers()])
+
+
+def op_kept_bytes(op, attn_cfg, B, S, cp, rank) -> int:
+    """What one attention op keeps on all-gather cp rank `rank` (cp 1: the whole rows), with its
+    output kept as the output projection keeps it: its queries local, the gathered keys whole."""
+    H, K, d = attn_cfg.n_heads, attn_cfg.kv_heads(), 16
+    doc_ids = (torch.rand(B, S) < 0.1).long().cumsum(1) if attn_cfg.document_masking else None
+    seq = SequenceInfo.build(B, S, doc_ids)
+    if cp > 1:
+        seq = shard_sequence(seq, rank, cp)
+    q = torch.randn(B, S // cp, H, d, requires_grad=True)
+    k, v = (torch.randn(B, S, K, d, requires_grad=True) for _ in range(2))
+    w = torch.randn(B, S // cp, H * d, requires_grad=True)
+    return kept_bytes(lambda: (op(q, k, v, seq).reshape(w.shape) * w).sum(), [w])
 
 
 @pytest.mark.parametrize(
@@ -107,6 +133,33 @@ def test_moba_kernels_estimate_is_within_10_percent(monkeypatch):
     measured = saved_bytes(model, job, batch=2)
     estimate = plan(job, model, batch=2, paths=AttentionPaths(moba_kernels=True)).activation_bytes
     assert 1 / 1.1 <= estimate / measured <= 1.1, (estimate, measured)
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3])
+@pytest.mark.parametrize(
+    "path", ["sdpa", "dense reference", "dense reference, one kv head per query head", "moba", "moba kernels"]
+)
+def test_attention_op_state_is_what_the_plan_says(path, cp, monkeypatch):
+    # One op alone, so that no term of it hides in a whole model's 10%; cp > 1 as an all-gather
+    # rank sees it (tests/distributed/test_memory_plan_cp.py runs both styles for real).
+    moba = path.startswith("moba")
+    kernels = path == "moba kernels"
+    if kernels:
+        monkeypatch.setattr(attention_ops, "moba_attention", moba_triton)
+    attn_cfg = AttentionConfig(
+        n_heads=4,
+        n_kv_heads=4 if "one kv head" in path else 2,
+        head_dim=16,
+        document_masking=path.startswith("dense"),
+        backend="moba" if moba else "sdpa",
+        moba_block_size=8,
+        moba_topk=3,
+    )
+    op = MobaAttention(8, 3) if moba else full_attention
+    B, S = 2, 96
+    measured = max(op_kept_bytes(op, attn_cfg, B, S, cp, rank) for rank in range(cp))
+    estimate = attention_op_bytes(moba, attn_cfg, 64, B, S, cp, 4, AttentionPaths(moba_kernels=kernels))
+    assert 1 / 1.02 <= estimate / measured <= 1.02, (estimate, measured)
 
 
 def test_an_unknown_context_style_is_refused():
