@@ -12,7 +12,8 @@ the T = B S / cp tokens a rank holds (B rows of S positions, cp context ranks):
     head       T (8 D + 4 + b D + 4 V),  and 8 T for the embedding's token ids
 
 8 D + 4 is an RMSNorm (its fp32 input and normalized input, 1 / rms), 8 d the rotary cos and
-sin of q and k, 4 V the loss's fp32 log-probabilities. The attention op, with o = b D_q per
+sin of q and k, 4 V the loss's fp32 log-probabilities. Under 16-bit autocast without FSDP the
+products also keep autocast's copies of their weights, b per matrix weight element. The attention op, with o = b D_q per
 token (its output, which the output projection keeps), without context parallelism:
 
     SDPA / flash varlen    T (b (D_q + 2 D_kv) + 4 H) + o T       (flash reads shared heads in place)
@@ -257,6 +258,26 @@ def head_activation_bytes(model_cfg: ModelConfig, compute_bytes: int) -> int:
     return NORM * model_cfg.dim + FP32 + compute_bytes * model_cfg.dim + FP32 * model_cfg.vocab_size
 
 
+def _local_matrix_elements(module: nn.Module | None) -> int:
+    """Elements of the matrix weights (linear layers, stacked experts) `module` holds on this rank."""
+    if module is None:
+        return 0
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def autocast_weight_bytes(
+    model: nn.Module, dims: ParallelDims, compute_bytes: int, activation_checkpointing: bool
+) -> int:
+    """Autocast's 16-bit copies of the matrix weights, which their products keep for the backward.
+    None in fp32, and none under FSDP (dp x cp > 1): its blocks' weights arrive in 16 bits and
+    are gathered again for the backward. Activation checkpointing rebuilds one block's at a time."""
+    if compute_bytes >= FP32 or dims.dp_cp > 1:
+        return 0
+    blocks = [_local_matrix_elements(block) for block in model.layers.values() if block is not None]
+    held = (max(blocks, default=0) if activation_checkpointing else sum(blocks)) + _local_matrix_elements(model.output)
+    return compute_bytes * held
+
+
 def memory_plan(
     model: nn.Module,
     model_cfg: ModelConfig,
@@ -298,6 +319,7 @@ def memory_plan(
         per_batch += head_activation_bytes(model_cfg, compute_bytes) * tokens
     if model.tok_embeddings is not None:
         per_batch += TOKEN_ID * tokens  # the embedding keeps its token ids
+    per_batch += autocast_weight_bytes(model, dims, compute_bytes, activation_checkpointing)
     return MemoryPlan(
         parameters=elements,
         parameter_bytes=FP32 * elements,

@@ -33,20 +33,23 @@ def build(name, *overrides):
     return job, model
 
 
-def plan(job, model, dims=SINGLE, batch=2, ac=False, in_flight=1, paths=CPU):
+def plan(job, model, dims=SINGLE, batch=2, ac=False, in_flight=1, paths=CPU, dtype=torch.float32):
+    S = job.data.seq_len
     return memory_plan(
-        model, job.model, job.attention, job.moe, dims, batch, job.data.seq_len, 4, ac, in_flight, paths=paths
+        model, job.model, job.attention, job.moe, dims, batch, S, dtype.itemsize, ac, in_flight, paths=paths
     )
 
 
-def saved_bytes(model, job, batch):
-    """Bytes of the distinct storages autograd keeps for the backward (weights excluded)."""
+def saved_bytes(model, job, batch, dtype=torch.float32):
+    """Bytes of the distinct storages autograd keeps for the backward (weights excluded), with
+    the forward under autocast to `dtype` unless fp32 (parallel.precision's policy)."""
     S = job.data.seq_len
     tokens = torch.randint(0, 256, (batch, S))
     doc_ids = torch.cumsum((torch.rand(batch, S) < 0.03).long(), dim=1)
 
     def run():
-        logits = model(tokens, model.sequence_info(tokens, doc_ids))
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+            logits = model(tokens, model.sequence_info(tokens, doc_ids))
         return F.cross_entropy(logits.float().flatten(0, 1), tokens.flatten())
 
     return kept_bytes(run, [*model.parameters(), *model.buffers()])
@@ -77,10 +80,11 @@ def op_kept_bytes(op, attn_cfg, B, S, cp, rank) -> int:
         ("tiny-moba", MOBA),  # MoBA's reference, then a full-attention layer
     ],
 )
-def test_activation_estimate_is_within_10_percent_of_what_autograd_keeps(name, overrides):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_estimate_is_within_10_percent_of_what_autograd_keeps(name, overrides, dtype):
     job, model = build(name, *overrides)
-    measured = saved_bytes(model, job, batch=2)
-    estimate = plan(job, model, batch=2).activation_bytes
+    measured = saved_bytes(model, job, batch=2, dtype=dtype)
+    estimate = plan(job, model, batch=2, dtype=dtype).activation_bytes
     assert 1 / 1.1 <= estimate / measured <= 1.1, (estimate, measured)
 
 
