@@ -69,7 +69,7 @@ ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 like the parameters
 FP32 = 4
 NORM = 2 * FP32  # RMSNorm keeps its input and the normalized input in fp32 (and 1 / rms)
 ROPE = 4 * FP32 // 2  # rotary cos and sin per token, for q and for k, d / 2 each in fp32
-TOKEN_ID = 8
+TOKEN_ID = 8  # int64
 GIB = 1 << 30
 
 
@@ -144,9 +144,10 @@ def _shards(B: int, S: int, cp: int) -> list[_Shard]:
 
 
 def _gathered_kv(shard: _Shard, width: int) -> int:
-    """Bytes per row of key/value `width` the chunk ops keep of the all-gathered keys: slices of
-    whole rows are copied when rows are several (a reshape of a non-contiguous slice), except
-    the chunk whose keys are the whole row; one row's slices stay views of the gathered tensor."""
+    """Bytes per row of key/value `width` that ops flattening their keys ([B * U, K, d]: flash
+    varlen, MoBA's kernels) keep of the whole keys: with several rows each chunk's slice is
+    copied (a reshape of a non-contiguous slice; the whole row where the slice is all of it),
+    with one row the slices stay views of the gathered tensor."""
     if shard.B == 1:
         return width * shard.S
     return width * shard.keys
@@ -163,7 +164,15 @@ def _moba_index_bytes(queries: int, blocks: int, H: int, k1: int, b: int) -> int
     return 8 * (7 * (blocks + 1) + 2 * k1 * H * blocks + 2 * k1 * tiles)
 
 
-def _op_bytes(moba: bool, shard: _Shard, heads: tuple[int, int, int], b: int, documents: bool, paths, attn_cfg):
+def _op_bytes(
+    moba: bool,
+    shard: _Shard,
+    heads: tuple[int, int, int],
+    b: int,
+    documents: bool,
+    paths: AttentionPaths,
+    attn_cfg: AttentionConfig,
+) -> int:
     """Bytes one attention op keeps for a shard, its queries local and its keys the whole rows
     (without cp, or Ulysses' whole sequences, the shard is the whole row); the output excluded."""
     H, K, d = heads
@@ -174,7 +183,7 @@ def _op_bytes(moba: bool, shard: _Shard, heads: tuple[int, int, int], b: int, do
         blocks = -(-shard.ends[-1] // attn_cfg.moba_block_size)
         k1 = max(min(attn_cfg.moba_topk - 1, blocks - 1), 0)
         # q, k, v and o, the log-sum-exp, the int32 selection [T, H, topk - 1] and the gather lists' tokens.
-        kv = 2 * b * K * d * B * shard.S if len(shard.ends) == 1 else _gathered_kv(shard, 2 * b * K * d) * B
+        kv = _gathered_kv(shard, 2 * b * K * d) * B
         index = sum(_moba_index_bytes(B * shard.C, B * -(-U // attn_cfg.moba_block_size), H, k1, b) for U in shard.ends)
         return b * H * d * B * L + kv + lse + 2 * 4 * H * k1 * B * L + index
     if moba:
