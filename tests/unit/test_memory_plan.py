@@ -9,6 +9,7 @@ from memory_probe import kept_bytes
 
 import sparsetron.model.attention_ops as attention_ops
 from sparsetron.kernels.moba import moba_triton
+from sparsetron.kernels.varlen import flash_varlen_available
 from sparsetron.model.attention_ops import MobaAttention, full_attention
 from sparsetron.model.config import AttentionConfig
 from sparsetron.model.sequence import SequenceInfo
@@ -55,18 +56,19 @@ def saved_bytes(model, job, batch, dtype=torch.float32):
     return kept_bytes(run, [*model.parameters(), *model.buffers()])
 
 
-def op_kept_bytes(op, attn_cfg, B, S, cp, rank) -> int:
+def op_kept_bytes(op, attn_cfg, B, S, cp, rank, device="cpu", dtype=torch.float32) -> int:
     """What one attention op keeps on all-gather cp rank `rank` (cp 1: the whole rows), with its
     output kept as the output projection keeps it: its queries local, the gathered keys whole."""
     H, K, d = attn_cfg.n_heads, attn_cfg.kv_heads(), 16
-    doc_ids = (torch.rand(B, S) < 0.1).long().cumsum(1) if attn_cfg.document_masking else None
-    seq = SequenceInfo.build(B, S, doc_ids)
+    doc_ids = (torch.rand(B, S, device=device) < 0.1).long().cumsum(1) if attn_cfg.document_masking else None
+    seq = SequenceInfo.build(B, S, doc_ids, device=device)
     if cp > 1:
         seq = shard_sequence(seq, rank, cp)
-    q = torch.randn(B, S // cp, H, d, requires_grad=True)
-    k, v = (torch.randn(B, S, K, d, requires_grad=True) for _ in range(2))
-    w = torch.randn(B, S // cp, H * d, requires_grad=True)
-    return kept_bytes(lambda: (op(q, k, v, seq).reshape(w.shape) * w).sum(), [w])
+    new = dict(device=device, dtype=dtype, requires_grad=True)
+    q = torch.randn(B, S // cp, H, d, **new)
+    k, v = (torch.randn(B, S, K, d, **new) for _ in range(2))
+    w = torch.randn(B, S // cp, H * d, **new)
+    return kept_bytes(lambda: (op(q, k, v, seq).reshape(w.shape) * w).float().sum(), [w])
 
 
 @pytest.mark.parametrize(
@@ -131,6 +133,30 @@ def test_attention_op_state_is_what_the_plan_says(path, cp, monkeypatch):
     measured = max(op_kept_bytes(op, attn_cfg, B, S, cp, rank) for rank in range(cp))
     estimate = attention_op_bytes(moba, attn_cfg, 64, B, S, cp, 4, AttentionPaths(moba_kernels=kernels))
     assert 1 / 1.02 <= estimate / measured <= 1.02, (estimate, measured)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cp", [1, 2, 3])
+@pytest.mark.parametrize("path", ["sdpa", "flash varlen", "moba kernels"])
+def test_cuda_attention_op_state_is_what_the_plan_says(path, cp):
+    # What a GPU runs in bf16: SDPA's flash kernel, FlashAttention's varlen kernel over documents
+    # (all-gather chunks take it too), MoBA's Triton kernels with their real launch tiles.
+    moba = path.startswith("moba")
+    attn_cfg = AttentionConfig(
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=16,
+        document_masking=path == "flash varlen",
+        backend="moba" if moba else "sdpa",
+        moba_block_size=16,
+        moba_topk=3,
+    )
+    op = MobaAttention(16, 3) if moba else full_attention
+    B, S = 2, 192
+    measured = max(op_kept_bytes(op, attn_cfg, B, S, cp, rank, "cuda", torch.bfloat16) for rank in range(cp))
+    paths = AttentionPaths(flash=flash_varlen_available("cuda", torch.bfloat16), moba_kernels=True)
+    estimate = attention_op_bytes(moba, attn_cfg, 64, B, S, cp, 2, paths)
+    assert 1 / 1.05 <= estimate / measured <= 1.05, (estimate, measured)
 
 
 def test_an_unknown_context_style_is_refused():
