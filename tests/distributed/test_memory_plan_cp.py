@@ -16,6 +16,7 @@ from memory_probe import kept_bytes
 from sparsetron.model.attention_ops import MobaAttention, full_attention
 from sparsetron.model.config import AttentionConfig
 from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sequence_shard import shard_sequence
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.context_parallel import STYLES, apply_cp, shard_batch
 from sparsetron.parallel.dims import ParallelDims
@@ -82,13 +83,7 @@ def op_kept_bytes(moba, documents, style, seed):
     op = STYLES[style](MobaAttention(8, 3) if moba else full_attention, dist.group.WORLD)
     g = torch.Generator().manual_seed(seed)
     doc_ids = (torch.rand(B, S, generator=g) < 0.1).long().cumsum(1) if documents else None
-    _, _, seq = shard_batch(
-        torch.zeros(B, S, dtype=torch.long),
-        torch.zeros(B, S, dtype=torch.long),
-        SequenceInfo.build(B, S, doc_ids),
-        dist.get_rank(),
-        CP,
-    )
+    seq = shard_sequence(SequenceInfo.build(B, S, doc_ids), dist.get_rank(), CP)
     L = S // CP
     q_BLHd = torch.randn(B, L, H, d, generator=g, requires_grad=True)
     k_BLKd, v_BLKd = (torch.randn(B, L, K, d, generator=g, requires_grad=True) for _ in range(2))
