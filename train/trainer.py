@@ -30,7 +30,7 @@ from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.init import SingleProcessInit
-from sparsetron.parallel.memory import memory_plan
+from sparsetron.parallel.memory import AttentionPaths, memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize
 from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
@@ -160,7 +160,11 @@ class Trainer:
             job.parallel.activation_checkpointing == "full",
             # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
             min(tc.grad_accum_steps, self.dims.pp),
-            dense_document_mask=not flash_varlen_available(self.device.type, self.precision.activation_dtype),
+            paths=AttentionPaths(
+                flash=flash_varlen_available(self.device.type, self.precision.activation_dtype),
+                moba_kernels=self.device.type == "cuda",  # kernels.moba.moba_attention's own switch
+                cp_style=job.parallel.context_style,
+            ),
         )
         self.model.to_empty(device=self.device)
         split = self.pipeline_split
