@@ -1,4 +1,5 @@
-"""Grouped GEMM for stacked experts: each contiguous block of rows times its own weight matrix.
+"""Grouped GEMM for stacked experts: each contiguous block of rows times its own weight matrix;
+`grouped_swiglu` (swiglu.py) is the whole SwiGLU expert on it, with an explicit backward.
 
 Shape legend: T rows (tokens sorted by group), D input width, H output width, E groups.
 """
@@ -10,9 +11,28 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from .reference import grouped_mm_reference
+from .reference import grouped_mm_reference, grouped_swiglu_reference
+from .swiglu import (
+    grouped_swiglu,
+    grouped_swiglu_backward,
+    grouped_swiglu_backward_dw,
+    grouped_swiglu_backward_dx,
+    grouped_swiglu_forward,
+    resolve_swiglu_backend,
+)
 
-__all__ = ["grouped_mm", "grouped_mm_reference", "resolve_backend"]
+__all__ = [
+    "grouped_mm",
+    "grouped_mm_reference",
+    "grouped_swiglu",
+    "grouped_swiglu_backward",
+    "grouped_swiglu_backward_dw",
+    "grouped_swiglu_backward_dx",
+    "grouped_swiglu_forward",
+    "grouped_swiglu_reference",
+    "resolve_backend",
+    "resolve_swiglu_backend",
+]
 
 Backend = Literal["auto", "grouped_mm", "loop"]
 
