@@ -2,8 +2,16 @@
 
 import pytest
 import torch
+from tolerance import assert_within_dtype_error
 
-from sparsetron.kernels.grouped_mm import grouped_mm, grouped_mm_reference, resolve_backend
+from sparsetron.kernels.grouped_mm import (
+    grouped_mm,
+    grouped_mm_reference,
+    grouped_swiglu,
+    grouped_swiglu_reference,
+    resolve_backend,
+    resolve_swiglu_backend,
+)
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.moe.layer import MoE
 from sparsetron.train.config_io import load_job_config
@@ -42,6 +50,35 @@ def test_fused_grouped_mm_matches_the_loop_in_bf16(counts):
         loop_err = (lp - e).abs().max().item()
         fused_err = (f - e).abs().max().item()
         assert fused_err <= 2 * loop_err + 1e-6, (name, fused_err, loop_err)
+
+
+@pytest.mark.parametrize("counts", [[130, 0, 77, 301, 4, 0, 97, 415], [1024] * 8])
+def test_grouped_swiglu_explicit_backward_in_bf16(counts):
+    """The written-out backward on both backends: within twice the loop's own bf16 error of fp64
+    autograd of the reference, per element (tests/tolerance.py), output and every gradient."""
+    torch.manual_seed(1)
+    N, D, H = sum(counts), 256, 176
+    offsets = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    x64 = torch.randn(N, D, dtype=torch.float64, device="cuda")
+    w13_64 = torch.randn(len(counts), D, 2 * H, dtype=torch.float64, device="cuda") / D**0.5
+    w2_64 = torch.randn(len(counts), H, D, dtype=torch.float64, device="cuda") / H**0.5
+    dy64 = torch.randn(N, D, dtype=torch.float64, device="cuda")
+
+    def run(backend, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x64, w13_64, w2_64)]
+        y = grouped_swiglu(*leaves, offsets, backend) if backend else grouped_swiglu_reference(*leaves, offsets)
+        y.backward(dy64.to(dtype))
+        return [y.detach()] + [t.grad for t in leaves]
+
+    if hopper_or_newer():
+        assert resolve_swiglu_backend(x64.bfloat16(), w13_64.bfloat16(), w2_64.bfloat16(), "auto") == "grouped_mm"
+    exact = run(None, torch.float64)
+    torch_own = run(None, torch.bfloat16)
+    for backend in ("loop", "grouped_mm") if hopper_or_newer() else ("loop",):
+        for name, got, e, t in zip(
+            ("y", "dx", "dw13", "dw2"), run(backend, torch.bfloat16), exact, torch_own, strict=True
+        ):
+            assert_within_dtype_error(f"{backend} {name}", got, e, t)
 
 
 def test_moe_layer_bf16_autocast_close_to_fp64():
