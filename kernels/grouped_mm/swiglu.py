@@ -47,18 +47,22 @@ def _bounds(offsets_E: torch.Tensor, num_rows: int) -> list[tuple[int, int]]:
     return list(zip([0] + ends[:-1], ends, strict=True))
 
 
-def _swiglu_grad(dA_nH: torch.Tensor, h13_nH2: torch.Tensor, dh13_nH2: torch.Tensor) -> torch.Tensor:
-    """Writes d(h1 | h3) into dh13_nH2 and returns a = silu(h1) * h3.
+def _swiglu_grad(dA_nH: torch.Tensor, h13_nH2: torch.Tensor, dh13_nH2: torch.Tensor | None = None):
+    """(d(h1 | h3), a = silu(h1) * h3), d(h1 | h3) written into dh13_nH2 when given.
 
     The same elementwise ops, in the same dtype, as autograd of silu(h1) * h3, so a bf16
-    gradient rounds as it did before.
+    gradient rounds as it did before. Without dh13_nH2 the halves are concatenated: torch.compile
+    traces no `out=` into a strided view.
     """
     H = dA_nH.shape[1]
     h1_nH, h3_nH = h13_nH2[:, :H], h13_nH2[:, H:]
     silu_nH = F.silu(h1_nH)
-    _silu_backward.grad_input(dA_nH * h3_nH, h1_nH, grad_input=dh13_nH2[:, :H])
-    torch.mul(dA_nH, silu_nH, out=dh13_nH2[:, H:])
-    return silu_nH * h3_nH
+    if dh13_nH2 is None:
+        dh13_nH2 = torch.cat([_silu_backward(dA_nH * h3_nH, h1_nH), dA_nH * silu_nH], dim=1)
+    else:
+        _silu_backward.grad_input(dA_nH * h3_nH, h1_nH, grad_input=dh13_nH2[:, :H])
+        torch.mul(dA_nH, silu_nH, out=dh13_nH2[:, H:])
+    return dh13_nH2, silu_nH * h3_nH
 
 
 # --- the per-group loop: any device and dtype, one pass per group, outputs written in place ---
@@ -81,7 +85,7 @@ def _loop_forward(x_ND, w13_EDH2, w2_EHD, bounds):
 
 def _dx_group(dy_nD, h13_nH2, w13_DH2, w2_HD, dx_nD, dh13_nH2) -> torch.Tensor:
     """One group's input gradient into dx_nD (and dh13_nH2); returns a = silu(h1) * h3."""
-    a_nH = _swiglu_grad(dy_nD @ w2_HD.T, h13_nH2, dh13_nH2)
+    _, a_nH = _swiglu_grad(dy_nD @ w2_HD.T, h13_nH2, dh13_nH2)
     torch.mm(dh13_nH2, w13_DH2.T, out=dx_nD)
     return a_nH
 
@@ -146,8 +150,7 @@ def _torch_forward(x_ND, w13_EDH2, w2_EHD, offsets_E):
 
 
 def _torch_backward_dx(dy_ND, h13_NH2, w13_EDH2, w2_EHD, offsets_E):
-    dh13_NH2 = torch.empty_like(h13_NH2)
-    _swiglu_grad(_gmm(dy_ND, w2_EHD.transpose(1, 2), offsets_E), h13_NH2, dh13_NH2)
+    dh13_NH2, _ = _swiglu_grad(_gmm(dy_ND, w2_EHD.transpose(1, 2), offsets_E), h13_NH2)
     return _gmm(dh13_NH2, w13_EDH2.transpose(1, 2), offsets_E), dh13_NH2
 
 

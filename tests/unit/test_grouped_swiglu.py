@@ -242,3 +242,15 @@ def test_moe_layer_output_and_grads_unchanged_from_the_autograd_path():
     for name in exact:
         rows = [t[name].reshape(-1, t[name].shape[-1]) for t in (now, exact, before)]
         assert_within_dtype_error(name, *rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_and_matches_eager(backend):
+    """torch's grouped_mm path traces whole (a compiled block keeps it in its graph); the loop
+    runs eagerly inside a compiled caller. bf16: torch's grouped_mm has a meta kernel for it."""
+    x, w13, w2, off, dy = _inputs(29, 16, 24, [7, 0, 1, 21], seed=15)
+    fn = torch.compile(_ours(backend), backend="aot_eager", fullgraph=backend == "grouped_mm")
+    torch._dynamo.reset()
+    compiled = _run(fn, x, w13, w2, off, dy, torch.bfloat16)
+    for name, c, e in zip(NAMES, compiled, _run(_ours(backend), x, w13, w2, off, dy, torch.bfloat16), strict=True):
+        torch.testing.assert_close(c, e, rtol=0, atol=0, msg=name)
