@@ -8,7 +8,7 @@ the T = B S / cp tokens a rank holds (B rows of S positions, cp context ranks):
 
     attention  T (8 D + 4 + b D + 8 d  [+ 8 (D_q + D_kv) + 4 (H + K) with qk-norm]) + the op
     dense FFN  T (8 D + 4 + b (D + 4 F))
-    MoE        T (8 D + 4 + b D + 8 E + k (4 b H_e + (b + 4) D) + 4 b H_shared)
+    MoE        T (8 D + 4 + b D + 8 E + k (2 b H_e + (b + 4) D) + 4 b H_shared)
     head       T (8 D + 4 + b D + 4 V),  and 8 T for the embedding's token ids
 
 8 D + 4 is an RMSNorm (its fp32 input and normalized input, 1 / rms), 8 d the rotary cos and
@@ -254,7 +254,7 @@ def layer_activation_bytes(
             k, hidden = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg)
             shared = moe_cfg.n_shared_experts * hidden
             ffn = NORM * D + FP32 + b * D + 2 * FP32 * moe_cfg.routed_experts
-            ffn += k * (b * 4 * hidden + (b + FP32) * D) + b * 4 * shared
+            ffn += k * (b * 2 * hidden + (b + FP32) * D) + b * 4 * shared  # grouped_swiglu keeps x w13 only
         else:
             ffn = NORM * D + FP32 + b * (D + 4 * model_cfg.ffn_hidden)
         op = ops[attn_cfg.backend == "moba" and attn_cfg.uses_moba(layer_id, model_cfg.n_layers)]
