@@ -48,7 +48,7 @@ def _bounds(offsets_E: torch.Tensor, num_rows: int) -> list[tuple[int, int]]:
 
 
 def _swiglu_grad(dA_nH: torch.Tensor, h13_nH2: torch.Tensor, dh13_nH2: torch.Tensor | None = None):
-    """(d(h1 | h3), a = silu(h1) * h3), d(h1 | h3) written into dh13_nH2 when given.
+    """(d(h1 | h3), silu(h1)), d(h1 | h3) written into dh13_nH2 when given.
 
     The same elementwise ops, in the same dtype, as autograd of silu(h1) * h3, so a bf16
     gradient rounds as it did before. Without dh13_nH2 the halves are concatenated: torch.compile
@@ -62,7 +62,7 @@ def _swiglu_grad(dA_nH: torch.Tensor, h13_nH2: torch.Tensor, dh13_nH2: torch.Ten
     else:
         _silu_backward.grad_input(dA_nH * h3_nH, h1_nH, grad_input=dh13_nH2[:, :H])
         torch.mul(dA_nH, silu_nH, out=dh13_nH2[:, H:])
-    return dh13_nH2, silu_nH * h3_nH
+    return dh13_nH2, silu_nH
 
 
 # --- the per-group loop: any device and dtype, one pass per group, outputs written in place ---
@@ -85,9 +85,9 @@ def _loop_forward(x_ND, w13_EDH2, w2_EHD, bounds):
 
 def _dx_group(dy_nD, h13_nH2, w13_DH2, w2_HD, dx_nD, dh13_nH2) -> torch.Tensor:
     """One group's input gradient into dx_nD (and dh13_nH2); returns a = silu(h1) * h3."""
-    _, a_nH = _swiglu_grad(dy_nD @ w2_HD.T, h13_nH2, dh13_nH2)
+    _, silu_nH = _swiglu_grad(dy_nD @ w2_HD.T, h13_nH2, dh13_nH2)
     torch.mm(dh13_nH2, w13_DH2.T, out=dx_nD)
-    return a_nH
+    return silu_nH * h13_nH2[:, w2_HD.shape[0] :]
 
 
 def _dw_group(dy_nD, x_nD, dh13_nH2, a_nH, dw13_DH2, dw2_HD) -> None:
