@@ -116,7 +116,9 @@ def _sum_slots(rows_ND: torch.Tensor, slot_kT: torch.Tensor, dropless: bool, wei
         if weights_kT is None:
             acc_TD.add_(rows_TD)
         else:
-            acc_TD.addcmul_(rows_TD, weights_kT[j])
+            # Product rounded, then added (not a fused addcmul_): the rounding of the [T, k, D]
+            # formula it replaces, so fp32 training reproduces its loss curve bit for bit.
+            acc_TD.add_(rows_TD * weights_kT[j])
     return acc_TD.to(rows_ND.dtype)
 
 
