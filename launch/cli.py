@@ -13,6 +13,9 @@
     launch/torchrun.sh 2 tiny --set parallel.data_parallel_shard=2   # FSDP over 2 processes
 
 Bad input (config, data, checkpoint) prints one `error:` message and exits with status 2.
+
+On a CPU, `train` runs with torch's transparent-huge-page allocator (THP_MEM_ALLOC_ENABLE=1,
+see `use_cpu_huge_pages`); THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from sparsetron.model.config import ConfigError
 from sparsetron.train.config_io import describe, dump_yaml, load_job_config, recipe_names
 
 EXIT_BAD_INPUT = 2
+THP_VAR = "THP_MEM_ALLOC_ENABLE"
 
 
 def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -125,7 +129,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args: argparse.Namespace) -> int:
+def use_cpu_huge_pages(device: str) -> None:
+    """Re-execute this command once with THP_MEM_ALLOC_ENABLE=1 when training on a CPU.
+
+    On a CPU every tensor above the allocator's mmap threshold is mapped fresh from the OS (and
+    its pages faulted in) at every step; with the variable set, torch backs large tensors with
+    transparent huge pages, which made the MoE layer 1.7-1.9x faster at granularity 16. torch
+    reads it once, at its first allocation (made while the trainer is imported, or here when
+    "auto" asks torch about CUDA), so the process starts over with it set rather than setting it
+    late. A value already there is respected (0 opts out), and the restarted process finds it
+    set, so this runs at most once. Under torchrun each worker restarts in place (same process).
+    """
+    if THP_VAR in os.environ or device == "cuda":
+        return
+    if device == "auto":
+        import torch
+
+        if torch.cuda.is_available():
+            return
+    os.environ[THP_VAR] = "1"
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"sparsetron: restarting with {THP_VAR}=1 for a CPU run (set it to 0 to opt out)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+
+
+def _train(args: argparse.Namespace, restart: bool) -> int:
     # Imported here so that `sparsetron --help` and `config` stay fast.
     from sparsetron.train.checkpoint import CheckpointError
     from sparsetron.train.data import DataError
@@ -133,6 +163,8 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         job = load_job_config(args.config, args.overrides)
+        if restart:
+            use_cpu_huge_pages(job.trainer.device)
         result = Trainer(job, resume=args.resume).run()
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -216,9 +248,11 @@ def _upcycle(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; argv None means this process's own command line, which `train` may
+    re-execute (see `use_cpu_huge_pages`); a caller passing argv keeps its process."""
     args = build_parser().parse_args(argv)
     if args.command == "train":
-        return _train(args)
+        return _train(args, restart=argv is None)
     if args.command == "config":
         return _config(args)
     if args.command == "convert":

@@ -7,7 +7,8 @@ A dispatcher owns all data movement of the MoE layer and its order: the layer ro
 hands the tokens, the routing and two callables (routed experts, shared experts) to `run`,
 which decides when each runs. So all-to-all and overlapped variants replace `LocalDispatcher`
 without touching the router, the experts or the layer. Both directions are gathers with an
-exact inverse, so forward and backward are free of atomics and bitwise reproducible.
+exact inverse or a sum in a fixed order, so forward and backward are free of atomics and
+bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -75,49 +76,96 @@ class LocalContext:
 
     perm_N: torch.Tensor
     """Assignment held by each row of x_perm."""
-    slot_A: torch.Tensor
-    """Row of x_perm holding each assignment; N (a zero row) for a dropped one."""
+    token_N: torch.Tensor
+    """Token of each row of x_perm (perm_N // k)."""
+    slot_kT: torch.Tensor
+    """[k, T]: row of x_perm holding token t's j-th assignment; N (past the end) for a dropped one."""
     weights_Tk: torch.Tensor
-    """Routing weights (fp32), dropped or not: a dropped slot meets the zero row."""
-    num_tokens: int
-    top_k: int
+    """Routing weights (fp32), dropped or not."""
+    dropless: bool
+    """No assignment was dropped by rule (no capacity): every slot names a real row."""
     dropped: torch.Tensor
     """0-dim int64: assignments dropped for capacity."""
+
+
+def _accumulation_dtype(rows: torch.Tensor, weights: torch.Tensor | None) -> torch.dtype:
+    """fp32, or wider where the rows or weights are: bf16 rows are summed and weighted in fp32."""
+    dtype = torch.promote_types(rows.dtype, torch.float32)
+    return dtype if weights is None else torch.promote_types(dtype, weights.dtype)
+
+
+def _sum_slots(rows_ND: torch.Tensor, slot_kT: torch.Tensor, dropless: bool, weights_kT=None) -> torch.Tensor:
+    """[T, D]: sum over j of (weights_kT[j] *) rows[slot_kT[j]], accumulated in fp32 or wider, in rows' dtype.
+
+    One [T, D] gather per slot, added in slot order: a fixed order on every device, with no
+    atomics (index_add_ in expert order is atomic, hence unordered, on CUDA), and no [T, k, D]
+    intermediate. Slot N is a zero row, which only capacity dispatch points at, so only it pays
+    for the padded copy.
+    """
+    if not dropless:
+        rows_ND = torch.cat([rows_ND, rows_ND.new_zeros(1, rows_ND.shape[1])])
+    acc_dtype = _accumulation_dtype(rows_ND, weights_kT)
+    if weights_kT is not None:
+        weights_kT = weights_kT.to(acc_dtype).unsqueeze(-1)
+    # index_select returns a fresh tensor, so .to() of the same dtype leaves one we may write into.
+    acc_TD = rows_ND.index_select(0, slot_kT[0]).to(acc_dtype)
+    if weights_kT is not None:
+        acc_TD.mul_(weights_kT[0])
+    for j in range(1, slot_kT.shape[0]):
+        rows_TD = rows_ND.index_select(0, slot_kT[j])
+        if weights_kT is None:
+            acc_TD.add_(rows_TD)
+        else:
+            # Product rounded, then added (not a fused addcmul_): the rounding of the [T, k, D]
+            # formula it replaces, so fp32 training reproduces its loss curve bit for bit.
+            acc_TD.add_(rows_TD * weights_kT[j])
+    return acc_TD.to(rows_ND.dtype)
 
 
 class _GatherTokens(torch.autograd.Function):
     """x_perm = x[token of each kept assignment]; backward sums each token's k row gradients."""
 
     @staticmethod
-    def forward(ctx, x_TD, perm_N, slot_A, top_k):
-        ctx.save_for_backward(slot_A)
-        ctx.top_k = top_k
-        return x_TD.index_select(0, torch.div(perm_N, top_k, rounding_mode="floor"))
+    def forward(ctx, x_TD, token_N, slot_kT, dropless):
+        ctx.save_for_backward(slot_kT)
+        ctx.dropless = dropless
+        return x_TD.index_select(0, token_N)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ND):
-        (slot_A,) = ctx.saved_tensors
-        # The zero row N receives what dropped assignments point at.
-        padded = torch.cat([grad_ND, grad_ND.new_zeros(1, grad_ND.shape[1])])
-        grad_TkD = padded.index_select(0, slot_A).view(-1, ctx.top_k, grad_ND.shape[1])
-        return grad_TkD.sum(dim=1), None, None, None
+        (slot_kT,) = ctx.saved_tensors
+        return _sum_slots(grad_ND, slot_kT, ctx.dropless), None, None, None
 
 
-class _ScatterBack(torch.autograd.Function):
-    """y_A = y_perm[slot of each assignment], zero for dropped ones; backward gathers by perm."""
+class _Combine(torch.autograd.Function):
+    """y_TD[t] = sum_j weights[t, j] * y_perm[slot of (t, j)] (zero for a dropped slot).
+
+    The backward works in expert order, on the rows as they are: the output gradient is
+    gathered once to the rows' tokens, giving both the rows' gradient (scaled by their weight)
+    and the weights' gradient (its dot product with each row), so nothing of size [T, k, D]
+    is saved or made.
+    """
 
     @staticmethod
-    def forward(ctx, y_ND, perm_N, slot_A):
-        ctx.save_for_backward(perm_N)
-        padded = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
-        return padded.index_select(0, slot_A)
+    def forward(ctx, y_ND, weights_Tk, perm_N, token_N, slot_kT, dropless):
+        ctx.save_for_backward(y_ND, weights_Tk, perm_N, token_N)
+        return _sum_slots(y_ND, slot_kT, dropless, weights_Tk.t())
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_AD):
-        (perm_N,) = ctx.saved_tensors
-        return grad_AD.index_select(0, perm_N), None, None
+    def backward(ctx, grad_TD):
+        y_ND, weights_Tk, perm_N, token_N = ctx.saved_tensors
+        acc_dtype = _accumulation_dtype(y_ND, weights_Tk)
+        grad_ND = grad_TD.index_select(0, token_N).to(acc_dtype)
+        grad_weights_Tk = None
+        if ctx.needs_input_grad[1]:
+            grad_weights_A = weights_Tk.new_zeros(weights_Tk.numel())
+            grad_weights_A[perm_N] = torch.linalg.vecdot(grad_ND, y_ND.to(acc_dtype)).to(weights_Tk.dtype)
+            grad_weights_Tk = grad_weights_A.view_as(weights_Tk)
+        weights_N = weights_Tk.reshape(-1).index_select(0, perm_N).to(acc_dtype)
+        grad_y_ND = grad_ND.mul_(weights_N.unsqueeze(-1)).to(y_ND.dtype)
+        return grad_y_ND, grad_weights_Tk, None, None, None, None
 
 
 def _rank_within_expert(expert_A: torch.Tensor, order_A: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -190,16 +238,18 @@ class LocalDispatcher(Dispatcher):
         N = int(bounds[E]) if self.capacity_factor > 0 else A
         slot_A = torch.empty_like(order_A)
         slot_A[order_A] = torch.arange(A, device=order_A.device)
-        # Rows N.. of the sort are the dropped assignments; send them all to the zero row N.
-        slot_A = slot_A.clamp_max(N)
+        # Rows N.. of the sort are the dropped assignments; point them all at the zero row N.
+        slot_kT = slot_A.clamp_max(N).view(T, k).t().contiguous()
         perm_N = order_A[:N]
-        x_perm_ND = _GatherTokens.apply(x_TD, perm_N, slot_A, k)
+        token_N = torch.div(perm_N, k, rounding_mode="floor")
+        dropless = self.capacity_factor <= 0
+        x_perm_ND = _GatherTokens.apply(x_TD, token_N, slot_kT, dropless)
         ctx = LocalContext(
             perm_N=perm_N,
-            slot_A=slot_A,
+            token_N=token_N,
+            slot_kT=slot_kT,
             weights_Tk=weights_Tk,
-            num_tokens=T,
-            top_k=k,
+            dropless=dropless,
             dropped=A - bounds[E],
         )
         return x_perm_ND, tokens_per_expert_E, ctx
@@ -208,10 +258,5 @@ class LocalDispatcher(Dispatcher):
         return ctx.dropped
 
     def combine(self, y_perm_ND: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
-        T, k, D = ctx.num_tokens, ctx.top_k, y_perm_ND.shape[1]
-        y_TkD = _ScatterBack.apply(y_perm_ND, ctx.perm_N, ctx.slot_A).view(T, k, D)
-        # Mix in fp32 (or wider) so bf16 outputs are weighted with the router's full precision;
-        # a sum over a fixed axis has a fixed order, unlike index_add_.
-        dtype = torch.promote_types(y_perm_ND.dtype, ctx.weights_Tk.dtype)
-        y_TD = (y_TkD.to(dtype) * ctx.weights_Tk.to(dtype).unsqueeze(-1)).sum(dim=1)
-        return y_TD.to(y_perm_ND.dtype)
+        # Mixed in fp32 (or wider) so bf16 outputs are weighted with the router's full precision.
+        return _Combine.apply(y_perm_ND, ctx.weights_Tk, ctx.perm_N, ctx.token_N, ctx.slot_kT, ctx.dropless)

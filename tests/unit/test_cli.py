@@ -118,3 +118,31 @@ def test_a_signal_saves_and_resume_continues(tmp_path, sig):
     )
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout and f"done: step {step + 2}" in resumed.stdout
+
+
+# Reports each start of the process, then runs the command line as `sparsetron` would.
+RUN_CLI_REPORTING_STARTS = (
+    "import os, sys; print('process start', os.environ.get('THP_MEM_ALLOC_ENABLE'), flush=True); "
+    "from sparsetron.launch.cli import main; sys.exit(main())"
+)
+
+
+@pytest.mark.parametrize("preset", [None, "0"])
+def test_cpu_training_restarts_once_with_huge_pages_unless_opted_out(tmp_path, preset):
+    env = {key: value for key, value in os.environ.items() if key != "THP_MEM_ALLOC_ENABLE"}
+    if preset is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = preset
+    args = ["train", "debug-deepseek", "--set", "trainer.steps=1", "--set", "schedule.warmup_steps=1"]
+    args += ["--set", "trainer.device=cpu", "--set", f"trainer.run_dir={tmp_path}"]
+    run = subprocess.run(
+        [sys.executable, "-c", RUN_CLI_REPORTING_STARTS, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    assert "done: step 1" in run.stdout
+    starts = [line for line in run.stdout.splitlines() if line.startswith("process start")]
+    if preset is None:
+        assert starts == ["process start None", "process start 1"]
+        assert run.stderr.count("restarting with THP_MEM_ALLOC_ENABLE=1") == 1
+    else:
+        assert starts == ["process start 0"]
+        assert "restarting" not in run.stderr

@@ -266,6 +266,87 @@ def test_probability_ties_keep_the_earlier_assignment():
     assert keep.view(-1).tolist() == [True, False, True, False]
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.8])
+def test_bf16_mix_and_token_gradient_round_once(factor):
+    """bf16 rows are weighted and summed in fp32 and rounded once: each output, and each token's
+    gradient (the sum of its rows'), is the exact value correctly rounded to bf16, up to fp32's
+    own error (at most 16 fp32 ulps of the summed magnitudes) where it lies near a rounding tie."""
+    T, E, k, D = 57, 8, 4, 33
+    idx, w = random_assignments(T, E, k, seed=11)
+    x = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
+    dispatcher = LocalDispatcher(E, factor, "position")
+    x_perm, _, ctx = dispatcher.dispatch(x, idx, w)
+    y_perm = torch.randn(x_perm.shape, dtype=torch.bfloat16)
+    grad_perm = torch.randn(x_perm.shape, dtype=torch.bfloat16)
+    y = dispatcher.combine(y_perm, ctx)
+    x_perm.backward(grad_perm)
+
+    def exact_sum(rows, weights_Tk):
+        padded = torch.cat([rows.double(), torch.zeros(1, D, dtype=torch.float64)])[ctx.slot_kT.t()]
+        terms = padded * weights_Tk.double().unsqueeze(-1)
+        return terms.sum(dim=1), terms.abs().sum(dim=1)
+
+    half_ulp = torch.finfo(torch.bfloat16).eps / 2
+    eps32 = torch.finfo(torch.float32).eps
+    for name, actual, (ref, magnitude) in (
+        ("mix", y, exact_sum(y_perm, w)),
+        ("token gradient", x.grad, exact_sum(grad_perm, torch.ones(T, k))),
+    ):
+        assert actual.dtype == torch.bfloat16
+        excess = (actual.double() - ref).abs() - half_ulp * ref.abs() - 16 * eps32 * magnitude
+        assert excess.max().item() <= 0, f"{name}: more than half a bf16 ulp off the exact sum"
+    assert (ctx.dropped > 0) == (factor > 0)
+
+
+class PaddedAutogradDispatcher(LocalDispatcher):
+    """The dispatcher's math as it was before combine and the dispatch backward were fused:
+    plain autograd over [T, k, D] gathers from a copy padded with a zero row, mixed in fp32."""
+
+    def dispatch(self, x_TD, indices_Tk, weights_Tk):
+        _, counts, ctx = super().dispatch(x_TD.detach(), indices_Tk, weights_Tk)
+        return x_TD[ctx.token_N], counts, ctx
+
+    def combine(self, y_ND, ctx):
+        padded = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
+        y_TkD = padded[ctx.slot_kT.t()]
+        dtype = torch.promote_types(y_ND.dtype, ctx.weights_Tk.dtype)
+        return (y_TkD.to(dtype) * ctx.weights_Tk.to(dtype).unsqueeze(-1)).sum(dim=1).to(y_ND.dtype)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16"])
+@pytest.mark.parametrize("capacity", [0.0, 0.7])
+def test_fused_combine_equals_padded_autograd(precision, capacity):
+    """Outputs and every gradient as the unfused math gives them, up to summation order: both
+    sum in fp32, so in fp32 they may differ by the order's rounding and under bf16 autocast by
+    one bf16 rounding of such a sum; one ulp of each tensor's scale bounds both (measured: 0 in
+    fp32, 0.5-0.7 bf16 ulp for the output and grad x)."""
+    cfg = MoEConfig(num_experts=16, top_k=4, expert_hidden=24, n_shared_experts=1, capacity_factor=capacity)
+    model = ModelConfig(dim=40, ffn_hidden=48)
+    torch.manual_seed(int(capacity * 10) + len(precision))
+    fused = MoE(40, model, cfg)
+    fused.init_weights(0.3, 0.2)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    fused.to(dtype)
+    padded = copy.deepcopy(fused)
+    padded.dispatcher = PaddedAutogradDispatcher(16, capacity)
+    x = torch.randn(2, 97, 40, dtype=dtype)
+    g = torch.randn(2, 97, 40)
+    results = []
+    for moe in (fused, padded):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16_autocast"):
+            y = moe(xi)
+        (y.float() * g).sum().backward()
+        results.append([y.float(), xi.grad.float()] + [q.grad.float() for q in moe.parameters()])
+    assert (fused.last_stats.dropped_tokens > 0) == (capacity > 0)
+    eps = torch.finfo(torch.float32 if precision == "fp32" else torch.bfloat16).eps
+    names = ["output", "grad x"] + [n for n, _ in fused.named_parameters()]
+    for name, a, b in zip(names, *results, strict=True):
+        scale = b.abs().max().item()
+        err = (a - b).abs().max().item()
+        assert err <= eps * scale, f"{name}: error {err:.3g} vs scale {scale:.3g}"
+
+
 # ------------------------------------------------------------------------------------------
 # Layer properties.
 
