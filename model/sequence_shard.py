@@ -76,7 +76,6 @@ class ContextShard:
 
     whole: SequenceInfo
     """The batch's whole sequences (Ulysses attention runs on them)."""
-    rank: int
     ranks: int
     index_S: torch.Tensor
     """int64 [S / ranks]: the global position of each local position."""
@@ -123,5 +122,5 @@ def shard_sequence(whole: SequenceInfo, rank: int, ranks: int) -> SequenceInfo:
         _query_chunk(whole, C, (2 * ranks - 1 - rank) * C, C),
     )
     order_S = zigzag_order(S, ranks, device)
-    shard = ContextShard(whole, rank, ranks, index_S, order_S, torch.argsort(order_S), chunks)
+    shard = ContextShard(whole, ranks, index_S, order_S, torch.argsort(order_S), chunks)
     return SequenceInfo(whole.positions_BS[:, index_S], whole.doc_ids_BS, whole.cu_seqlens_N, whole.max_seqlen, shard)
