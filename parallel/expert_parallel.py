@@ -36,7 +36,7 @@ from torch.distributed.tensor import Shard, distribute_tensor
 
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_layers
-from sparsetron.model.moe.dispatch import Dispatcher, ExpertsFn, LocalContext, LocalDispatcher, SharedFn, add_shared
+from sparsetron.model.moe.dispatch import Dispatcher, LocalContext, LocalDispatcher, SharedFn
 from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.moe.router import RouterOutput
 from sparsetron.parallel.dims import ParallelMesh
@@ -136,15 +136,15 @@ class AllToAllDispatcher(Dispatcher):
         self.local = LocalDispatcher(num_experts, capacity_factor, drop_policy)
 
     def run(
-        self, x_TD: torch.Tensor, routing: RouterOutput, experts_fn: ExpertsFn, shared_fn: SharedFn
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, x_TD: torch.Tensor, routing: RouterOutput, experts: GroupedExperts, shared_fn: SharedFn
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Dispatch, shared experts, routed experts, combine: the shared experts come between the
         exchange and the routed experts, where an overlapped dispatcher computes them while the
         rows are in flight (this one's exchange has finished when `dispatch` returns)."""
         x_local_MD, tokens_per_expert_L, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
-        shared_TD = shared_fn(x_TD)
-        y_TD = self.combine(experts_fn(x_local_MD, tokens_per_expert_L), ctx)
-        return add_shared(y_TD, shared_TD), self.dropped(ctx)
+        shared_TD = shared_fn()
+        y_TD = self.combine(experts(x_local_MD, tokens_per_expert_L), ctx)
+        return y_TD, shared_TD, self.dropped(ctx)
 
     @torch.compiler.disable
     def dispatch(

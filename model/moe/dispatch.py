@@ -4,7 +4,7 @@ Shape legend: T tokens, D model dim, E experts, k experts per token, A = T * k a
 (assignment a = t * k + j is token t's j-th choice), N assignments kept (N = A when dropless).
 
 A dispatcher owns all data movement of the MoE layer and its order: the layer routes, then
-hands the tokens, the routing and two callables (routed experts, shared experts) to `run`,
+hands the tokens, the routing, the routed experts and a callable for the shared experts to `run`,
 which decides when each runs. So all-to-all and overlapped variants replace `LocalDispatcher`
 without touching the router, the experts or the layer. Both directions are gathers with an
 exact inverse or a sum in a fixed order, so forward and backward are free of atomics and
@@ -20,17 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch.autograd.function import once_differentiable
 
+from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.moe.router import RouterOutput
 
-ExpertsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""experts_fn(x_perm [N, D] grouped by expert, tokens_per_expert int64) -> y_perm [N, D]."""
-SharedFn = Callable[[torch.Tensor], torch.Tensor | None]
-"""shared_fn(x_TD) -> the shared experts' output [T, D] (gate applied), or None without shared experts."""
-
-
-def add_shared(y_TD: torch.Tensor, shared_TD: torch.Tensor | None) -> torch.Tensor:
-    """The routed output plus the shared one; always in this order, so every dispatcher rounds alike."""
-    return y_TD if shared_TD is None else y_TD + shared_TD
+SharedFn = Callable[[], torch.Tensor | None]
+"""shared_fn() -> the shared experts' output on the layer's input (gate applied), or None without shared experts."""
 
 
 class Dispatcher:
@@ -38,18 +32,20 @@ class Dispatcher:
     steps: `dispatch` groups tokens by expert, `combine` undoes it and mixes by weight."""
 
     def run(
-        self, x_TD: torch.Tensor, routing: RouterOutput, experts_fn: ExpertsFn, shared_fn: SharedFn
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (y_TD [T, D], dropped): the routed experts' weighted output plus the shared
-        experts', and the assignments dropped for capacity (0-dim int64, see `dropped`).
+        self, x_TD: torch.Tensor, routing: RouterOutput, experts: GroupedExperts, shared_fn: SharedFn
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns (y_TD [T, D], shared, dropped): the routed experts' weighted output, what
+        `shared_fn` returned, and the assignments dropped for capacity (0-dim int64, see
+        `dropped`). The layer adds the two outputs; x_TD is what the experts take (the layer's
+        input, or a projection of it).
 
         Sequenced here as dispatch, routed experts, combine, then shared experts: on one device
         nothing is in flight to hide work behind. A dispatcher that exchanges tokens overrides
         this to compute the shared experts while its exchange is under way.
         """
         x_perm, tokens_per_expert, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
-        y_TD = self.combine(experts_fn(x_perm, tokens_per_expert), ctx)
-        return add_shared(y_TD, shared_fn(x_TD)), self.dropped(ctx)
+        y_TD = self.combine(experts(x_perm, tokens_per_expert), ctx)
+        return y_TD, shared_fn(), self.dropped(ctx)
 
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor

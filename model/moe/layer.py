@@ -111,7 +111,10 @@ class MoE(nn.Module):
                 "(parallel.apply_ep installs the all-to-all dispatcher at parallel.expert > 1)"
             )
         route = self.router(x_TD)
-        y_TD, dropped = self.dispatcher.run(x_TD, route, self.experts, self._shared)
+        y_TD, shared_TD, dropped = self.dispatcher.run(x_TD, route, self.experts, lambda: self._shared(x_TD))
+        # Always in this order, so every dispatcher rounds alike.
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
 
         cfg = self.moe_cfg
         aux_loss = z_loss = None

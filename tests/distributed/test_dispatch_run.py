@@ -47,23 +47,23 @@ CASES = {
 
 class PreRefactorSequence:
     """What MoE.forward ran itself before `Dispatcher.run` existed: dispatch, routed experts,
-    combine, then the shared experts (gated when configured) added. `steps` is the dispatcher
-    whose dispatch/combine it calls; the callables handed to `run` are ignored in favour of the
-    layer's own modules, as the old forward used them."""
+    combine, then the shared experts (gated when configured), which the layer adds. `steps` is the
+    dispatcher whose dispatch/combine it calls; the experts and callable handed to `run` are
+    ignored in favour of the layer's own modules, as the old forward used them."""
 
     def __init__(self, layer, steps):
         self.layer, self.steps = layer, steps
 
-    def run(self, x_TD, routing, experts_fn, shared_fn):
+    def run(self, x_TD, routing, experts, shared_fn):
         layer, steps = self.layer, self.steps
         x_perm_ND, tokens_per_expert, ctx = steps.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
         y_TD = steps.combine(layer.experts(x_perm_ND, tokens_per_expert), ctx)
+        shared_TD = None
         if layer.shared_experts is not None:
             shared_TD = layer.shared_experts(x_TD)
             if layer.shared_gate is not None:
                 shared_TD = shared_TD * torch.sigmoid(layer.shared_gate(x_TD))
-            y_TD = y_TD + shared_TD
-        return y_TD, steps.dropped(ctx)
+        return y_TD, shared_TD, steps.dropped(ctx)
 
 
 def build(case, **moe_overrides):
