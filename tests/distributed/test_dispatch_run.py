@@ -28,8 +28,9 @@ from sparsetron.model.moe.balancing import moe_layers
 from sparsetron.model.moe.dispatch import LocalDispatcher
 from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.transformer import Transformer
+from sparsetron.parallel.all_to_all_dispatch import AllToAllDispatcher
 from sparsetron.parallel.dims import ParallelDims
-from sparsetron.parallel.expert_parallel import AllToAllDispatcher, apply_ep
+from sparsetron.parallel.expert_parallel import apply_ep
 from sparsetron.parallel.fsdp import apply_fsdp
 from sparsetron.parallel.init import SingleProcessInit
 

@@ -32,9 +32,11 @@ from sparsetron.model.moe.balancing import moe_layers
 from sparsetron.model.moe.dispatch import LocalDispatcher
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.activation_checkpoint import apply_ac
+from sparsetron.parallel.all_to_all_dispatch import AllToAllDispatcher
 from sparsetron.parallel.collectives import sum_over
 from sparsetron.parallel.dims import ParallelDims
-from sparsetron.parallel.expert_parallel import AllToAllDispatcher, ExpertParallelExperts, apply_ep
+from sparsetron.parallel.exchange import Exchange
+from sparsetron.parallel.expert_parallel import ExpertParallelExperts, apply_ep
 from sparsetron.parallel.fsdp import apply_fsdp
 from sparsetron.parallel.init import SingleProcessInit
 
@@ -88,7 +90,7 @@ def dispatcher_worker(seed):
         local = LocalDispatcher(DISPATCH_EXPERTS, factor, policy)
         keep_Tk = local.keep_mask(indices_Tk, weights_Tk)
 
-        ep = AllToAllDispatcher(DISPATCH_EXPERTS, mesh["ep"], factor, policy)
+        ep = AllToAllDispatcher(DISPATCH_EXPERTS, Exchange(mesh["ep"].get_group()), factor, policy)
         x = x_TD.clone().requires_grad_()
         w = weights_Tk.clone().requires_grad_()
         x_ML, counts_L, ctx = ep.dispatch(x, indices_Tk, w)
