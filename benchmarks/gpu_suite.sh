@@ -12,11 +12,14 @@
 #   doc_attention     70   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
 #   context_parallel  70   benchmarks/context_parallel.py (each cp rank's MoBA / varlen op beside the
 #                          whole op, 32K and 128K, cp 2, 4, 8; the largest cases ~0.5 s a call)
-#   end_to_end       190   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor)
+#   ep_overlap        60   benchmarks/ep_overlap.py --device cuda (one GPU: the simulated link on a side
+#                          stream, ep 8; each dispatcher's step time and profiled comm ∩ compute / comm)
+#   end_to_end       130   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor;
+#                          was 190: ep_overlap's 60 s came from it, end_to_end shares what it gets)
 # A budget can be changed with BUDGET_<part>=seconds, and SUITE_PARTS="moba end_to_end" runs only
 # those parts (a second call that reruns what failed). Each part writes $OUT/<part>.txt (its
 # stdout and stderr: the tables, markdown); $OUT/suite.md gets the environment, each part's
-# budget, wall time and status. Seven files in all (the device tool returns at most 8). A failing
+# budget, wall time and status. Eight files in all (the device tool returns at most 8). A failing
 # part does not stop the next; the script exits 1 if any part failed or timed out, 2 if a
 # prerequisite is missing. $OUT defaults to runs/gpu-suite in the checkout.
 #
@@ -56,8 +59,9 @@ note() { echo "$*" | tee -a "$SUMMARY"; }
 : >"$SUMMARY"
 
 # ---- parts and their budgets -------------------------------------------------------------------
-ALL_PARTS=(pytest_gpu moe_layer moba doc_attention context_parallel end_to_end)
-declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=50 [moba]=80 [doc_attention]=70 [context_parallel]=70 [end_to_end]=190)
+ALL_PARTS=(pytest_gpu moe_layer moba doc_attention context_parallel ep_overlap end_to_end)
+declare -A BUDGET=([pytest_gpu]=80 [moe_layer]=50 [moba]=80 [doc_attention]=70 [context_parallel]=70 [ep_overlap]=60
+  [end_to_end]=130)
 read -ra PARTS <<<"${SUITE_PARTS:-${ALL_PARTS[*]}}"
 for part in "${PARTS[@]}"; do
   [[ -n ${BUDGET[$part]:-} ]] || { note "- SUITE_PARTS: unknown part '$part'; known: ${ALL_PARTS[*]}"; exit 2; }
@@ -129,6 +133,10 @@ part_command() {
       # The op times only (the CPU/gloo half is a CPU measurement, covered by its unit test).
       CMD=("$PY" benchmarks/context_parallel.py --budget $((T / 2)))
       ((DRY)) && CMD+=(--device cpu --quick --parts ops) ;;
+    ep_overlap)
+      CMD=("$PY" benchmarks/ep_overlap.py --device cuda)
+      ((DRY)) && CMD=("$PY" benchmarks/ep_overlap.py --device cpu --parts sim,bytes --tokens 64 --dim 16 --experts 4
+        --hidden 8 --top-k 2 --eps 2 --reps 1 --link-gbps 1000) ;;
     end_to_end)
       # end_to_end shares its --budget among its runs; the rest is for start-up and the report.
       CMD=("$PY" benchmarks/end_to_end.py --budget $((T - 15 > 1 ? T - 15 : 1)))

@@ -40,11 +40,12 @@ def test_dry_run_runs_every_part_and_writes_its_table(dry_run):
     result, out = dry_run
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        f"{p}.txt" for p in ("pytest_gpu", "moe_layer", "moba", "doc_attention", "context_parallel", "end_to_end")
+        f"{p}.txt"
+        for p in ("pytest_gpu", "moe_layer", "moba", "doc_attention", "context_parallel", "ep_overlap", "end_to_end")
     ) + ["suite.md"]
     rows = status_rows(out)
     assert rows["pytest_gpu"][3] == "skipped: needs CUDA (tests/gpu is skipped without it)"
-    for part in ("moe_layer", "moba", "doc_attention", "context_parallel", "end_to_end"):
+    for part in ("moe_layer", "moba", "doc_attention", "context_parallel", "ep_overlap", "end_to_end"):
         budget, granted, wall, status = rows[part]
         assert status == "ok" and 0 <= int(wall) <= int(granted), rows[part]
     assert "all parts ok" in result.stdout.splitlines()[-1]
@@ -58,6 +59,7 @@ def test_dry_run_runs_every_part_and_writes_its_table(dry_run):
     assert "DIFFERS" not in texts["context_parallel"] and "CPU/gloo" not in texts["context_parallel"]
     # Both sides of the end-to-end run measured something, so a ratio was printed.
     assert re.search(r"\| dense \| \| sparsetron / anchor \| \d+\.\d\dx \|", texts["end_to_end"])
+    assert "SIMULATED link" in texts["ep_overlap"]
     assert "Suite wall time" in (out / "suite.md").read_text()
 
 

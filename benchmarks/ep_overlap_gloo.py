@@ -1,0 +1,93 @@
+"""The real-exchange rows of benchmarks/ep_overlap.py: P spawned CPU processes, gloo, one thread each.
+
+One spawn of max(eps) processes serves every degree: degree P runs on ranks [0, P) (a gloo subgroup)
+while the others wait at a barrier. Each rank builds its slice of the layer (ep_overlap_core), its
+own tokens, and times forward + backward; a step's time is the slowest rank's (all ranks start
+together after a barrier). The no-comm row runs the same P processes at once with the loopback
+transport, so it meets the same contention for the cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import pickle
+import statistics
+import tempfile
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from context_parallel_gloo import free_port
+from ep_overlap_core import NOCOMM, PLAIN, Spec, build_layer, dispatcher_kinds, inputs, step, timed_steps
+from ep_overlap_links import CountingExchange, LoopbackExchange
+
+
+def rank_rows(args: dict, spec: Spec, group, P: int) -> list[dict]:
+    """This rank's part of degree P: every routing, no-comm and every dispatcher; rows with the
+    per-step slowest rank's median milliseconds."""
+    rank = dist.get_rank(group)
+    kinds = dispatcher_kinds(args["chunks"])
+    x_TD, dy_TD = inputs(spec, rank)
+    rows = []
+    for routing in args["routings"]:
+        for name in [NOCOMM, *kinds]:
+            exchange = LoopbackExchange(P, rank) if name == NOCOMM else CountingExchange(group)
+            layer = build_layer(
+                spec, P, rank, exchange, kinds[PLAIN if name == NOCOMM else name], routing == "balanced"
+            )
+            times = timed_steps(
+                partial(step, layer, x_TD, dy_TD), args["reps"], args["warmup"], lambda: dist.barrier(group)
+            )
+            slowest = torch.tensor(times, dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+            rows.append({"ep": P, "routing": routing, "dispatcher": name, "ms": statistics.median(slowest.tolist())})
+    return rows
+
+
+def _entry(rank: int, world: int, port: int, args: dict, spec: Spec, result_dir: str, timeout: float) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(args["threads"])
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
+    rows = []
+    try:
+        for P in args["eps"]:
+            # Every rank creates every subgroup, in the same order (new_group is collective).
+            group = dist.new_group(list(range(P)))
+            if rank < P:
+                rows += rank_rows(args, spec, group, P)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(result_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(rows, f)
+
+
+def gloo_rows(args: argparse.Namespace, spec: Spec) -> list[dict]:
+    """Rank 0's rows (every rank holds the same maxima); past --timeout every rank is killed."""
+    world = max(args.eps)
+    plain = {k: getattr(args, k) for k in ("eps", "chunks", "routings", "reps", "warmup", "threads")}
+    with tempfile.TemporaryDirectory(prefix="ep-bench-") as result_dir:
+        context = mp.start_processes(
+            _entry,
+            args=(world, free_port(), plain, spec, result_dir, args.timeout),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + args.timeout
+        try:
+            while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    alive = [r for r, p in enumerate(context.processes) if p.is_alive()]
+                    raise TimeoutError(f"the gloo ranks ran past --timeout {args.timeout:.0f} s; ranks {alive} ran")
+        finally:
+            for p in context.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join()
+        with open(os.path.join(result_dir, "0.pkl"), "rb") as f:
+            return pickle.load(f)
