@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from functools import partial
 
 import torch
 from ep_overlap_core import (
@@ -50,9 +49,10 @@ from ep_overlap_core import (
     dispatcher_kinds,
     fraction_hidden,
     inputs,
+    interleaved_steps,
     pct,
     step,
-    timed_steps,
+    variants,
 )
 from ep_overlap_links import LoopbackExchange, SimulatedLink
 from report import cpu_median_ms, emit
@@ -175,24 +175,17 @@ def simulated(args, spec: Spec, kinds: dict, bytes_per_s: float, latency_s: floa
     rows = []
     for P in args.eps:
         for routing in args.routings:
-            balanced = routing == "balanced"
-            base = {"ep": P, "routing": routing}
-            layer = build_layer(spec, P, 0, LoopbackExchange(P), kinds[PLAIN], balanced)
-            times = timed_steps(partial(step, layer, x_TD, dy_TD), args.reps, args.warmup)
-            rows.append(base | {"dispatcher": NOCOMM, "ms": statistics.median(times), "busy": 0.0, "waited": 0.0})
-            for name, kind in kinds.items():
-                link = SimulatedLink(P, bytes_per_s, latency_s)
-                layer = build_layer(spec, P, 0, link, kind, balanced)
-                times = timed_steps(partial(step, layer, x_TD, dy_TD), args.reps, args.warmup)
-                steps = args.reps + args.warmup
+            group = variants(
+                spec, P, 0, kinds, routing == "balanced", lambda P=P: SimulatedLink(P, bytes_per_s, latency_s)
+            )
+            times = interleaved_steps(group, x_TD, dy_TD, args.reps, args.warmup)
+            steps = args.reps + args.warmup
+            for name, (_, link) in group.items():
+                busy, waited = (link.busy_s, link.waited_s) if isinstance(link, SimulatedLink) else (0.0, 0.0)
+                ms = statistics.median(times[name])
                 rows.append(
-                    base
-                    | {
-                        "dispatcher": name,
-                        "ms": statistics.median(times),
-                        "busy": link.busy_s / steps * 1e3,
-                        "waited": link.waited_s / steps * 1e3,
-                    }
+                    {"ep": P, "routing": routing, "dispatcher": name, "ms": ms}
+                    | {"busy": busy / steps * 1e3, "waited": waited / steps * 1e3}
                 )
     return add_fractions(rows)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from ep_overlap_links import BalancedRouter
+from ep_overlap_links import BalancedRouter, LoopbackExchange
 
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.moe.experts import GroupedExperts
@@ -120,18 +120,38 @@ def step(layer: MoE, x_TD: torch.Tensor, dy_TD: torch.Tensor) -> None:
     layer(x_TD).backward(dy_TD)
 
 
-def timed_steps(fn: Callable[[], None], reps: int, warmup: int, sync: Callable[[], None] = lambda: None) -> list[float]:
-    """Milliseconds of each of `reps` calls of fn() after `warmup` untimed ones; `sync` runs before
-    each timed call (a barrier across ranks, a device sync) and after it (the device)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
+def variants(
+    spec: Spec, P: int, rank: int, kinds: dict, balanced: bool, transport: Callable[[], Exchange]
+) -> dict[str, tuple[MoE, Exchange]]:
+    """The rows of one (P, routing) group, by name: no-comm (the plain dispatcher over a local copy),
+    then every dispatcher of `kinds` over a fresh `transport()`; each with its layer and exchange."""
+    rows = {}
+    for name in [NOCOMM, *kinds]:
+        exchange = LoopbackExchange(P, rank) if name == NOCOMM else transport()
+        rows[name] = build_layer(spec, P, rank, exchange, kinds[PLAIN if name == NOCOMM else name], balanced), exchange
+    return rows
+
+
+def interleaved_steps(
+    rows: dict[str, tuple[MoE, Exchange]],
+    x_TD: torch.Tensor,
+    dy_TD: torch.Tensor,
+    reps: int,
+    warmup: int,
+    sync: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Milliseconds of `reps` steps of each row after `warmup` untimed ones, the rows taking turns
+    step by step: a load that comes and goes on a shared machine then falls on every row alike.
+    `sync` runs before and after each timed step (a barrier across ranks, a device sync)."""
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for i in range(warmup + reps):
+        for name, (layer, _) in rows.items():
+            sync()
+            start = time.perf_counter()
+            step(layer, x_TD, dy_TD)
+            sync()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1e3)
     return times
 
 

@@ -16,34 +16,28 @@ import pickle
 import statistics
 import tempfile
 import time
-from functools import partial
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from context_parallel_gloo import free_port
-from ep_overlap_core import NOCOMM, PLAIN, Spec, build_layer, dispatcher_kinds, inputs, step, timed_steps
-from ep_overlap_links import CountingExchange, LoopbackExchange
+from ep_overlap_core import Spec, dispatcher_kinds, inputs, interleaved_steps, variants
+from ep_overlap_links import CountingExchange
 
 
-def rank_rows(args: dict, spec: Spec, group, P: int) -> list[dict]:
+def rank_rows(args: dict, spec: Spec, pg, P: int) -> list[dict]:
     """This rank's part of degree P: every routing, no-comm and every dispatcher; rows with the
     per-step slowest rank's median milliseconds."""
-    rank = dist.get_rank(group)
+    rank = dist.get_rank(pg)
     kinds = dispatcher_kinds(args["chunks"])
     x_TD, dy_TD = inputs(spec, rank)
     rows = []
     for routing in args["routings"]:
-        for name in [NOCOMM, *kinds]:
-            exchange = LoopbackExchange(P, rank) if name == NOCOMM else CountingExchange(group)
-            layer = build_layer(
-                spec, P, rank, exchange, kinds[PLAIN if name == NOCOMM else name], routing == "balanced"
-            )
-            times = timed_steps(
-                partial(step, layer, x_TD, dy_TD), args["reps"], args["warmup"], lambda: dist.barrier(group)
-            )
-            slowest = torch.tensor(times, dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        group = variants(spec, P, rank, kinds, routing == "balanced", lambda: CountingExchange(pg))
+        times = interleaved_steps(group, x_TD, dy_TD, args["reps"], args["warmup"], lambda: dist.barrier(pg))
+        for name in group:
+            slowest = torch.tensor(times[name], dtype=torch.float64)
+            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=pg)
             rows.append({"ep": P, "routing": routing, "dispatcher": name, "ms": statistics.median(slowest.tolist())})
     return rows
 

@@ -23,8 +23,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from ep_overlap_core import NOCOMM, PLAIN, Spec, build_layer, fraction_hidden, inputs, pct, step, timed_steps
-from ep_overlap_links import CountingExchange, CudaSimulatedLink, LoopbackExchange, gpu_cycles_per_s
+from ep_overlap_core import NOCOMM, PLAIN, Spec, fraction_hidden, inputs, interleaved_steps, pct, step, variants
+from ep_overlap_links import CountingExchange, CudaSimulatedLink, gpu_cycles_per_s
 from torch.profiler import ProfilerActivity, profile
 
 COMM_KERNELS = ("nccl", "spin_kernel")
@@ -128,14 +128,12 @@ def gpu_report(args: argparse.Namespace, spec: Spec, kinds: dict) -> list[str]:
     lines += ["|---|---|---|---|---|---|"]
     for P in eps:
         for routing in args.routings:
+            group = variants(spec, P, rank, kinds, routing == "balanced", lambda P=P: transport(P))
+            times = interleaved_steps(group, x_TD, dy_TD, args.reps, args.warmup, sync)
             rows = {}
-            for name in [NOCOMM, *kinds]:
-                exchange = LoopbackExchange(P, rank) if name == NOCOMM else transport(P)
-                kind = kinds[PLAIN if name == NOCOMM else name]
-                layer = build_layer(spec, P, rank, exchange, kind, routing == "balanced")
-                times = timed_steps(partial(step, layer, x_TD, dy_TD), args.reps, args.warmup, sync)
+            for name, (layer, _) in group.items():
                 overlap = profiled_overlap(partial(step, layer, x_TD, dy_TD)) if name != NOCOMM else {}
-                rows[name] = (statistics.median(times), overlap)
+                rows[name] = (statistics.median(times[name]), overlap)
             for name, (ms, overlap) in rows.items():
                 hidden = fraction_hidden(ms, rows[PLAIN][0], rows[NOCOMM][0]) if name != NOCOMM else None
                 per_stream = ", ".join(f"stream {s}: {100 * f:.0f}%" for s, f in sorted(overlap.items())) or "—"
