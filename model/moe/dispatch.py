@@ -218,20 +218,34 @@ class LocalDispatcher(Dispatcher):
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
+        return self.dispatch_by(x_TD, indices_Tk.reshape(-1), self.num_experts, indices_Tk, weights_Tk)
+
+    def dispatch_by(
+        self,
+        x_TD: torch.Tensor,
+        bucket_A: torch.Tensor,
+        num_buckets: int,
+        indices_Tk: torch.Tensor,
+        weights_Tk: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, LocalContext]:
+        """`dispatch` with rows grouped by `bucket_A` (one of num_buckets per assignment, in an
+        order that groups each expert's rows) instead of by expert: the expert itself, or
+        (chunk of tokens, expert) for a dispatcher that sends chunks one after another.
+        Returns (x_perm, rows per bucket [num_buckets], ctx); capacity is applied per expert
+        over all T tokens, whatever the buckets."""
         T, k = indices_Tk.shape
-        E = self.num_experts
         A = T * k
-        expert_A = indices_Tk.reshape(-1)
         if self.capacity_factor > 0:
             keep_A = self.keep_mask(indices_Tk, weights_Tk).reshape(-1)
-            # Dropped assignments sort into a pseudo-expert E past the end and are cut off.
-            expert_A = torch.where(keep_A, expert_A, E)
-        order_A = torch.argsort(expert_A, stable=True)
+            # Dropped assignments sort into a pseudo-bucket past the end and are cut off.
+            bucket_A = torch.where(keep_A, bucket_A, num_buckets)
+        order_A = torch.argsort(bucket_A, stable=True)
         bounds = torch.searchsorted(
-            expert_A.index_select(0, order_A), torch.arange(E + 1, device=expert_A.device, dtype=expert_A.dtype)
+            bucket_A.index_select(0, order_A),
+            torch.arange(num_buckets + 1, device=bucket_A.device, dtype=bucket_A.dtype),
         )
-        tokens_per_expert_E = bounds.diff()
-        N = int(bounds[E]) if self.capacity_factor > 0 else A
+        rows_per_bucket = bounds.diff()
+        N = int(bounds[num_buckets]) if self.capacity_factor > 0 else A
         slot_A = torch.empty_like(order_A)
         slot_A[order_A] = torch.arange(A, device=order_A.device)
         # Rows N.. of the sort are the dropped assignments; point them all at the zero row N.
@@ -246,9 +260,9 @@ class LocalDispatcher(Dispatcher):
             slot_kT=slot_kT,
             weights_Tk=weights_Tk,
             dropless=dropless,
-            dropped=A - bounds[E],
+            dropped=A - bounds[num_buckets],
         )
-        return x_perm_ND, tokens_per_expert_E, ctx
+        return x_perm_ND, rows_per_bucket, ctx
 
     def dropped(self, ctx: LocalContext) -> torch.Tensor:
         return ctx.dropped
