@@ -19,6 +19,7 @@ from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.moe.layer import MoE
 from sparsetron.parallel.all_to_all_dispatch import AllToAllDispatcher
 from sparsetron.parallel.exchange import Exchange
+from sparsetron.parallel.overlapped_dispatch import OverlappedDispatcher
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PLAIN = "all-to-all"
@@ -29,6 +30,8 @@ def dispatcher_kinds(chunks: list[int]) -> dict[str, Callable[[int, Exchange], o
     """The dispatchers compared, by row name: each makes a dispatcher for E experts over an exchange.
     A new row is one line here."""
     kinds = {PLAIN: lambda E, ex: AllToAllDispatcher(E, ex)}
+    for C in chunks:
+        kinds[f"overlapped C={C}"] = lambda E, ex, C=C: OverlappedDispatcher(E, ex, C)
     return kinds
 
 

@@ -32,7 +32,7 @@ def rank_rows(args: dict, spec: Spec, pg, P: int) -> list[dict]:
     kinds = dispatcher_kinds(args["chunks"])
     x_TD, dy_TD = inputs(spec, rank)
     rows = []
-    for routing in args["routings"]:
+    for routing in args["gloo_routings"]:
         group = variants(spec, P, rank, kinds, routing == "balanced", lambda: CountingExchange(pg))
         times = interleaved_steps(group, x_TD, dy_TD, args["reps"], args["warmup"], lambda: dist.barrier(pg))
         for name in group:
@@ -63,7 +63,7 @@ def _entry(rank: int, world: int, port: int, args: dict, spec: Spec, result_dir:
 def gloo_rows(args: argparse.Namespace, spec: Spec) -> list[dict]:
     """Rank 0's rows (every rank holds the same maxima); past --timeout every rank is killed."""
     world = max(args.eps)
-    plain = {k: getattr(args, k) for k in ("eps", "chunks", "routings", "reps", "warmup", "threads")}
+    plain = {k: getattr(args, k) for k in ("eps", "chunks", "gloo_routings", "reps", "warmup", "threads")}
     with tempfile.TemporaryDirectory(prefix="ep-bench-") as result_dir:
         context = mp.start_processes(
             _entry,

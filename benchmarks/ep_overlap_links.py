@@ -41,9 +41,9 @@ class Traffic:
     """The rank whose sends stay local (its own share does not leave it)."""
     exchanges: int = 0
     row_bytes: int = 0
-    """Bytes of every exchange with rows of more than one number (the token rows and their gradients)."""
+    """Bytes of every exchange of floating-point rows (the token rows and their gradients)."""
     count_bytes: int = 0
-    """Bytes of the per-expert count exchanges (one number per row)."""
+    """Bytes of the integer exchanges (the per-expert, per-chunk row counts)."""
     leaving_bytes: int = 0
     """Bytes of all exchanges that go to another rank: what a network carries."""
     leaving_per_exchange: list[int] = field(default_factory=list)
@@ -57,7 +57,7 @@ class Traffic:
         per_row = inp.nbytes // max(rows, 1)
         leaving = (rows - splits[self.rank]) * per_row
         self.exchanges += 1
-        if inp.dim() > 1:
+        if inp.is_floating_point():
             self.row_bytes += inp.nbytes
         else:
             self.count_bytes += inp.nbytes
