@@ -237,10 +237,14 @@ class MoEConfig:
     """Each expert takes at most ceil(factor * tokens * top_k / experts) tokens; the rest are dropped. 0 = dropless."""
     drop_policy: Literal["probability", "position"] = "probability"
     """Over capacity, keep the highest-weight assignments (probability) or the earliest tokens (position)."""
-    dispatcher: Literal["auto", "local", "all_to_all"] = "auto"
+    dispatcher: Literal["auto", "local", "all_to_all", "overlapped"] = "auto"
     """How tokens reach experts: local = sort-based permute on this device (parallel.expert=1);
-    all_to_all = exchanged with the expert ranks holding them (parallel.expert > 1); auto = local at
-    parallel.expert=1, all_to_all above. A layout choice: a checkpoint resumes under another one."""
+    all_to_all = exchanged with the expert ranks holding them (parallel.expert > 1); overlapped = the
+    same exchange in moe.overlap_chunks chunks, in flight while other chunks' experts and the shared
+    experts compute (parallel.expert > 1); auto = local at parallel.expert=1, all_to_all above. A
+    layout choice: a checkpoint resumes under another one."""
+    overlap_chunks: int = 4
+    """Chunks the overlapped dispatcher splits each rank's tokens into (moe.dispatcher=overlapped)."""
     expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
     """Expert GEMMs: torch grouped_mm, a per-expert loop, or auto (grouped_mm on CUDA GPUs with compute capability >= 9.0)."""
 
@@ -259,10 +263,10 @@ class MoEConfig:
     def hidden_size(self, model: ModelConfig) -> int:
         return self.expert_hidden or model.ffn_hidden // self.granularity
 
-    def dispatcher_for(self, expert: int, prefix: str = "moe") -> Literal["local", "all_to_all"]:
+    def dispatcher_for(self, expert: int, prefix: str = "moe") -> Literal["local", "all_to_all", "overlapped"]:
         """The dispatcher that runs at parallel.expert=`expert`; refuses one that cannot run there.
 
-        all_to_all at parallel.expert=1 is refused rather than run as an exchange with oneself:
+        all_to_all or overlapped at parallel.expert=1 is refused rather than run as an exchange with oneself:
         a rank would send every row to itself, the same numbers as local at the cost of copies
         and a host sync, and a single process has no process group to run it on.
         """
@@ -272,12 +276,12 @@ class MoEConfig:
             self.dispatcher != "local" or expert == 1,
             f"{prefix}.dispatcher",
             f"local keeps every expert on this rank, but parallel.expert={expert} splits them over {expert} ranks; "
-            "use all_to_all or auto",
+            "use all_to_all, overlapped or auto",
         )
         check(
-            self.dispatcher != "all_to_all" or expert > 1,
+            self.dispatcher not in ("all_to_all", "overlapped") or expert > 1,
             f"{prefix}.dispatcher",
-            "all_to_all exchanges tokens between expert ranks, but parallel.expert=1 leaves none to exchange "
+            f"{self.dispatcher} exchanges tokens between expert ranks, but parallel.expert=1 leaves none to exchange "
             "with; use local or auto",
         )
         return self.dispatcher
@@ -311,6 +315,7 @@ class MoEConfig:
             "must be true when score_func is sigmoid (sigmoid scores do not sum to 1)",
         )
         check(self.route_scale > 0, f"{prefix}.route_scale", f"must be > 0, got {self.route_scale}")
+        check(self.overlap_chunks >= 1, f"{prefix}.overlap_chunks", f"must be >= 1, got {self.overlap_chunks}")
         check(
             self.n_groups >= 1 and experts % self.n_groups == 0,
             f"{prefix}.n_groups",

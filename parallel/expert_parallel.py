@@ -25,6 +25,7 @@ from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.parallel.all_to_all_dispatch import AllToAllDispatcher
 from sparsetron.parallel.dims import ParallelMesh
 from sparsetron.parallel.exchange import Exchange
+from sparsetron.parallel.overlapped_dispatch import OverlappedDispatcher
 
 
 class ExpertParallelExperts(GroupedExperts):
@@ -43,8 +44,9 @@ class ExpertParallelExperts(GroupedExperts):
 
 def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
     """Split every MoE layer's routed experts over mesh["ep"] and install the dispatcher its
-    moe.dispatcher names at this ep degree (all_to_all, the one that runs across expert ranks;
-    `MoEConfig.dispatcher_for` refuses local).
+    moe.dispatcher names at this ep degree: all_to_all, or overlapped with moe.overlap_chunks
+    chunks (`MoEConfig.dispatcher_for` refuses local). Every layer's exchanges go through one
+    `Exchange` on the ep group (on CUDA: one side stream, so they keep their order).
 
     Works on the meta device (call before `to_empty` and `init_weights` under
     `SingleProcessInit`) and before `apply_fsdp`, which then shards the experts over
@@ -60,15 +62,20 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
     exchange = Exchange(ep_mesh.get_group())
     for layer in moe_layers(model):
         cfg = layer.moe_cfg
-        # Refuses local by name; all_to_all is the one dispatcher that runs across ranks today.
-        cfg.dispatcher_for(ep_mesh.size())
+        # Refuses local by name.
+        kind = cfg.dispatcher_for(ep_mesh.size())
         experts = layer.experts
         if type(experts) is not GroupedExperts:
             raise TypeError(
                 f"apply_ep expects plain GroupedExperts, got {type(experts).__name__} "
                 "(apply_ep runs once, before apply_fsdp)"
             )
-        layer.dispatcher = AllToAllDispatcher(layer.num_experts, exchange, cfg.capacity_factor, cfg.drop_policy)
+        if kind == "overlapped":
+            layer.dispatcher = OverlappedDispatcher(
+                layer.num_experts, exchange, cfg.overlap_chunks, cfg.capacity_factor, cfg.drop_policy
+            )
+        else:
+            layer.dispatcher = AllToAllDispatcher(layer.num_experts, exchange, cfg.capacity_factor, cfg.drop_policy)
         for name in ("w13", "w2"):
             weight = getattr(experts, name)
             sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])

@@ -29,20 +29,25 @@ blocking exchange.
 
 Two autograd Functions carry it, with the shared experts' ordinary autograd between them:
 `_SendChunks` (starts the exchanges; its backward waits for the returning input gradients)
-and `_ExpertsOnChunks` (experts and returns; its backward does the per-chunk work above).
+and `_ExpertsOnChunks` (experts and returns; its backward does the per-chunk work above),
+which runs inside the experts module's own call (GroupedExperts' `compute` hook), so that FSDP
+unshards the expert weights for it and reduces their gradients once its backward is done.
 The engine runs a later-created node's backward first, so the order above holds in the
 backward too. They share an `_InFlight` record for what is in flight between them; what the
 backward needs is saved with `save_for_backward`, so activation checkpointing frees and
 recomputes it like any other activation (the recompute exchanges again, on every rank alike).
 
 Results equal the plain all-to-all dispatcher's, rows in the same order within each expert;
-only the weight gradients sum their chunks in another order (not bitwise, within rounding).
+only the weight gradients sum their chunks in another order (not bitwise, within rounding; one
+chunk is bitwise the plain dispatcher). In bf16 each chunk's weight gradient leaves its GEMM
+rounded to bf16 before the fp32 sum, so that rounding is paid C + 1 times instead of once.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -155,7 +160,7 @@ class _ExpertsOnChunks(torch.autograd.Function):
     sorted rows' outputs [N, D] once every return has arrived."""
 
     @staticmethod
-    def forward(ctx, _token, w13_LDH2, w2_LHD, flight: _InFlight, backend: str):
+    def forward(ctx, token, w13_LDH2, w2_LHD, flight: _InFlight, backend: str):
         received_MD, flight.received = flight.received, None
         arrivals, flight.arrivals = flight.arrivals, []
         N, M = flight.chunks[-1].sent.stop, received_MD.shape[0]
@@ -177,7 +182,7 @@ class _ExpertsOnChunks(torch.autograd.Function):
             )
         for pending in returns:
             pending.wait()
-        ctx.input_dtype = received_MD.dtype
+        ctx.input_dtype, ctx.token_dtype = received_MD.dtype, token.dtype
         ctx.save_for_backward(x_local_MD, w13_LDH2, w2_LHD, *h13_per_chunk)
         ctx.flight, ctx.backend = flight, backend
         return y_sorted_ND
@@ -216,7 +221,9 @@ class _ExpertsOnChunks(torch.autograd.Function):
             dw13_c, dw2_c = grouped_swiglu_backward_dw(dy_mD, x_mD, h13_mH2, dh13_mH2, chunk.offsets, backend)
             dw13_LDH2 += dw13_c
             dw2_LHD += dw2_c
-        return None, dw13_LDH2.to(w13_LDH2.dtype), dw2_LHD.to(w2_LHD.dtype), None, None
+        # A zero for the token (not None): FSDP's post-backward hook on the experts' input fires on it.
+        grad_token = grad_y_sorted_ND.new_zeros((), dtype=ctx.token_dtype)
+        return grad_token, dw13_LDH2.to(w13_LDH2.dtype), dw2_LHD.to(w2_LHD.dtype), None, None
 
 
 class OverlappedDispatcher(AllToAllDispatcher):
@@ -243,23 +250,19 @@ class OverlappedDispatcher(AllToAllDispatcher):
         self.chunks = chunks
 
     def run(self, x_TD, routing: RouterOutput, experts: GroupedExperts, shared_fn):
-        x_sorted_ND, w13_LDH2, w2_LHD, local_ctx, flight, backend = self._send(x_TD, routing, experts)
+        x_sorted_ND, local_ctx, flight = self._send(x_TD, routing)
         token = _SendChunks.apply(x_sorted_ND, flight)
         # Between the two: the shared experts compute while chunk 0 travels (and, in the
         # backward, while the last input gradients return).
         shared_TD = shared_fn()
-        y_TD = self._receive(token, w13_LDH2, w2_LHD, local_ctx, flight, backend)
-        return y_TD, shared_TD, self.local.dropped(local_ctx)
+        # Through the module's own call, so that FSDP unshards its weights for it and reduces
+        # their gradients after its backward.
+        y_sorted_ND = experts(token, compute=partial(self._experts_on_chunks, flight=flight, backend=experts.backend))
+        return self._combine(y_sorted_ND, local_ctx), shared_TD, self.local.dropped(local_ctx)
 
     @torch.compiler.disable
-    def _send(self, x_TD: torch.Tensor, routing: RouterOutput, experts: GroupedExperts):
-        """Sort by (chunk, expert), exchange the counts, plan the chunks; the expert
-        weights in the compute dtype (autocast's, as grouped_swiglu would cast them)."""
-        w13_LDH2, w2_LHD = experts.weights()
-        device_type = x_TD.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            w13_LDH2, w2_LHD = w13_LDH2.to(dtype), w2_LHD.to(dtype)
+    def _send(self, x_TD: torch.Tensor, routing: RouterOutput):
+        """Sort by (chunk, expert), exchange the counts, plan the chunks."""
         indices_Tk = routing.indices_Tk
         T, k = indices_Tk.shape
         C, P, L, E = self.chunks, self.ep, self.num_local_experts, self.num_experts
@@ -273,13 +276,23 @@ class OverlappedDispatcher(AllToAllDispatcher):
         recv_PCL = torch.empty_like(counts_PCL)
         self.exchange.all_to_all(recv_PCL, counts_PCL)
         chunks = _plan(counts_PCL.transpose(0, 1), recv_PCL.transpose(0, 1))
+        return x_sorted_ND, local_ctx, _InFlight(self.exchange, chunks)
+
+    @staticmethod
+    @torch.compiler.disable
+    def _experts_on_chunks(token, w13_LDH2, w2_LHD, flight: _InFlight, backend: str) -> torch.Tensor:
+        """The experts' compute (GroupedExperts' `compute` hook): weights in autocast's dtype,
+        as grouped_swiglu would cast them, then the chunks."""
+        device_type = token.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            w13_LDH2, w2_LHD = w13_LDH2.to(dtype), w2_LHD.to(dtype)
         # Chosen for rows as the experts see them: contiguous, in the weights' dtype.
-        rows_like = x_sorted_ND.new_empty(1, x_sorted_ND.shape[1], dtype=w13_LDH2.dtype)
-        backend = resolve_swiglu_backend(rows_like, w13_LDH2, w2_LHD, experts.backend)
-        return x_sorted_ND, w13_LDH2, w2_LHD, local_ctx, _InFlight(self.exchange, chunks), backend
+        rows_like = token.new_empty(1, w13_LDH2.shape[1], dtype=w13_LDH2.dtype)
+        backend = resolve_swiglu_backend(rows_like, w13_LDH2, w2_LHD, backend)
+        with torch.autocast(device_type, enabled=False):
+            return _ExpertsOnChunks.apply(token, w13_LDH2, w2_LHD, flight, backend)
 
     @torch.compiler.disable
-    def _receive(self, token, w13_LDH2, w2_LHD, local_ctx, flight: _InFlight, backend: str) -> torch.Tensor:
-        with torch.autocast(token.device.type, enabled=False):
-            y_sorted_ND = _ExpertsOnChunks.apply(token, w13_LDH2, w2_LHD, flight, backend)
+    def _combine(self, y_sorted_ND: torch.Tensor, local_ctx) -> torch.Tensor:
         return self.local.combine(y_sorted_ND, local_ctx)

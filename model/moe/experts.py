@@ -5,10 +5,15 @@ Shape legend: N rows (tokens sorted by expert), D model dim, E experts, H expert
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from sparsetron.kernels.grouped_mm import grouped_swiglu
+
+ExpertsCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None
+"""compute(x, w13, w2) -> y: the experts' computation on their weights as forward holds them."""
 
 
 class GroupedExperts(nn.Module):
@@ -32,9 +37,18 @@ class GroupedExperts(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e. Returns y_ND."""
+    def forward(
+        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor | None = None, *, compute: ExpertsCompute = None
+    ) -> torch.Tensor:
+        """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e. Returns y_ND.
+
+        With `compute`, returns compute(x_ND, w13, w2) instead: a dispatcher that runs the
+        experts on rows as they arrive (parallel/overlapped_dispatch.py) calls the module this
+        way, so that hooks on it (FSDP's unsharding and gradient reduction) see the call.
+        """
         w13, w2 = self.weights()
+        if compute is not None:
+            return compute(x_ND, w13, w2)
         offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
         return grouped_swiglu(x_ND, w13, w2, offsets_E, self.backend)
 

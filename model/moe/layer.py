@@ -61,8 +61,8 @@ class MoE(nn.Module):
     forward(x_BSD) -> y_BSD. The auxiliary and z losses are attached to the graph (their
     gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
     `dispatcher` sequences dispatch, expert compute, shared experts and combine: a
-    LocalDispatcher here unless moe.dispatcher names all_to_all, which `parallel.apply_ep`
-    installs. Set by the parallel code (None here): `count_reducer` sums the aux loss's expert
+    LocalDispatcher here unless moe.dispatcher names one that exchanges tokens between ranks
+    (all_to_all, overlapped), which `parallel.apply_ep` installs. Set by the parallel code (None here): `count_reducer` sums the aux loss's expert
     counts over every rank holding other tokens when aux_loss_level is "global"; `token_split`
     says that this rank holds a part of every sequence (see balancing.TokenSplit).
 
@@ -88,7 +88,7 @@ class MoE(nn.Module):
         # them between ranks needs a process group, and `parallel.apply_ep` installs it.
         self.dispatcher: Dispatcher | None = (
             None
-            if moe_cfg.dispatcher == "all_to_all"
+            if moe_cfg.dispatcher in ("all_to_all", "overlapped")
             else LocalDispatcher(self.num_experts, moe_cfg.capacity_factor, moe_cfg.drop_policy)
         )
         # Non-persistent: a step's counts never outlive the step, so they have no place in a checkpoint.
@@ -107,8 +107,8 @@ class MoE(nn.Module):
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
         if self.dispatcher is None:
             raise ConfigError(
-                "moe.dispatcher=all_to_all: this layer's experts were not split over expert ranks "
-                "(parallel.apply_ep installs the all-to-all dispatcher at parallel.expert > 1)"
+                f"moe.dispatcher={self.moe_cfg.dispatcher}: this layer's experts were not split over expert ranks "
+                "(parallel.apply_ep installs that dispatcher at parallel.expert > 1)"
             )
         route = self.router(x_TD)
         y_TD, shared_TD, dropped = self.dispatcher.run(x_TD, route, self.experts, lambda: self._shared(x_TD))

@@ -2,7 +2,9 @@
 (tests/distributed/training.py runs both). The first steps' losses agree within
 1e-5 relative, and so do the gathered parameters after them (fp32; lr 1e-3 and eps 1e-6 keep
 AdamW's first steps from magnifying the reduction-order rounding of near-zero gradients).
-Checkpoints written at one layout resume at another.
+Checkpoints written at one layout resume at another. The overlapped dispatcher trains like the
+plain all-to-all at ep2, ep4, ep2 x tp2 (with activation checkpointing and compile) and pp2 x ep2
+(with activation checkpointing), dropless and with capacity drops, with and without shared experts.
 """
 
 import pytest
@@ -35,6 +37,22 @@ GLOBAL_AUX = ["moe.aux_loss_level=global", "moe.aux_loss_coeff=0.01"]
 GLOBAL_AUX_LAYOUTS = ["hsdp2x2", "ep2xtp2"]
 AC = "parallel.activation_checkpointing=full"
 WRAPPED = {"ep2xtp2+ac+compile": ("ep2xtp2", [AC, "parallel.compile=true"]), "pp2xep2+ac": ("pp2xep2", [AC])}
+
+
+def overlapped(chunks):
+    return ["moe.dispatcher=overlapped", f"moe.overlap_chunks={chunks}"]
+
+
+CAPACITY = ["moe.capacity_factor=1.0", "moe.n_shared_experts=0"]
+# The overlapped dispatcher against the plain all-to-all at the same layout:
+# name: (plain layout, its extra overrides, the overlapped run's extra overrides)
+OVERLAPPED = {
+    "ep2": ("ep2", [], overlapped(3)),
+    "ep4": ("ep4", [], overlapped(2)),
+    "ep2xtp2+ac+compile": ("ep2xtp2", [], [*overlapped(4), AC, "parallel.compile=true"]),
+    "pp2xep2+ac": ("pp2xep2", [], [*overlapped(8), AC]),
+    "ep2-capacity-no-shared": ("ep2", CAPACITY, overlapped(2)),
+}
 # A checkpoint written at one layout (two steps) resumes at another for the third step.
 RESHARDS = {
     "dp2->one process": ("dp2", None),
@@ -48,7 +66,7 @@ RESHARDS = {
 
 def all_layouts() -> dict[str, Layout]:
     """Every run: each layout in fp32 and bf16, the global auxiliary loss, the wrapped blocks,
-    and dp4 (only resumed at)."""
+    dp4 (only resumed at), and the overlapped dispatcher's runs."""
     layouts = {}
     for name, (world, dp, overrides) in LAYOUTS.items():
         layouts[name] = Layout(world, dp, overrides)
@@ -60,6 +78,13 @@ def all_layouts() -> dict[str, Layout]:
         world, dp, overrides = LAYOUTS[name]
         layouts[case] = Layout(world, dp, [*overrides, *wrappers])
     layouts["dp4"] = Layout(4, 4, ["parallel.data_parallel_shard=4"])
+    for case, (name, extra, chunked) in OVERLAPPED.items():
+        world, dp, overrides = LAYOUTS[name]
+        if extra:
+            layouts[f"{case}-plain"] = Layout(world, dp, [*overrides, *extra])
+        layouts[f"{case}-overlapped"] = Layout(world, dp, [*overrides, *extra, *chunked])
+    world, dp, overrides = LAYOUTS["ep2"]
+    layouts["ep2-overlapped-bf16"] = Layout(world, dp, [*overrides, *overlapped(3), *BF16])
     return layouts
 
 
@@ -104,6 +129,17 @@ def test_layout_trains_like_one_process_in_bf16(trained, reference, layout):
     tensor parallelism (its ranks round partial sums to bf16 before reducing them), <= 0.01 for
     the pipelines alone. Deterministic on the CPU (fixed seeds, gloo)."""
     assert_within_bf16_error(trained[f"{layout}-bf16"], reference(*BF16), reference())
+
+
+@pytest.mark.parametrize("case", list(OVERLAPPED))
+def test_overlapped_dispatch_trains_like_the_plain_all_to_all(trained, case):
+    """moe.dispatcher=overlapped against all_to_all at the same layout: the issue's 1e-5 (fp32)."""
+    name, extra, _ = OVERLAPPED[case]
+    assert_same_training(trained[f"{case}-overlapped"], trained[f"{case}-plain" if extra else name])
+
+
+def test_overlapped_dispatch_in_bf16_within_bf16_error(trained, reference):
+    assert_within_bf16_error(trained["ep2-overlapped-bf16"], reference(*BF16), reference())
 
 
 @pytest.mark.parametrize("reshard", list(RESHARDS))

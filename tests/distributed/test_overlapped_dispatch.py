@@ -130,8 +130,9 @@ def results():
 @pytest.mark.parametrize("dtype_name", list(DTYPES))
 def test_overlapped_equals_plain_all_to_all(results, group, case, dtype_name):
     """fp64 and fp32: within 1e-12 and 1e-5 of the plain dispatcher, relative to each tensor's
-    RMS. bf16 autocast: no further from the fp64 run than twice the plain dispatcher's own error
-    (what bf16 rounding costs it), floored at one bf16 unit of the tensor's RMS."""
+    RMS. bf16 autocast: no further from the fp64 run than (chunks + 1) x the plain dispatcher's
+    own error (what one bf16 rounding costs it, floored at one bf16 unit of the tensor's RMS):
+    each chunk's weight gradient is rounded to bf16 before the fp32 sum, then the sum once."""
     seed, per_rank = results
     for rank, out in enumerate(per_rank):
         exact = out[(group, case, "fp64", 1)][1]
@@ -144,7 +145,7 @@ def test_overlapped_equals_plain_all_to_all(results, group, case, dtype_name):
                 if chunks == 1:
                     assert torch.equal(a, b), f"{key} not bitwise equal with one chunk ({where})"
                 if dtype_name == "bf16-autocast":
-                    allowed = max(2 * max_error(b, exact[key]), 2**-8 * rms(exact[key]))
+                    allowed = (chunks + 1) * max(max_error(b, exact[key]), 2**-8 * rms(exact[key]))
                     err = max_error(a, exact[key])
                 else:
                     allowed = {"fp64": 1e-12, "fp32": 1e-5}[dtype_name] * rms(b)

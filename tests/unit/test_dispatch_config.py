@@ -20,6 +20,7 @@ EP2 = ["parallel.data_parallel_shard=2", "parallel.expert=2"]
         ("auto", 8, "all_to_all"),
         ("local", 1, "local"),
         ("all_to_all", 2, "all_to_all"),
+        ("overlapped", 4, "overlapped"),
     ],
 )
 def test_dispatcher_resolves_at_the_expert_degree(setting, expert, runs):
@@ -31,7 +32,9 @@ def test_auto_is_the_default_and_runs_at_every_expert_degree():
     assert load_job_config("debug-deepseek", EP2).moe.dispatcher == "auto"
 
 
-@pytest.mark.parametrize(("setting", "overrides", "expert"), [("local", EP2, 2), ("all_to_all", [], 1)])
+@pytest.mark.parametrize(
+    ("setting", "overrides", "expert"), [("local", EP2, 2), ("all_to_all", [], 1), ("overlapped", [], 1)]
+)
 def test_a_dispatcher_that_cannot_run_at_the_layout_is_refused_by_name(setting, overrides, expert):
     with pytest.raises(ConfigError) as err:
         load_job_config("debug-deepseek", [f"moe.dispatcher={setting}", *overrides])
@@ -39,12 +42,18 @@ def test_a_dispatcher_that_cannot_run_at_the_layout_is_refused_by_name(setting, 
     assert message.startswith("moe.dispatcher:") and f"parallel.expert={expert}" in message, message
 
 
-def test_a_plain_layer_set_to_all_to_all_refuses_to_run_instead_of_running_local():
+@pytest.mark.parametrize("setting", ["all_to_all", "overlapped"])
+def test_a_plain_layer_set_to_exchange_refuses_to_run_instead_of_running_local(setting):
     dim = 16
-    layer = MoE(dim, ModelConfig(dim=dim, ffn_hidden=32), MoEConfig(num_experts=4, top_k=2, dispatcher="all_to_all"))
+    layer = MoE(dim, ModelConfig(dim=dim, ffn_hidden=32), MoEConfig(num_experts=4, top_k=2, dispatcher=setting))
     layer.init_weights(0.02, 0.02)
-    with pytest.raises(ConfigError, match=r"moe\.dispatcher=all_to_all.*apply_ep"):
+    with pytest.raises(ConfigError, match=rf"moe\.dispatcher={setting}.*apply_ep"):
         layer(torch.randn(2, 5, dim))
+
+
+def test_overlap_chunks_below_one_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^moe\.overlap_chunks:.*got 0"):
+        load_job_config("debug-deepseek", ["moe.overlap_chunks=0", "moe.dispatcher=overlapped", *EP2])
 
 
 @pytest.mark.parametrize(
