@@ -186,29 +186,44 @@ def simulated(args, spec: Spec, kinds: dict, bytes_per_s: float, latency_s: floa
                 busy, waited = (link.busy_s, link.waited_s) if isinstance(link, SimulatedLink) else (0.0, 0.0)
                 ms = statistics.median(times[name])
                 rows.append(
-                    {"ep": P, "routing": routing, "dispatcher": name, "ms": ms}
+                    {
+                        "ep": P,
+                        "routing": routing,
+                        "dispatcher": name,
+                        "ms": ms,
+                        "range": (min(times[name]), max(times[name])),
+                    }
                     | {"busy": busy / steps * 1e3, "waited": waited / steps * 1e3}
                 )
     return add_fractions(rows)
 
 
 def add_fractions(rows: list[dict]) -> list[dict]:
-    """Each row's fraction hidden against its (ep, routing) group's plain and no-comm rows."""
+    """Each row's fraction hidden against its (ep, routing) group's plain and no-comm rows; NaN where
+    the plain row's excess over no-comm is not above the spread of either one's steps (noise)."""
     for row in rows:
-        group = {r["dispatcher"]: r["ms"] for r in rows if (r["ep"], r["routing"]) == (row["ep"], row["routing"])}
-        row["hidden"] = fraction_hidden(row["ms"], group[PLAIN], group[NOCOMM]) if row["dispatcher"] != NOCOMM else None
+        group = {r["dispatcher"]: r for r in rows if (r["ep"], r["routing"]) == (row["ep"], row["routing"])}
+        plain, nocomm = group[PLAIN], group[NOCOMM]
+        noise = max(hi - lo for lo, hi in (plain["range"], nocomm["range"]))
+        if row["dispatcher"] == NOCOMM:
+            row["hidden"] = None
+        elif plain["ms"] - nocomm["ms"] <= noise:
+            row["hidden"] = float("nan")
+        else:
+            row["hidden"] = fraction_hidden(row["ms"], plain["ms"], nocomm["ms"])
     return rows
 
 
 def time_table(rows: list[dict], link: bool) -> list[str]:
-    head = "| ep | routing | dispatcher | step ms | hidden (times) |"
-    rule = "|---|---|---|---|---|"
+    head = "| ep | routing | dispatcher | step ms | steps min-max | hidden (times) |"
+    rule = "|---|---|---|---|---|---|"
     if link:
         head += " link busy ms | waited ms | hidden (waits) |"
         rule += "---|---|---|"
     lines = [head, rule]
     for r in rows:
-        line = f"| {r['ep']} | {r['routing']} | {r['dispatcher']} | {r['ms']:.1f} | {pct(r['hidden'])} |"
+        lo, hi = r["range"]
+        line = f"| {r['ep']} | {r['routing']} | {r['dispatcher']} | {r['ms']:.1f} | {lo:.0f}-{hi:.0f} | {pct(r['hidden'])} |"
         if link:
             waits = 1 - r["waited"] / r["busy"] if r["busy"] > 0 else None
             busy = f"{r['busy']:.1f}" if r["busy"] else "—"
@@ -277,7 +292,8 @@ def main(argv: list[str] | None = None) -> str:
             out += how + [""] + time_table(simulated(args, spec, kinds, bytes_per_s, latency_s), link=True)
             out += [
                 "",
-                "hidden (times): 1 - (T - T_nocomm) / (T_plain - T_nocomm). hidden (waits): 1 - waited / link busy.",
+                "hidden (times): 1 - (T - T_nocomm) / (T_plain - T_nocomm), n/a where T_plain - T_nocomm is within",
+                "the steps' spread (noise). hidden (waits): 1 - waited / link busy, the link's own account.",
                 "At most min(1, T_nocomm / link busy) can be hidden: the link cannot finish before its bytes are sent.",
             ]
         if "gloo" in args.parts:
@@ -289,7 +305,8 @@ def main(argv: list[str] | None = None) -> str:
                 "",
                 "gloo's copies and the loopback TCP they cross run on the same cores as the experts, and the P",
                 "ranks share this machine's cores, so communication cannot run beside compute here: expect little",
-                "or no hiding (or a negative fraction, where chunking only adds work).",
+                "or no hiding (or a negative fraction, where chunking only adds work). A step's time is the slowest",
+                "rank's; hidden (times) as above.",
             ]
     if "bytes" in args.parts:
         out += ["", "## Bytes per token per layer (dispatch + combine, forward + backward; balanced routing)", ""]

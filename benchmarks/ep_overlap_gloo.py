@@ -38,7 +38,9 @@ def rank_rows(args: dict, spec: Spec, pg, P: int) -> list[dict]:
         for name in group:
             slowest = torch.tensor(times[name], dtype=torch.float64)
             dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=pg)
-            rows.append({"ep": P, "routing": routing, "dispatcher": name, "ms": statistics.median(slowest.tolist())})
+            ms = slowest.tolist()
+            rows.append({"ep": P, "routing": routing, "dispatcher": name, "ms": statistics.median(ms)})
+            rows[-1]["range"] = (min(ms), max(ms))
     return rows
 
 
