@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from ep_overlap_core import (
@@ -55,7 +56,7 @@ from ep_overlap_core import (
     variants,
 )
 from ep_overlap_links import LoopbackExchange, SimulatedLink
-from report import cpu_median_ms, emit
+from report import emit
 
 from sparsetron.model.config import MoEConfig
 from sparsetron.train.flops import PEAK_BF16_TFLOPS
@@ -148,8 +149,14 @@ def cpu_gemm_tflops(spec: Spec) -> float:
     dtype = DTYPES[spec.dtype]
     x = torch.randn(rows, spec.dim, dtype=dtype)
     w = torch.randn(spec.dim, 2 * spec.expert_hidden, dtype=dtype)
-    ms = cpu_median_ms(lambda: x @ w, reps=20, warmup=3)
-    return 2 * rows * spec.dim * 2 * spec.expert_hidden / (ms * 1e-3) / 1e12
+    x @ w
+    best_s = float("inf")
+    for _ in range(20):
+        # The least time: other jobs on a shared machine only slow a GEMM down.
+        start = time.perf_counter()
+        x @ w
+        best_s = min(best_s, time.perf_counter() - start)
+    return 2 * rows * spec.dim * 2 * spec.expert_hidden / best_s / 1e12
 
 
 def link_scale(args: argparse.Namespace, spec: Spec) -> tuple[float, float, list[str]]:
@@ -161,7 +168,7 @@ def link_scale(args: argparse.Namespace, spec: Spec) -> tuple[float, float, list
     bytes_per_s = args.link_gbps * 1e9 * ratio * element
     latency_s = args.latency_us * 1e-6 / ratio
     lines = [
-        f"- this CPU's GEMM at the expert shape ({spec.dtype}, {args.threads} thread): {cpu * 1e3:.1f} GFLOP/s",
+        f"- this CPU's GEMM at the expert shape ({spec.dtype}, {args.threads} thread, best of 20): {cpu * 1e3:.1f} GFLOP/s",
         f"- H100: {dict(PEAK_BF16_TFLOPS)['H100']:.0f} TFLOP/s dense bf16 peak x {args.h100_fraction} achieved "
         f"= {h100:.0f} TFLOP/s; ratio CPU / H100 = {ratio:.3g}",
         f"- element size {spec.dtype} / bf16 = {element:g} (the cluster moves bf16 rows, this run {spec.dtype})",
@@ -184,46 +191,35 @@ def simulated(args, spec: Spec, kinds: dict, bytes_per_s: float, latency_s: floa
             steps = args.reps + args.warmup
             for name, (_, link) in group.items():
                 busy, waited = (link.busy_s, link.waited_s) if isinstance(link, SimulatedLink) else (0.0, 0.0)
-                ms = statistics.median(times[name])
+                ms = times[name]
                 rows.append(
-                    {
-                        "ep": P,
-                        "routing": routing,
-                        "dispatcher": name,
-                        "ms": ms,
-                        "range": (min(times[name]), max(times[name])),
-                    }
+                    {"ep": P, "routing": routing, "dispatcher": name, "ms": statistics.median(ms), "min": min(ms)}
                     | {"busy": busy / steps * 1e3, "waited": waited / steps * 1e3}
                 )
     return add_fractions(rows)
 
 
 def add_fractions(rows: list[dict]) -> list[dict]:
-    """Each row's fraction hidden against its (ep, routing) group's plain and no-comm rows; NaN where
-    the plain row's excess over no-comm is not above the spread of either one's steps (noise)."""
+    """Each row's fraction hidden against its (ep, routing) group's plain and no-comm rows, from the
+    least step time of each: other jobs on a shared machine only ever add time to a step."""
     for row in rows:
-        group = {r["dispatcher"]: r for r in rows if (r["ep"], r["routing"]) == (row["ep"], row["routing"])}
-        plain, nocomm = group[PLAIN], group[NOCOMM]
-        noise = max(hi - lo for lo, hi in (plain["range"], nocomm["range"]))
-        if row["dispatcher"] == NOCOMM:
-            row["hidden"] = None
-        elif plain["ms"] - nocomm["ms"] <= noise:
-            row["hidden"] = float("nan")
-        else:
-            row["hidden"] = fraction_hidden(row["ms"], plain["ms"], nocomm["ms"])
+        group = {r["dispatcher"]: r["min"] for r in rows if (r["ep"], r["routing"]) == (row["ep"], row["routing"])}
+        hidden = fraction_hidden(row["min"], group[PLAIN], group[NOCOMM])
+        row["hidden"] = None if row["dispatcher"] == NOCOMM else hidden
     return rows
 
 
 def time_table(rows: list[dict], link: bool) -> list[str]:
-    head = "| ep | routing | dispatcher | step ms | steps min-max | hidden (times) |"
+    head = "| ep | routing | dispatcher | least step ms | median ms | hidden (times) |"
     rule = "|---|---|---|---|---|---|"
     if link:
         head += " link busy ms | waited ms | hidden (waits) |"
         rule += "---|---|---|"
     lines = [head, rule]
     for r in rows:
-        lo, hi = r["range"]
-        line = f"| {r['ep']} | {r['routing']} | {r['dispatcher']} | {r['ms']:.1f} | {lo:.0f}-{hi:.0f} | {pct(r['hidden'])} |"
+        line = (
+            f"| {r['ep']} | {r['routing']} | {r['dispatcher']} | {r['min']:.1f} | {r['ms']:.1f} | {pct(r['hidden'])} |"
+        )
         if link:
             waits = 1 - r["waited"] / r["busy"] if r["busy"] > 0 else None
             busy = f"{r['busy']:.1f}" if r["busy"] else "—"
@@ -268,7 +264,7 @@ def shape_line(args, spec: Spec) -> str:
     return (
         f"Shape per rank: T {spec.tokens} tokens, D {spec.dim}, E {spec.num_experts} experts of H "
         f"{spec.expert_hidden} (G {spec.granularity}), top {spec.k}, {spec.dtype}, dropless; "
-        f"median of {args.reps} steps after {args.warmup}; {args.threads} thread(s) per rank."
+        f"the least and the median of {args.reps} steps after {args.warmup}; {args.threads} thread(s) per rank."
     )
 
 
@@ -292,8 +288,9 @@ def main(argv: list[str] | None = None) -> str:
             out += how + [""] + time_table(simulated(args, spec, kinds, bytes_per_s, latency_s), link=True)
             out += [
                 "",
-                "hidden (times): 1 - (T - T_nocomm) / (T_plain - T_nocomm), n/a where T_plain - T_nocomm is within",
-                "the steps' spread (noise). hidden (waits): 1 - waited / link busy, the link's own account.",
+                "hidden (times): 1 - (T - T_nocomm) / (T_plain - T_nocomm) of the least step times (n/a: plain not",
+                "slower than no-comm). hidden (waits): 1 - waited / link busy, the link's own account, which the",
+                "load of other jobs on the machine does not move.",
                 "At most min(1, T_nocomm / link busy) can be hidden: the link cannot finish before its bytes are sent.",
             ]
         if "gloo" in args.parts:
