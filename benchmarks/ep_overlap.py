@@ -62,6 +62,9 @@ from sparsetron.model.config import MoEConfig
 from sparsetron.train.flops import PEAK_BF16_TFLOPS
 
 BF16_BYTES = 2
+# Per rank. CPU: the CPU MoE shape; GPU: the MoE anchor's expert shape at half its tokens.
+CPU_DEFAULTS = dict(tokens=4096, dim=256, experts=16, hidden=128, top_k=4, dtype="fp32", eps="2,4", reps=3)
+GPU_DEFAULTS = dict(tokens=8192, dim=2048, experts=64, hidden=1408, top_k=6, dtype="bf16", eps="8", reps=10)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -89,29 +92,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default=None, help="also write the report to this file")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
-    defaults = (
-        {
-            "tokens": 8192,
-            "dim": 2048,
-            "experts": 64,
-            "hidden": 1408,
-            "top_k": 6,
-            "dtype": "bf16",
-            "eps": "8",
-            "reps": 10,
-        }
-        if gpu
-        else {
-            "tokens": 4096,
-            "dim": 256,
-            "experts": 16,
-            "hidden": 128,
-            "top_k": 4,
-            "dtype": "fp32",
-            "eps": "2,4",
-            "reps": 3,
-        }
-    )
+    if gpu and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device")
+    defaults = GPU_DEFAULTS if gpu else CPU_DEFAULTS
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -273,7 +256,7 @@ def main(argv: list[str] | None = None) -> str:
     spec = spec_of(args)
     kinds = dispatcher_kinds(args.chunks)
     out = ["# Expert-parallel overlap (benchmarks/ep_overlap.py)", "", shape_line(args, spec)]
-    if args.device == "cuda":
+    if "gpu" in args.parts:
         from ep_overlap_gpu import gpu_report
 
         rows = gpu_report(args, spec, kinds)

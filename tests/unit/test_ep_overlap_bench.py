@@ -248,6 +248,7 @@ def test_the_report_of_a_tiny_simulated_run():
         (["--granularity", "3"], "--granularity 3 must divide --hidden 128"),
         (["--parts", "gpu"], "--parts 'gpu': on cpu one of bytes, gloo, sim"),
         (["--link-gbps", "0"], "--link-gbps must be > 0"),
+        (["--routings", "skewed"], "--routings 'skewed': balanced or real"),
     ],
 )
 def test_bad_flags_are_refused_by_name_before_any_work(argv, message):
