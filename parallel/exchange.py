@@ -13,10 +13,11 @@ How the work runs asynchronously:
   and `wait` joins it. The tensors stay referenced by the handle until then.
 - CUDA (NCCL): every exchange is issued from one dedicated side stream. `start` makes the
   side stream wait for the compute stream (the rows to send were written there), issues the
-  collective, and records both buffers on the side stream (`record_stream`), so the caching
-  allocator does not hand their memory to a compute-stream tensor while NCCL still reads or
-  writes it, even when the caller drops its references early. `wait` makes the compute
-  stream wait for the side stream's work to end, and no host sync happens at all. Without
+  collective (NCCL's own stream waits for the side stream), and records both buffers on the
+  side stream (`record_stream`; ProcessGroupNCCL holds them for its own stream), so the caching
+  allocator does not hand their memory to a compute-stream tensor while the exchange still
+  reads or writes it, even when the caller drops its references early. `wait` makes the side
+  stream wait for NCCL's and the compute stream for the side stream; no host sync at all. Without
   the first fence NCCL could send rows the compute stream has not finished writing; without
   the second the compute stream could read rows that have not arrived (tests/gpu holds a
   test for each).

