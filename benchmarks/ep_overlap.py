@@ -3,7 +3,7 @@
 For each ep degree P, the MoE layer's forward + backward on one rank (T tokens per rank) with
 
 - the plain all-to-all dispatcher (each exchange waited for at once),
-- the overlapped dispatcher at C chunks (when this commit has it),
+- the overlapped dispatcher (parallel/overlapped_dispatch.py) at C chunks,
 - no-comm: every exchange replaced by a local copy of what was sent (ep_overlap_links.py),
 
 and the fraction of communication hidden, 1 - (T_overlap - T_nocomm) / (T_plain - T_nocomm).
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> str:
                 "hidden (times): 1 - (T - T_nocomm) / (T_plain - T_nocomm) of the least step times (n/a: plain not",
                 "slower than no-comm). hidden (waits): 1 - waited / link busy, the link's own account, which the",
                 "load of other jobs on the machine does not move.",
-                "At most min(1, T_nocomm / link busy) can be hidden: the link cannot finish before its bytes are sent.",
+                "Roughly min(1, T_nocomm / link busy) can hide at most: the link does not finish before its bytes are",
+                "sent, and only compute can run meanwhile.",
             ]
         if "gloo" in args.parts:
             from ep_overlap_gloo import gloo_rows

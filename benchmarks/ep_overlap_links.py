@@ -23,7 +23,7 @@ the link uses no core. On a GPU the same model runs on a side stream: the copy, 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -46,7 +46,6 @@ class Traffic:
     """Bytes of the integer exchanges (the per-expert, per-chunk row counts)."""
     leaving_bytes: int = 0
     """Bytes of all exchanges that go to another rank: what a network carries."""
-    leaving_per_exchange: list[int] = field(default_factory=list)
 
     def add(self, inp: torch.Tensor, in_splits: list[int] | None, size: int) -> int:
         """Count one exchange of `inp` split by `in_splits` over `size` ranks; returns its leaving bytes."""
@@ -62,7 +61,6 @@ class Traffic:
         else:
             self.count_bytes += inp.nbytes
         self.leaving_bytes += leaving
-        self.leaving_per_exchange.append(leaving)
         return leaving
 
 
