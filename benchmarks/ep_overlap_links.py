@@ -88,7 +88,8 @@ class LoopbackExchange(Exchange):
         self.traffic = Traffic(rank=rank)
 
     def start(self, out, inp, out_splits=None, in_splits=None) -> Pending:
-        if out.shape != inp.shape or (out_splits is not None and list(out_splits) != list(in_splits)):
+        same_splits = (out_splits is None) == (in_splits is None) and list(out_splits or []) == list(in_splits or [])
+        if out.shape != inp.shape or not same_splits:
             raise ValueError(
                 f"loopback receives what it sends: out {tuple(out.shape)} splits {out_splits} "
                 f"against inp {tuple(inp.shape)} splits {in_splits}"

@@ -65,6 +65,8 @@ def test_the_link_completes_after_bytes_over_bandwidth_from_start_one_exchange_a
 def test_loopback_refuses_to_receive_other_than_it_sent():
     with pytest.raises(ValueError, match="loopback receives what it sends"):
         LoopbackExchange(2).start(torch.empty(5, 3), torch.empty(5, 3), [3, 2], [2, 3])
+    with pytest.raises(ValueError, match="loopback receives what it sends"):
+        LoopbackExchange(2).start(torch.empty(5, 3), torch.empty(4, 3))
 
 
 def grads(layer, x_TD):
