@@ -25,6 +25,22 @@ def cpu_median_ms(fn: Callable[[], object], reps: int, warmup: int = 0) -> float
     return statistics.median(times)
 
 
+def cpu_interleaved_ms(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 0) -> dict[str, list[float]]:
+    """Wall milliseconds of `reps` rounds, each calling every fn once in turn, after `warmup`
+    untimed rounds: {name: its times}. Load from other processes that comes and goes then falls
+    on every fn alike, so their ratios are steadier than those of one fn timed after another."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def emit(report: str, output: str | None) -> str:
     """Print the report and, when `output` names a file, write it there too; returns the report."""
     print(report, flush=True)
