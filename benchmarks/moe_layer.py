@@ -14,8 +14,9 @@ dtype and G, each peer's forward and forward+backward time and its ratio to spar
 
 On a CPU the script restarts itself once with THP_MEM_ALLOC_ENABLE=1 (as `sparsetron train`
 does, `launch.cli.use_cpu_huge_pages`; THP_MEM_ALLOC_ENABLE=0 opts out), so every peer runs with
-the same allocator, and says which it ran with. CPU timings interleave the peers, one call of
-each per round, so that load from other processes falls on all of them alike.
+the same allocator, and says which it ran with. CPU timings interleave the peers, one timed call
+of each per round (after an untimed one), so that load from other processes falls on all of them
+alike.
 
 Needs `pip install -e ".[dev]"` (transformers). megatron-core is optional (`pip install
 megatron-core`, 0.16 on Python 3.11); without it its rows are left out, with a note. The CI does
@@ -360,8 +361,8 @@ def time_all(found: dict[str, nn.Module], x, grad, device: str, reps: int) -> di
                    triton.testing.do_bench(fb, return_mode="median"), None)
             for name, (f, fb) in calls.items()
         }  # fmt: skip
-    fwd = cpu_interleaved_ms({name: f for name, (f, _) in calls.items()}, reps=reps, warmup=1)
-    fwd_bwd = cpu_interleaved_ms({name: fb for name, (_, fb) in calls.items()}, reps=reps, warmup=1)
+    fwd = cpu_interleaved_ms({name: f for name, (f, _) in calls.items()}, reps=reps, settle=1)
+    fwd_bwd = cpu_interleaved_ms({name: fb for name, (_, fb) in calls.items()}, reps=reps, settle=1)
     return {name: (*_median_spread(fwd[name]), *_median_spread(fwd_bwd[name])) for name in calls}
 
 
@@ -432,7 +433,10 @@ def main(argv: list[str] | None = None) -> str:
             print(tables[-1] + "\n", flush=True)
             del found
     if args.device == "cpu":
-        tables.append(f"CPU: median of {args.reps} interleaved rounds; ± is half the interquartile range.")
+        tables.append(
+            f"CPU: median of {args.reps} interleaved rounds (each peer called twice in a row, the second timed); "
+            "± is half the interquartile range."
+        )
     tables += sorted(set(notes))
     for note in sorted(set(notes)):
         print(note)
