@@ -25,17 +25,12 @@ def cpu_median_ms(fn: Callable[[], object], reps: int, warmup: int = 0) -> float
     return statistics.median(times)
 
 
-def cpu_interleaved_ms(
-    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 0, settle: int = 0
-) -> dict[str, list[float]]:
-    """Wall milliseconds of `reps` rounds, each calling every fn in turn, after `warmup` untimed
-    rounds: {name: its times}. Load from other processes that comes and goes then falls on every
-    fn alike, so their ratios are steadier than those of one fn timed after another. `settle`
-    untimed calls precede each timed one, so that a fn is not timed right after another's: one
-    that leaves gigabytes to the OS makes the next pay for faulting its pages back in."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+def cpu_interleaved_ms(fns: dict[str, Callable[[], object]], reps: int, settle: int = 0) -> dict[str, list[float]]:
+    """Wall milliseconds of `reps` rounds, each calling every fn in turn: {name: its times}. Load
+    from other processes that comes and goes then falls on every fn alike, so their ratios are
+    steadier than those of one fn timed after another. `settle` untimed calls precede each timed
+    one, so that a fn is not timed right after another's: one that leaves gigabytes to the OS
+    makes the next pay for faulting its pages back in."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
