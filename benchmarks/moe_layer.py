@@ -29,6 +29,7 @@ import argparse
 import copy
 import os
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -331,7 +332,7 @@ def check_all(found: dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, 
         check_agreement(name, dx_, dx[HF], dtype, what="input gradient")
 
 
-def time_all(found: dict[str, nn.Module], x, grad, device: str, reps: int) -> dict[str, tuple]:
+def time_all(found: dict[str, nn.Module], x, grad, device: str, reps: int, clock=time.perf_counter) -> dict[str, tuple]:
     """{name: (fwd ms, fwd spread, fwd+bwd ms, fwd+bwd spread)}; spread is the interquartile range
     over the median (CPU), None on the GPU."""
     calls = {}
@@ -361,8 +362,8 @@ def time_all(found: dict[str, nn.Module], x, grad, device: str, reps: int) -> di
                    triton.testing.do_bench(fb, return_mode="median"), None)
             for name, (f, fb) in calls.items()
         }  # fmt: skip
-    fwd = cpu_interleaved_ms({name: f for name, (f, _) in calls.items()}, reps=reps, settle=1)
-    fwd_bwd = cpu_interleaved_ms({name: fb for name, (_, fb) in calls.items()}, reps=reps, settle=1)
+    fwd = cpu_interleaved_ms({name: f for name, (f, _) in calls.items()}, reps=reps, settle=1, clock=clock)
+    fwd_bwd = cpu_interleaved_ms({name: fb for name, (_, fb) in calls.items()}, reps=reps, settle=1, clock=clock)
     return {name: (*_median_spread(fwd[name]), *_median_spread(fwd_bwd[name])) for name in calls}
 
 
@@ -400,6 +401,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--granularity", nargs="+", type=int, default=[1], help="G values; default 1")
     parser.add_argument("--reps", type=int, default=7, help="CPU: timed rounds per peer (median reported)")
     parser.add_argument("--threads", type=int, default=None, help="CPU: torch threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="CPU: wall time, or the process's CPU time (all threads; leaves out waiting "
+                        "for a core on a shared machine)")  # fmt: skip
     for name in GPU_SHAPES:
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
@@ -429,13 +433,14 @@ def main(argv: list[str] | None = None) -> str:
             x = torch.randn(1, shape.tokens, shape.dim, device=shape.device, dtype=shape.dtype)
             grad = torch.randn_like(x)
             check_all(found, x, grad, shape.dtype)
-            tables.append(table(shape, G, time_all(found, x, grad, args.device, args.reps)))
+            clock = time.process_time if args.clock == "process" else time.perf_counter
+            tables.append(table(shape, G, time_all(found, x, grad, args.device, args.reps, clock)))
             print(tables[-1] + "\n", flush=True)
             del found
     if args.device == "cpu":
         tables.append(
-            f"CPU: median of {args.reps} interleaved rounds (each peer called twice in a row, the second timed); "
-            "± is half the interquartile range."
+            f"CPU: median {args.clock} time of {args.reps} interleaved rounds (each peer called twice in a row, "
+            "the second timed); ± is half the interquartile range."
         )
     tables += sorted(set(notes))
     for note in sorted(set(notes)):
