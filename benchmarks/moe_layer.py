@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> str:
             f"CPU: median {args.clock} time of {args.reps} interleaved rounds (each peer called twice in a row, "
             "the second timed); ± is half the interquartile range."
         )
+        print(tables[-1])
     tables += sorted(set(notes))
     for note in sorted(set(notes)):
         print(note)
