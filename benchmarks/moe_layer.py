@@ -133,12 +133,13 @@ class PlainGroupedMoE(nn.Module):
         return torch.zeros_like(x_TD).index_add_(0, token_A, y_AD).view(x_BSD.shape)
 
 
-# --- megatron-core on one process, on a CPU ---
+# --- megatron-core on one process, without Transformer Engine, on a CPU or a GPU ---
 
 
-def _patch_megatron_for_cpu() -> None:
-    """The fewest changes under which megatron-core 0.16's MoELayer runs without CUDA or
-    Transformer Engine; none of them changes what the layer computes."""
+def _patch_megatron(device: str) -> None:
+    """The fewest changes under which megatron-core 0.16's MoELayer runs without Transformer
+    Engine or the `grouped_gemm` package, and on a CPU without CUDA; none of them changes what
+    the layer computes."""
     from types import SimpleNamespace
 
     from megatron.core.transformer.moe import grouped_gemm_util, moe_utils, router
@@ -148,6 +149,18 @@ def _patch_megatron_for_cpu() -> None:
     # name, so the router's linear raises NameError without TE; None selects its torch.mm path.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # GroupedMLP's grouped GEMM comes from the `grouped_gemm` CUDA package; torch's grouped_mm
+    # (also fp32 and bf16 on a CPU since torch 2.9) computes the same product.
+    def gmm(a_AD, b_EDH, batch_sizes_E, trans_b=False):
+        b_EDH = b_EDH.transpose(1, 2) if trans_b else b_EDH
+        return _torch_grouped_mm(a_AD, b_EDH, offs=batch_sizes_E.cumsum(0).to(a_AD.device, torch.int32))
+
+    if grouped_gemm_util.grouped_gemm is None and _torch_grouped_mm is not None:
+        grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=SimpleNamespace(gmm=gmm))
+        grouped_gemm_util.ops = grouped_gemm_util.grouped_gemm.ops
+    if device != "cpu":
+        return
 
     # The router's gating moves a CPU-resident weight to the current CUDA device on every call.
     # This is the same gating minus that move.
@@ -162,16 +175,6 @@ def _patch_megatron_for_cpu() -> None:
     MoEAlltoAllTokenDispatcher._maybe_dtoh_and_synchronize = lambda self, point, tokens_per_expert=None: (
         tokens_per_expert
     )
-
-    # GroupedMLP's grouped GEMM comes from the `grouped_gemm` CUDA package; torch's grouped_mm
-    # (fp32 and bf16 on a CPU in torch >= 2.9) computes the same product.
-    def gmm(a_AD, b_EDH, batch_sizes_E, trans_b=False):
-        b_EDH = b_EDH.transpose(1, 2) if trans_b else b_EDH
-        return _torch_grouped_mm(a_AD, b_EDH, offs=batch_sizes_E.cumsum(0).to(a_AD.device, torch.int32))
-
-    if grouped_gemm_util.grouped_gemm is None and _torch_grouped_mm is not None:
-        grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=SimpleNamespace(gmm=gmm))
-        grouped_gemm_util.ops = grouped_gemm_util.grouped_gemm.ops
 
 
 def megatron_ready(device: str) -> str | None:
@@ -188,8 +191,7 @@ def megatron_ready(device: str) -> str | None:
         dist.init_process_group("gloo" if device == "cpu" else "nccl", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel()
-    if device == "cpu":
-        _patch_megatron_for_cpu()
+    _patch_megatron(device)
     return None
 
 
