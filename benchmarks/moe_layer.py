@@ -11,6 +11,8 @@ dtype and G, each peer's forward and forward+backward time and its ratio to spar
     python benchmarks/moe_layer.py                  # GPU: the anchor shapes (64 experts, top-6, d 2048), bf16
     python benchmarks/moe_layer.py --device cpu     # 4096 tokens, d 256, 16 experts of 128, top-4, fp32
     python benchmarks/moe_layer.py --device cpu --dtype fp32 bf16 --granularity 1 4 16
+    # on a CPU shared with other jobs: one thread, the process's CPU time (see --clock)
+    python benchmarks/moe_layer.py --device cpu --dtype fp32 bf16 --granularity 1 4 16 --threads 1 --clock process
 
 On a CPU the script restarts itself once with THP_MEM_ALLOC_ENABLE=1 (as `sparsetron train`
 does, `launch.cli.use_cpu_huge_pages`; THP_MEM_ALLOC_ENABLE=0 opts out), so every peer runs with
@@ -20,7 +22,7 @@ alike.
 
 Needs `pip install -e ".[dev]"` (transformers). megatron-core is optional (`pip install
 megatron-core`, 0.16 on Python 3.11); without it its rows are left out, with a note. The CI does
-not install it: no test runs this script with megatron.
+not install it, and the test of megatron's rows skips without it.
 """
 
 from __future__ import annotations
