@@ -70,9 +70,15 @@ def test_check_stops_a_peer_that_computes_another_function(bench):
 
 def test_cpu_report_is_whole_and_checked(bench, capsys, monkeypatch):
     monkeypatch.setattr(bench, "megatron_ready", lambda device: "left out here")
-    args = ["--device", "cpu", "--dtype", "fp32", "bf16", "--granularity", "2", "--reps", "2"]
+    # One thread: on a loaded 2-core machine every two-thread parallel region (transformers combines
+    # with index_add_) waits for a descheduled thread, ~60 ms a call (25 s for this test, measured).
+    args = ["--device", "cpu", "--dtype", "fp32", "bf16", "--granularity", "2", "--reps", "2", "--threads", "1"]
     args += [f"--{name.replace('_', '-')}={value}" for name, value in SHAPE.items()]
-    report = bench.main(args)
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(args)
+    finally:
+        torch.set_num_threads(threads)  # the rest of the suite keeps its threads
     assert "THP_MEM_ALLOC_ENABLE=" in report
     for title in ("G=2: 37 tokens, d 24, 12 experts of hidden 6, top-4, float32",
                   "G=2: 37 tokens, d 24, 12 experts of hidden 6, top-4, bfloat16"):  # fmt: skip
