@@ -251,10 +251,14 @@ def layer_activation_bytes(
     layers = []
     for layer_id in range(model_cfg.n_layers):
         if uses_moe(layer_id, moe_cfg):
-            k, hidden = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg)
+            k, hidden, R = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
             shared = moe_cfg.n_shared_experts * hidden
             ffn = NORM * D + FP32 + b * D + 2 * FP32 * moe_cfg.routed_experts
-            ffn += k * (b * 2 * hidden + (b + FP32) * D) + b * 4 * shared  # grouped_swiglu keeps x w13 only
+            ffn += k * (b * 2 * hidden + (b + FP32) * R) + b * 4 * shared  # grouped_swiglu keeps x w13 only
+            if moe_cfg.dispatch_dim:
+                # The ascending projection keeps the combined rows; under 16-bit autocast the
+                # descending one keeps its own cast of the fp32 normalized input.
+                ffn += b * R + (b * D if b < FP32 else 0)
         else:
             ffn = NORM * D + FP32 + b * (D + 4 * model_cfg.ffn_hidden)
         op = ops[attn_cfg.backend == "moba" and attn_cfg.uses_moba(layer_id, model_cfg.n_layers)]
