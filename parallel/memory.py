@@ -8,7 +8,7 @@ the T = B S / cp tokens a rank holds (B rows of S positions, cp context ranks):
 
     attention  T (8 D + 4 + b D + 8 d  [+ 8 (D_q + D_kv) + 4 (H + K) with qk-norm]) + the op
     dense FFN  T (8 D + 4 + b (D + 4 F))
-    MoE        T (8 D + 4 + b D + 8 E + k (2 b H_e + (b + 4) D) + 4 b H_shared)
+    MoE        T (8 D + 4 + b D + 8 E + k (2 b H_e + (b + 4) R) + 4 b H_shared  [+ b R (+ b D in 16 bits) with dispatch_dim])
     head       T (8 D + 4 + b D + 4 V),  and 8 T for the embedding's token ids
 
 8 D + 4 is an RMSNorm (its fp32 input and normalized input, 1 / rms), 8 d the rotary cos and
@@ -27,7 +27,9 @@ token (its output, which the output projection keeps), without context paralleli
 
 b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width, d the head
 dim, D_q = H d and D_kv = K d the query and key/value widths, F the FFN hidden size, E the
-routed experts, k of them per token with hidden H_e, k_1 = topk - 1 past blocks (fewer where
+routed experts, k of them per token with hidden H_e and width R (moe.dispatch_dim, else D; the
+ascending projection keeps the R-wide combined rows, and under 16-bit autocast the descending one
+its own b D cast of the normalized input), k_1 = topk - 1 past blocks (fewer where
 a row has fewer blocks). MoBA's reference counts each row as one sequence: packed documents
 keep the sum of their squared lengths instead of S^2, so with documents it is an upper bound.
 
