@@ -251,3 +251,12 @@ def test_upcycling_refuses_it_by_name(tmp_path, capsys, monkeypatch):
     assert main([*args, "--set", "moe.dispatch_dim=32"]) != 0
     assert "moe.dispatch_dim=32" in capsys.readouterr().err
     assert not any((tmp_path / "moe").glob("step_*"))
+
+
+def test_hugging_face_import_refuses_it_by_name(tmp_path, capsys):
+    # The model sections of an import come from config.json; asking for the projections is refused
+    # before the source is even looked at (it need not exist).
+    args = ["convert", "--from", str(tmp_path / "hf"), "--to", str(tmp_path / "ck"), "--format", "sparsetron"]
+    assert main([*args, "--set", "moe.dispatch_dim=32"]) == 2
+    assert "moe.dispatch_dim=32" in capsys.readouterr().err
+    assert not (tmp_path / "ck").exists()
