@@ -108,7 +108,7 @@ def test_projection_gradients_are_those_of_the_function():
         params = {"dispatch_down.weight": w_down, "dispatch_up.weight": w_up}
         return torch.func.functional_call(moe, params, (x_TD,))
 
-    assert torch.autograd.gradcheck(f, (down.detach().requires_grad_(), up.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(f, (down.detach().requires_grad_(), up.detach().requires_grad_()), fast_mode=True)
     _, _, grads = forward_backward(moe, x_TD)
     assert grads["dispatch_down.weight"].abs().min() > 0 and grads["dispatch_up.weight"].abs().min() > 0
 
