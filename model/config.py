@@ -197,6 +197,7 @@ class MoEConfig:
         "n_shared_experts",
         "shared_expert_gate",
         "first_k_dense",
+        "dispatch_dim",
     )
 
     num_experts: int = 0
@@ -247,6 +248,8 @@ class MoEConfig:
     """Chunks the overlapped dispatcher splits each rank's tokens into (moe.dispatcher=overlapped)."""
     expert_backend: Literal["auto", "grouped_mm", "loop"] = "auto"
     """Expert GEMMs: torch grouped_mm, a per-expert loop, or auto (grouped_mm on CUDA GPUs with compute capability >= 9.0)."""
+    dispatch_dim: int = 0
+    """r: low-dimension dispatch (BigMac's descend-communicate-communicate-ascend). Each MoE layer projects its tokens D -> r before dispatch and r -> D after combine, so the dispatcher moves r numbers per token instead of D; routed experts take and return r-dim rows (hidden size unchanged). The router and shared experts keep the D-dim input. 0 = off; else 1 <= r <= model.dim. No dense model or Hugging Face family has it: upcycling and HF conversion refuse it."""
 
     @property
     def enabled(self) -> bool:
@@ -262,6 +265,10 @@ class MoEConfig:
 
     def hidden_size(self, model: ModelConfig) -> int:
         return self.expert_hidden or model.ffn_hidden // self.granularity
+
+    def expert_dim(self, model: ModelConfig) -> int:
+        """Width of the rows routed experts take and return: dispatch_dim, or model.dim when it is off."""
+        return self.dispatch_dim or model.dim
 
     def dispatcher_for(self, expert: int, prefix: str = "moe") -> Literal["local", "all_to_all", "overlapped"]:
         """The dispatcher that runs at parallel.expert=`expert`; refuses one that cannot run there.
@@ -288,6 +295,13 @@ class MoEConfig:
 
     def validate(self, model: ModelConfig, prefix: str = "moe") -> None:
         check(self.num_experts >= 0, f"{prefix}.num_experts", f"must be >= 0, got {self.num_experts}")
+        # Checked before the dense return: a projection that no layer would build must not pass silently.
+        check(
+            self.dispatch_dim == 0 or (self.enabled and 1 <= self.dispatch_dim <= model.dim),
+            f"{prefix}.dispatch_dim",
+            f"must be 0 (off) or in [1, model.dim={model.dim}] with MoE layers (num_experts={self.num_experts}), "
+            f"got {self.dispatch_dim}",
+        )
         if not self.enabled:
             return
         check(self.granularity >= 1, f"{prefix}.granularity", f"must be >= 1, got {self.granularity}")

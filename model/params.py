@@ -30,7 +30,8 @@ def _swiglu(dim: int, hidden: int) -> int:
 
 def active_params(model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None) -> int:
     """Parameters one token's forward multiplies with: every dense weight, the router, the shared
-    experts and top_k x granularity routed experts per MoE layer, and the output head. The input
+    experts, the dispatch projections (moe.dispatch_dim) and top_k x granularity routed experts
+    per MoE layer, and the output head. The input
     embedding is left out, as in `num_params(model, exclude_embeddings=True)`, which this equals
     for a dense model.
     """
@@ -44,9 +45,11 @@ def active_params(model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: Mo
     for layer_id in range(model_cfg.n_layers):
         total += attention + norms
         if moe_cfg is not None and moe_cfg.enabled and layer_id >= moe_cfg.first_k_dense:
-            hidden = moe_cfg.hidden_size(model_cfg)
+            hidden, R = moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
             total += D * moe_cfg.routed_experts  # router
-            total += moe_cfg.experts_per_token * _swiglu(D, hidden)
+            if moe_cfg.dispatch_dim:
+                total += 2 * D * R  # the descending and ascending projections
+            total += moe_cfg.experts_per_token * _swiglu(R, hidden)
             if moe_cfg.n_shared_experts:
                 total += _swiglu(D, moe_cfg.n_shared_experts * hidden)
                 if moe_cfg.shared_expert_gate:

@@ -132,6 +132,11 @@ def plan_upcycle(
     """
     if not moe.enabled:
         raise UpcycleError("moe.num_experts: the target recipe is dense (num_experts 0); nothing to upcycle into")
+    if moe.dispatch_dim:
+        raise UpcycleError(
+            f"moe.dispatch_dim={moe.dispatch_dim}: a dense FFN has no low-dimension dispatch projections to "
+            "start them from, so no upcycled model would compute what the dense one does; set 0"
+        )
     if router not in ("auto", "virtual_groups", "zero"):
         raise UpcycleError(f"router must be auto, virtual_groups or zero, got {router!r}")
     shape_problems, inexact = [], []

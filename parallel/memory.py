@@ -8,7 +8,7 @@ the T = B S / cp tokens a rank holds (B rows of S positions, cp context ranks):
 
     attention  T (8 D + 4 + b D + 8 d  [+ 8 (D_q + D_kv) + 4 (H + K) with qk-norm]) + the op
     dense FFN  T (8 D + 4 + b (D + 4 F))
-    MoE        T (8 D + 4 + b D + 8 E + k (2 b H_e + (b + 4) D) + 4 b H_shared)
+    MoE        T (8 D + 4 + b D + 8 E + k (2 b H_e + (b + 4) R) + 4 b H_shared  [+ b R (+ b D in 16 bits) with dispatch_dim])
     head       T (8 D + 4 + b D + 4 V),  and 8 T for the embedding's token ids
 
 8 D + 4 is an RMSNorm (its fp32 input and normalized input, 1 / rms), 8 d the rotary cos and
@@ -27,7 +27,9 @@ token (its output, which the output projection keeps), without context paralleli
 
 b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width, d the head
 dim, D_q = H d and D_kv = K d the query and key/value widths, F the FFN hidden size, E the
-routed experts, k of them per token with hidden H_e, k_1 = topk - 1 past blocks (fewer where
+routed experts, k of them per token with hidden H_e and width R (moe.dispatch_dim, else D; the
+ascending projection keeps the R-wide combined rows, and under 16-bit autocast the descending one
+its own b D cast of the normalized input), k_1 = topk - 1 past blocks (fewer where
 a row has fewer blocks). MoBA's reference counts each row as one sequence: packed documents
 keep the sum of their squared lengths instead of S^2, so with documents it is an upper bound.
 
@@ -251,10 +253,14 @@ def layer_activation_bytes(
     layers = []
     for layer_id in range(model_cfg.n_layers):
         if uses_moe(layer_id, moe_cfg):
-            k, hidden = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg)
+            k, hidden, R = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
             shared = moe_cfg.n_shared_experts * hidden
             ffn = NORM * D + FP32 + b * D + 2 * FP32 * moe_cfg.routed_experts
-            ffn += k * (b * 2 * hidden + (b + FP32) * D) + b * 4 * shared  # grouped_swiglu keeps x w13 only
+            ffn += k * (b * 2 * hidden + (b + FP32) * R) + b * 4 * shared  # grouped_swiglu keeps x w13 only
+            if moe_cfg.dispatch_dim:
+                # The ascending projection keeps the combined rows; under 16-bit autocast the
+                # descending one keeps its own cast of the fp32 normalized input.
+                ffn += b * R + (b * D if b < FP32 else 0)
         else:
             ffn = NORM * D + FP32 + b * (D + 4 * model_cfg.ffn_hidden)
         op = ops[attn_cfg.backend == "moba" and attn_cfg.uses_moba(layer_id, model_cfg.n_layers)]

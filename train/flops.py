@@ -5,7 +5,10 @@ The count is the usual "6N + attention" one (PaLM, appendix B):
 - every active, non-embedding weight does one multiply-add (2 FLOPs) per token in the
   forward and twice that in the backward: 6 FLOPs per weight per token. Embedding
   lookups are gathers and are not counted; an untied output head is a matmul and the
-  caller counts it among the active parameters when it wants it counted;
+  caller counts it among the active parameters when it wants it counted. With
+  `moe.dispatch_dim` r the two dispatch projections (2 D r per MoE layer) are active weights
+  and each routed expert is r wide (3 r H instead of 3 D H): `model.params.active_params`
+  counts both, so MFU follows the narrower experts;
 - attention scores (Q K^T) and the weighted sum (A V) each cost 2 * seq_len * head_dim
   FLOPs per head per token in the forward, 3x that forward + backward: 12 * n_layers *
   n_heads * head_dim * seq_len. A causal mask leaves half of the score matrix to

@@ -179,6 +179,8 @@ def export_family(model: ModelConfig, attention: AttentionConfig, moe: MoEConfig
 
     if attention.backend != "sdpa":
         raise refuse("attention.backend", attention.backend, "transformers runs full attention")
+    if moe.dispatch_dim:
+        raise refuse("moe.dispatch_dim", moe.dispatch_dim, "no transformers MoE projects tokens before its experts")
     if not moe.enabled:
         if attention.qk_norm:
             raise refuse("attention.qk_norm", True, "a dense model with q/k norm (qwen3) is not supported")

@@ -1,7 +1,8 @@
 """The MoE layer: route, then the dispatcher runs dispatch -> compute -> combine and the shared experts.
 
 Shape legend: B batch, S sequence, T = B * S tokens, D model dim, E routed experts,
-k experts per token, N rows sent to the experts.
+k experts per token, N rows sent to the experts, R the rows' width the experts take
+(moe.dispatch_dim, else D).
 """
 
 from __future__ import annotations
@@ -80,7 +81,12 @@ class MoE(nn.Module):
         self.top_k = moe_cfg.experts_per_token
         hidden = moe_cfg.hidden_size(model_cfg)
         self.router = Router(dim, moe_cfg)
-        self.experts = GroupedExperts(self.num_experts, dim, hidden, moe_cfg.expert_backend)
+        # BigMac's descend-communicate-communicate-ascend (README, "Low-dimension dispatch"): one
+        # projection shared by all experts, so the dispatcher moves R numbers per token, not D.
+        r = moe_cfg.dispatch_dim
+        self.dispatch_down = nn.Linear(dim, r, bias=False) if r else None
+        self.dispatch_up = nn.Linear(r, dim, bias=False) if r else None
+        self.experts = GroupedExperts(self.num_experts, moe_cfg.expert_dim(model_cfg), hidden, moe_cfg.expert_backend)
         n_shared = moe_cfg.n_shared_experts
         self.shared_experts = FeedForward(dim, n_shared * hidden) if n_shared > 0 else None
         self.shared_gate = nn.Linear(dim, 1, bias=False) if n_shared > 0 and moe_cfg.shared_expert_gate else None
@@ -111,7 +117,10 @@ class MoE(nn.Module):
                 "(parallel.apply_ep installs that dispatcher at parallel.expert > 1)"
             )
         route = self.router(x_TD)
-        y_TD, shared_TD, dropped = self.dispatcher.run(x_TD, route, self.experts, lambda: self._shared(x_TD))
+        # The router and the shared experts read the whole D-dim token; only the routed rows descend.
+        x_TR = self.dispatch_down(x_TD) if self.dispatch_down is not None else x_TD
+        y_TR, shared_TD, dropped = self.dispatcher.run(x_TR, route, self.experts, lambda: self._shared(x_TD))
+        y_TD = self.dispatch_up(y_TR) if self.dispatch_up is not None else y_TR
         # Always in this order, so every dispatcher rounds alike.
         if shared_TD is not None:
             y_TD = y_TD + shared_TD
@@ -238,7 +247,14 @@ class MoE(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
         self.router.init_weights(std)
-        self.experts.init_weights(std, out_std)
+        if self.dispatch_up is None:
+            self.experts.init_weights(std, out_std)
+        else:
+            # The ascending projection, not the experts, now writes into the residual stream: it
+            # takes the depth-scaled std, and the experts' w2 the plain one of an inner layer.
+            self.experts.init_weights(std, std)
+            nn.init.normal_(self.dispatch_down.weight, std=std)
+            nn.init.normal_(self.dispatch_up.weight, std=out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
         if self.shared_gate is not None:
@@ -251,6 +267,7 @@ class MoE(nn.Module):
         cfg = self.moe_cfg
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, shared={cfg.n_shared_experts}, "
+            f"dispatch_dim={cfg.dispatch_dim or self.dim}, "
             f"capacity_factor={cfg.capacity_factor}, aux={cfg.aux_loss_coeff}@{cfg.aux_loss_level}, "
             f"z={cfg.z_loss_coeff}, bias_rate={cfg.bias_update_rate}"
         )

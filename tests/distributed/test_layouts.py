@@ -5,6 +5,8 @@ AdamW's first steps from magnifying the reduction-order rounding of near-zero gr
 Checkpoints written at one layout resume at another. The overlapped dispatcher trains like the
 plain all-to-all at ep2, ep4, ep2 x tp2 (with activation checkpointing and compile) and pp2 x ep2
 (with activation checkpointing), dropless and with capacity drops, with and without shared experts.
+Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, ep4, ep2 x tp2 (also
+with the overlapped dispatcher) and pp2 x ep2, and its checkpoint resumes from ep2 at pp2 x ep2.
 """
 
 import pytest
@@ -44,6 +46,10 @@ def overlapped(chunks):
 
 
 CAPACITY = ["moe.capacity_factor=1.0", "moe.n_shared_experts=0"]
+# Low-dimension dispatch (BigMac): expert parallelism exchanges r-wide rows, tensor parallelism sums
+# the replicated projections' gradients, a pipeline cuts between blocks that hold them.
+DISPATCH_DIM = ["moe.dispatch_dim=16"]  # debug-deepseek's dim is 64: a quarter, as BigMac's D / 4
+DISPATCH_DIM_LAYOUTS = ["ep2", "ep4", "ep2xtp2", "pp2xep2"]
 # The overlapped dispatcher against the plain all-to-all at the same layout:
 # name: (plain layout, its extra overrides, the overlapped run's extra overrides)
 OVERLAPPED = {
@@ -61,6 +67,8 @@ RESHARDS = {
     "ep2->ep4": ("ep2", "ep4"),
     "pp2->one process": ("pp2-1f1b", None),
     "pp2-zero_bubble->pp2xtp2": ("pp2-zero_bubble", "pp2xtp2"),
+    # The low-dimension projections move from every rank's block to one stage's.
+    "ep2->pp2xep2 (dispatch_dim)": ("ep2-dispatch-dim", "pp2xep2-dispatch-dim"),
 }
 
 
@@ -85,6 +93,11 @@ def all_layouts() -> dict[str, Layout]:
         layouts[f"{case}-overlapped"] = Layout(world, dp, [*overrides, *extra, *chunked])
     world, dp, overrides = LAYOUTS["ep2"]
     layouts["ep2-overlapped-bf16"] = Layout(world, dp, [*overrides, *overlapped(3), *BF16])
+    for name in DISPATCH_DIM_LAYOUTS:
+        world, dp, overrides = LAYOUTS[name]
+        layouts[f"{name}-dispatch-dim"] = Layout(world, dp, [*overrides, *DISPATCH_DIM])
+    world, dp, overrides = LAYOUTS["ep2xtp2"]
+    layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
     return layouts
 
 
@@ -145,6 +158,14 @@ def test_overlapped_dispatch_in_bf16_within_bf16_error(trained, reference):
     assert_within_bf16_error(trained["ep2-overlapped-bf16"], reference(*BF16), reference())
 
 
+@pytest.mark.parametrize("layout", [*DISPATCH_DIM_LAYOUTS, "ep2xtp2-dispatch-dim-overlapped"])
+def test_layout_with_dispatch_dim_trains_like_one_process(trained, reference, layout):
+    single = reference(*DISPATCH_DIM)
+    assert any(".dispatch_down." in name for name in single[2])
+    run = trained[layout if layout.endswith("overlapped") else f"{layout}-dispatch-dim"]
+    assert_same_training(run, single, load_flips=1 if layout.endswith("overlapped") else 0)
+
+
 @pytest.mark.parametrize("reshard", list(RESHARDS))
 def test_checkpoint_resumes_at_another_layout(trained, reference, reshard):
-    assert_resumed_like_straight(trained[reshard], reference())
+    assert_resumed_like_straight(trained[reshard], reference(*(DISPATCH_DIM if "dispatch_dim" in reshard else ())))
