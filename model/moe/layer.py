@@ -63,9 +63,10 @@ class MoE(nn.Module):
     gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
     `dispatcher` sequences dispatch, expert compute, shared experts and combine: a
     LocalDispatcher here unless moe.dispatcher names one that exchanges tokens between ranks
-    (all_to_all, overlapped), which `parallel.apply_ep` installs. Set by the parallel code (None here): `count_reducer` sums the aux loss's expert
-    counts over every rank holding other tokens when aux_loss_level is "global"; `token_split`
-    says that this rank holds a part of every sequence (see balancing.TokenSplit).
+    (all_to_all, overlapped), which `parallel.apply_ep` installs. Set by the parallel code (None
+    here): `count_reducer` sums the aux loss's expert counts over every rank holding other
+    tokens when aux_loss_level is "global"; `token_split` says that this rank holds a part of
+    every sequence (see balancing.TokenSplit).
 
     A training forward (module in training mode, gradients enabled) adds its statistics to
     the optimizer step's sums, so any number of forwards may run before their backwards (a
