@@ -50,7 +50,8 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
 
     Works on the meta device (call before `to_empty` and `init_weights` under
     `SingleProcessInit`) and before `apply_fsdp`, which then shards the experts over
-    edp_shard. Routers and shared experts stay replicated: they are dense parameters.
+    edp_shard. Routers, shared experts and the dispatch_dim projections stay replicated: they are
+    dense parameters.
 
     With tensor parallelism, the ep groups lie within one tensor-parallel index (mesh["ep"]
     keeps tp fixed) and experts are replicated over tp, not split (expert-tensor-parallel
