@@ -212,9 +212,9 @@ def sum_grads_over_tp(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     Why a sum: every rank of the group computes the same loss, on the same batch, with logits
     gathered whole, so nothing is averaged over tp. A parameter that `apply_tp` left
     replicated (router, experts, shared experts and gate, dispatch_dim projections of every MoE
-    layer; q_norm and k_norm)
-    was applied by each rank to a disjoint part of the work (its own S/tp tokens, its own heads),
-    and the loss depends on it through each part; its true gradient is the sum of the parts.
+    layer; q_norm and k_norm) was applied by each rank to a disjoint part of the work (its own
+    S/tp tokens, its own heads), and the loss depends on it through each part; its true gradient
+    is the sum of the parts.
     The same holds for the sequence-parallel norm weights, which DTensor leaves as
     Partial(sum) when no FSDP redistributes them; they become Replicate here.
 
