@@ -35,7 +35,6 @@ CASES = {
     "few-tokens": (2, 0.0, "probability", False),
     "capacity-probability": (40, 0.75, "probability", False),
     "capacity-position-skewed": (40, 1.0, "position", True),
-    "skewed": (24, 0.0, "probability", True),
 }
 DTYPES = {"fp64": torch.float64, "fp32": torch.float32, "bf16-autocast": torch.bfloat16}
 
