@@ -31,15 +31,13 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
-import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from report import spawn_gloo_ranks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Collectives that move no data of their own (completion and autograd bookkeeping).
@@ -226,12 +224,6 @@ def worker(spec: dict) -> dict:
     return results
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank: int, world: int, port: int, spec: dict, result_dir: str, timeout: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout))
@@ -247,28 +239,4 @@ def _entry(rank: int, world: int, port: int, spec: dict, result_dir: str, timeou
 def run_ranks(spec: dict, timeout: float) -> list[dict]:
     """`worker(spec)` on max(spec["cps"]) spawned gloo ranks; each rank's result, by rank. A rank
     that raises fails the call with its traceback; past `timeout` seconds every rank is killed."""
-    world = max(spec["cps"])
-    with tempfile.TemporaryDirectory(prefix="cp-bench-") as result_dir:
-        context = mp.start_processes(
-            _entry,
-            args=(world, free_port(), spec, result_dir, timeout),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + timeout
-        try:
-            while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
-                    raise TimeoutError(f"the gloo ranks ran past --timeout {timeout:.0f} s; ranks {alive} were running")
-        finally:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        results = []
-        for rank in range(world):
-            with open(os.path.join(result_dir, f"{rank}.pkl"), "rb") as f:
-                results.append(pickle.load(f))
-        return results
+    return spawn_gloo_ranks(_entry, max(spec["cps"]), (spec,), timeout, "cp-bench-")

@@ -14,15 +14,12 @@ import datetime
 import os
 import pickle
 import statistics
-import tempfile
-import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from context_parallel_gloo import free_port
 from ep_overlap_core import Spec, dispatcher_kinds, inputs, interleaved_steps, variants
 from ep_overlap_links import CountingExchange
+from report import spawn_gloo_ranks
 
 
 def rank_rows(args: dict, spec: Spec, pg, P: int) -> list[dict]:
@@ -63,26 +60,5 @@ def _entry(rank: int, world: int, port: int, args: dict, spec: Spec, result_dir:
 
 def gloo_rows(args: argparse.Namespace, spec: Spec) -> list[dict]:
     """Rank 0's rows (every rank holds the same maxima); past --timeout every rank is killed."""
-    world = max(args.eps)
     plain = {k: getattr(args, k) for k in ("eps", "chunks", "gloo_routings", "reps", "warmup", "threads")}
-    with tempfile.TemporaryDirectory(prefix="ep-bench-") as result_dir:
-        context = mp.start_processes(
-            _entry,
-            args=(world, free_port(), plain, spec, result_dir, args.timeout),
-            nprocs=world,
-            join=False,
-            start_method="spawn",
-        )
-        deadline = time.monotonic() + args.timeout
-        try:
-            while not context.join(timeout=max(0.0, deadline - time.monotonic())):
-                if time.monotonic() >= deadline:
-                    alive = [r for r, p in enumerate(context.processes) if p.is_alive()]
-                    raise TimeoutError(f"the gloo ranks ran past --timeout {args.timeout:.0f} s; ranks {alive} ran")
-        finally:
-            for p in context.processes:
-                if p.is_alive():
-                    p.kill()
-                p.join()
-        with open(os.path.join(result_dir, "0.pkl"), "rb") as f:
-            return pickle.load(f)
+    return spawn_gloo_ranks(_entry, max(args.eps), (plain, spec), args.timeout, "ep-bench-")[0]
