@@ -7,7 +7,8 @@
 # Parts, in order, each under `timeout` with its own budget in seconds, so that one hang cannot
 # eat the rest (the last part also gets whatever the others left of SUITE_BUDGET, default 540):
 #   pytest_gpu     80   pytest -m gpu tests/gpu
-#   moe_layer      50   benchmarks/moe_layer.py, the anchor shapes (sparsetron vs transformers)
+#   moe_layer      50   benchmarks/moe_layer.py, the anchor shapes (sparsetron vs transformers, a plain
+#                       grouped_mm layer, and megatron-core when installed)
 #   moba              80   benchmarks/moba.py --quick --configs 512/3 (S 8K, 32K)
 #   doc_attention     70   benchmarks/doc_attention.py (dense document mask vs varlen, 8K and 32K)
 #   context_parallel  70   benchmarks/context_parallel.py (each cp rank's MoBA / varlen op beside the
