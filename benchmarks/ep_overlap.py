@@ -21,7 +21,8 @@ Parts (--parts):
 - gloo: P spawned CPU processes exchanging over gloo for real, one thread each. On two cores they
   show almost no hiding: gloo's copies run on the same cores as the experts.
 - bytes: bytes per token per layer moved by the exchanges, counted at the seam in one step, next
-  to the formula 4 k width element_bytes, with width D and with moe.dispatch_dim r = D / 4.
+  to the formula k (4 width element_bytes + 2 x 4) (rows four times, fp32 routing weights twice),
+  with width D and with moe.dispatch_dim r = D / 4.
 - On CUDA (--device cuda; ep_overlap_gpu.py): one GPU runs the simulated link on a side stream, two
   or more (torchrun) the real NCCL exchange; a torch.profiler trace gives |comm ∩ compute| / |comm|.
 
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> str:
     if "bytes" in args.parts:
         out += ["", "## Bytes per token per layer (dispatch + combine, forward + backward; balanced routing)", ""]
         out += bytes_table(args, spec)
-        out += ["", "formula: 4 k width element_bytes; leaving: x (P - 1) / P. counts: the [E] int64 exchange."]
+        out += [
+            "",
+            "formula: k (4 width element_bytes + 2 x 4): rows four times, fp32 routing weights twice; "
+            "leaving: x (P - 1) / P. counts: the [E] int64 exchange.",
+        ]
     return emit("\n".join(out), args.output)
 
 

@@ -175,7 +175,8 @@ def pct(value: float | None) -> str:
 
 def analytic_bytes_per_token(k: int, width: int, element_bytes: int, P: int) -> tuple[int, float]:
     """(all rows exchanged, rows leaving the rank) per token per layer: k rows of `width` numbers, moved
-    four times (dispatch and combine, forward and backward); under balanced routing (P - 1) / P of
-    them go to another rank."""
-    total = 4 * k * width * element_bytes
+    four times (dispatch and combine, forward and backward), and k fp32 routing weights, moved twice
+    (with the dispatch, and their gradients back); under balanced routing (P - 1) / P of them go to
+    another rank."""
+    total = k * (4 * width * element_bytes + 2 * 4)
     return total, total * (P - 1) / P

@@ -41,7 +41,8 @@ class Traffic:
     """The rank whose sends stay local (its own share does not leave it)."""
     exchanges: int = 0
     row_bytes: int = 0
-    """Bytes of every exchange of floating-point rows (the token rows and their gradients)."""
+    """Bytes of every exchange of floating-point rows (the token rows, their routing weights and
+    the gradients of both)."""
     count_bytes: int = 0
     """Bytes of the integer exchanges (the per-expert, per-chunk row counts)."""
     leaving_bytes: int = 0

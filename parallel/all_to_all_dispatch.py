@@ -13,8 +13,9 @@ every rank:
     -> exchanges per-expert counts (one all-to-all), then the rows (uneven all-to-all)
     -> regroups the received rows, which come source-rank-major, by local expert
     -> computes the shared experts on its own tokens
-    -> computes its L experts on the received rows
-    and combine undoes the regroup and the exchange, then mixes by weight (LocalDispatcher).
+    -> computes its L experts on the received rows, each scaled by its routing weight (which
+       travels with it)
+    and combine undoes the regroup and the exchange, then sums each token's rows (LocalDispatcher).
 
 Every exchange goes through `parallel.exchange.Exchange`; this dispatcher waits for each one
 as soon as it starts it (`OverlappedDispatcher` in overlapped_dispatch.py does not).
@@ -38,38 +39,45 @@ from sparsetron.parallel.exchange import Exchange
 
 
 class _AllToAll(torch.autograd.Function):
-    """Rows exchanged with uneven splits, waited for at once; the backward sends each row's
-    gradient back the way it came (the same exchange with the splits swapped)."""
+    """Tensors exchanged row by row with the same uneven splits, all in flight together and
+    waited for at once; the backward sends each row's gradient back the way it came (the same
+    exchanges with the splits swapped)."""
 
     @staticmethod
-    def forward(ctx, x_ND, recv_splits, send_splits, exchange):
+    def forward(ctx, recv_splits, send_splits, exchange, *sent):
         ctx.recv_splits, ctx.send_splits, ctx.exchange = recv_splits, send_splits, exchange
-        y_MD = x_ND.new_empty(sum(recv_splits), *x_ND.shape[1:])
-        exchange.all_to_all(y_MD, x_ND.contiguous(), recv_splits, send_splits)
-        return y_MD
+        return _exchange_rows(exchange, sent, recv_splits, send_splits)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_MD):
-        grad_ND = grad_MD.new_empty(sum(ctx.send_splits), *grad_MD.shape[1:])
-        ctx.exchange.all_to_all(grad_ND, grad_MD.contiguous(), ctx.send_splits, ctx.recv_splits)
-        return grad_ND, None, None, None
+    def backward(ctx, *grads):
+        return None, None, None, *_exchange_rows(ctx.exchange, grads, ctx.send_splits, ctx.recv_splits)
+
+
+def _exchange_rows(
+    exchange: Exchange, tensors, out_splits: list[int], in_splits: list[int]
+) -> tuple[torch.Tensor, ...]:
+    outs = tuple(t.new_empty(sum(out_splits), *t.shape[1:]) for t in tensors)
+    pending = [exchange.start(out, t.contiguous(), out_splits, in_splits) for out, t in zip(outs, tensors, strict=True)]
+    for p in pending:
+        p.wait()
+    return outs
 
 
 class _Reorder(torch.autograd.Function):
-    """y = x[order]; the backward gathers by `inverse` (order's inverse permutation), so both
-    directions are gathers: free of atomics and bitwise reproducible."""
+    """Each tensor's rows taken in `order`; the backward gathers by `inverse` (order's inverse
+    permutation), so both directions are gathers: free of atomics and bitwise reproducible."""
 
     @staticmethod
-    def forward(ctx, x_MD, order_M, inverse_M):
+    def forward(ctx, order_M, inverse_M, *tensors):
         ctx.save_for_backward(inverse_M)
-        return x_MD.index_select(0, order_M)
+        return tuple(t.index_select(0, order_M) for t in tensors)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_MD):
+    def backward(ctx, *grads):
         (inverse_M,) = ctx.saved_tensors
-        return grad_MD.index_select(0, inverse_M), None, None
+        return None, None, *(g.index_select(0, inverse_M) for g in grads)
 
 
 def expert_major_order(recv_PL: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -94,7 +102,7 @@ class AllToAllContext:
     """What `AllToAllDispatcher.combine` needs to undo a dispatch."""
 
     local: LocalContext
-    """The local sort by expert (undone last, with the weighted mix)."""
+    """The local sort by expert (undone last, with the sum over each token's rows)."""
     send_splits: list[int]
     """Rows this rank sent to each ep rank."""
     recv_splits: list[int]
@@ -136,37 +144,38 @@ class AllToAllDispatcher(Dispatcher):
         """Dispatch, shared experts, routed experts, combine: the shared experts come between the
         exchange and the routed experts, where an overlapped dispatcher computes them while the
         rows are in flight (this one's exchange has finished when `dispatch` returns)."""
-        x_local_MD, tokens_per_expert_L, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
+        x_local_MD, weights_M, tokens_per_expert_L, ctx = self.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
         shared_TD = shared_fn()
-        y_TD = self.combine(experts(x_local_MD, tokens_per_expert_L), ctx)
+        y_TD = self.combine(experts(x_local_MD, tokens_per_expert_L, weights_M), ctx)
         return y_TD, shared_TD, self.dropped(ctx)
 
     @torch.compiler.disable
     def dispatch(
         self, x_TD: torch.Tensor, indices_Tk: torch.Tensor, weights_Tk: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, AllToAllContext]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AllToAllContext]:
         P, L = self.ep, self.num_local_experts
         # Sorted by global expert, hence by destination rank (rank p holds experts p*L..).
-        x_sorted_ND, sent_E, local_ctx = self.local.dispatch(x_TD, indices_Tk, weights_Tk)
+        x_sorted_ND, weights_sorted_N, sent_E, local_ctx = self.local.dispatch(x_TD, indices_Tk, weights_Tk)
         recv_PL = torch.empty_like(sent_E)
         self.exchange.all_to_all(recv_PL, sent_E)
         recv_PL = recv_PL.view(P, L)
         # The one host sync: split sizes must be Python ints.
         splits = torch.cat([sent_E.view(P, L).sum(dim=1), recv_PL.sum(dim=1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
-        x_recv_MD = _AllToAll.apply(x_sorted_ND, recv_splits, send_splits, self.exchange)
-        M = x_recv_MD.shape[0]
+        # The routing weights travel with their rows: the experts apply them.
+        received = _AllToAll.apply(recv_splits, send_splits, self.exchange, x_sorted_ND, weights_sorted_N)
+        M = received[0].shape[0]
         order_M = expert_major_order(recv_PL, M)
         inverse_M = torch.empty_like(order_M)
         inverse_M[order_M] = torch.arange(M, device=order_M.device)
-        x_local_MD = _Reorder.apply(x_recv_MD, order_M, inverse_M)
+        x_local_MD, weights_M = _Reorder.apply(order_M, inverse_M, *received)
         ctx = AllToAllContext(local_ctx, send_splits, recv_splits, order_M, inverse_M)
-        return x_local_MD, recv_PL.sum(dim=0), ctx
+        return x_local_MD, weights_M, recv_PL.sum(dim=0), ctx
 
     @torch.compiler.disable
     def combine(self, y_local_MD: torch.Tensor, ctx: AllToAllContext) -> torch.Tensor:
-        y_recv_MD = _Reorder.apply(y_local_MD, ctx.inverse_M, ctx.order_M)
-        y_sorted_ND = _AllToAll.apply(y_recv_MD, ctx.send_splits, ctx.recv_splits, self.exchange)
+        (y_recv_MD,) = _Reorder.apply(ctx.inverse_M, ctx.order_M, y_local_MD)
+        (y_sorted_ND,) = _AllToAll.apply(ctx.send_splits, ctx.recv_splits, self.exchange, y_recv_MD)
         return self.local.combine(y_sorted_ND, ctx.local)
 
     def dropped(self, ctx: AllToAllContext) -> torch.Tensor:

@@ -256,7 +256,8 @@ def layer_activation_bytes(
             k, hidden, R = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
             shared = moe_cfg.n_shared_experts * hidden
             ffn = NORM * D + FP32 + b * D + 2 * FP32 * moe_cfg.routed_experts
-            ffn += k * (b * 2 * hidden + (b + FP32) * R) + b * 4 * shared  # grouped_swiglu keeps x w13 only
+            # Per assignment, grouped_swiglu keeps its rows, x w13 and the routing weight (nothing else).
+            ffn += k * (b * R + b * 2 * hidden + FP32) + b * 4 * shared
             if moe_cfg.dispatch_dim:
                 # The ascending projection keeps the combined rows; under 16-bit autocast the
                 # descending one keeps its own cast of the fp32 normalized input.

@@ -12,16 +12,17 @@ exceed T). Per MoE layer, forward:
     sort this rank's assignments by (chunk, expert)          (capacity per expert over all T, as
                                                               the plain dispatcher applies it)
     exchange the rows per chunk and expert, [P, C, L], in ONE all-to-all; ONE host sync
-    start the C row exchanges                                 (in flight from here on)
+    start the C row exchanges (each row's routing weight      (in flight from here on)
+    travels beside it)
     shared experts                                            (while chunk 0 travels)
-    for each chunk c: wait for it, experts on it, start its return exchange
+    for each chunk c: wait for it, experts on it (weighted), start its return exchange
                                                               (chunk c + 1 arrives meanwhile,
                                                                chunk c - 1 returns meanwhile)
-    wait for the returns, mix by weight                       (LocalDispatcher.combine)
+    wait for the returns, sum each token's rows               (LocalDispatcher.combine)
 
 and the backward mirrors it: the C gradient exchanges start at once; for each chunk, the
-expert backward of its input (`grouped_swiglu_backward_dx`) then its gradient's return exchange
-starts, and its weight gradients (`grouped_swiglu_backward_dw`, summed over chunks in fp32)
+expert backward of its input and routing weights (`grouped_swiglu_backward_dx`) then their
+return exchanges start, and its weight gradients (`grouped_swiglu_backward_dw`, summed over chunks in fp32)
 compute while that return travels; the shared experts' backward runs while the last returns
 travel. That is why the experts run here through the explicit grouped SwiGLU functions and not
 through autograd: autograd would run the whole experts' backward as one node after one
@@ -118,28 +119,43 @@ class _InFlight:
 
     exchange: Exchange
     chunks: list[_Chunk]
-    received: torch.Tensor | None = None
-    """Forward: the receive buffer [M, D], filled by `arrivals` (dropped once consumed)."""
-    arrivals: list[Pending] = field(default_factory=list)
-    """Forward: chunk c's row exchange."""
-    input_grad: torch.Tensor | None = None
-    """Backward: the sorted rows' gradient [N, D], filled by `returns`."""
-    returns: list[Pending] = field(default_factory=list)
-    """Backward: chunk c's input-gradient exchange."""
+    received: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Forward: the receive buffers, rows [M, D] and their routing weights [M], filled by
+    `arrivals` (dropped once consumed)."""
+    arrivals: list[list[Pending]] = field(default_factory=list)
+    """Forward: chunk c's exchanges of rows and weights."""
+    input_grad: tuple[torch.Tensor, torch.Tensor] | None = None
+    """Backward: the gradients of the sorted rows [N, D] and their weights [N], filled by `returns`."""
+    returns: list[list[Pending]] = field(default_factory=list)
+    """Backward: chunk c's exchanges of those gradients."""
+
+
+def _start_all(exchange: Exchange, outs, ins, out_splits: list[int], in_splits: list[int]) -> list[Pending]:
+    return [exchange.start(out, inp, out_splits, in_splits) for out, inp in zip(outs, ins, strict=True)]
+
+
+def _wait_all(pending: list[Pending]) -> None:
+    for p in pending:
+        p.wait()
 
 
 class _SendChunks(torch.autograd.Function):
-    """Starts every chunk's row exchange and returns a token that orders `_ExpertsOnChunks`
-    after it; the backward waits for the input gradients `_ExpertsOnChunks.backward` sent."""
+    """Starts every chunk's exchanges of rows and routing weights and returns a token that
+    orders `_ExpertsOnChunks` after it; the backward waits for the gradients
+    `_ExpertsOnChunks.backward` sent back."""
 
     @staticmethod
-    def forward(ctx, x_sorted_ND, flight: _InFlight):
+    def forward(ctx, x_sorted_ND, weights_sorted_N, flight: _InFlight):
         ctx.flight = flight
         M = flight.chunks[-1].received.stop
-        flight.received = x_sorted_ND.new_empty(M, x_sorted_ND.shape[1])
+        flight.received = (x_sorted_ND.new_empty(M, x_sorted_ND.shape[1]), weights_sorted_N.new_empty(M))
         flight.arrivals = [
-            flight.exchange.start(
-                flight.received[chunk.received], x_sorted_ND[chunk.sent], chunk.recv_splits, chunk.send_splits
+            _start_all(
+                flight.exchange,
+                [buffer[chunk.received] for buffer in flight.received],
+                (x_sorted_ND[chunk.sent], weights_sorted_N[chunk.sent]),
+                chunk.recv_splits,
+                chunk.send_splits,
             )
             for chunk in flight.chunks
         ]
@@ -150,9 +166,9 @@ class _SendChunks(torch.autograd.Function):
     def backward(ctx, _grad_token):
         flight = ctx.flight
         for pending in flight.returns:
-            pending.wait()
+            _wait_all(pending)
         input_grad, flight.input_grad, flight.returns = flight.input_grad, None, []
-        return input_grad, None
+        return *input_grad, None
 
 
 class _ExpertsOnChunks(torch.autograd.Function):
@@ -161,7 +177,7 @@ class _ExpertsOnChunks(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, token, w13_LDH2, w2_LHD, flight: _InFlight, backend: str):
-        received_MD, flight.received = flight.received, None
+        (received_MD, received_weights_M), flight.received = flight.received, None
         arrivals, flight.arrivals = flight.arrivals, []
         N, M = flight.chunks[-1].sent.stop, received_MD.shape[0]
         # Rows travel in the layer input's dtype and compute in the weights' (autocast's), as
@@ -169,15 +185,20 @@ class _ExpertsOnChunks(torch.autograd.Function):
         compute_dtype = w13_LDH2.dtype
         y_sorted_ND = received_MD.new_empty(N, received_MD.shape[1], dtype=compute_dtype)
         x_local_MD = received_MD.new_empty(M, received_MD.shape[1], dtype=compute_dtype)
+        weights_local_M = torch.empty_like(received_weights_M)
         h13_per_chunk, returns = [], []
         for chunk, arrival in zip(flight.chunks, arrivals, strict=True):
-            arrival.wait()
+            _wait_all(arrival)
             x_local_mD = x_local_MD[chunk.received]
             if received_MD.dtype == compute_dtype:
                 torch.index_select(received_MD[chunk.received], 0, chunk.order, out=x_local_mD)
             else:
                 x_local_mD.copy_(received_MD[chunk.received].index_select(0, chunk.order))
-            y_local_mD, h13_mH2 = grouped_swiglu_forward(x_local_mD, w13_LDH2, w2_LHD, chunk.offsets, backend)
+            weights_m = weights_local_M[chunk.received]
+            torch.index_select(received_weights_M[chunk.received], 0, chunk.order, out=weights_m)
+            y_local_mD, h13_mH2 = grouped_swiglu_forward(
+                x_local_mD, w13_LDH2, w2_LHD, chunk.offsets, backend, weights_m
+            )
             h13_per_chunk.append(h13_mH2)
             y_recv_mD = y_local_mD.index_select(0, chunk.inverse)
             returns.append(
@@ -186,14 +207,14 @@ class _ExpertsOnChunks(torch.autograd.Function):
         for pending in returns:
             pending.wait()
         ctx.input_dtype, ctx.token_dtype = received_MD.dtype, token.dtype
-        ctx.save_for_backward(x_local_MD, w13_LDH2, w2_LHD, *h13_per_chunk)
+        ctx.save_for_backward(x_local_MD, weights_local_M, w13_LDH2, w2_LHD, *h13_per_chunk)
         ctx.flight, ctx.backend = flight, backend
         return y_sorted_ND
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y_sorted_ND):
-        x_local_MD, w13_LDH2, w2_LHD, *h13_per_chunk = ctx.saved_tensors
+        x_local_MD, weights_local_M, w13_LDH2, w2_LHD, *h13_per_chunk = ctx.saved_tensors
         flight, backend = ctx.flight, ctx.backend
         grad_y_sorted_ND = grad_y_sorted_ND.contiguous()
         grad_recv_MD = torch.empty_like(x_local_MD)
@@ -203,7 +224,11 @@ class _ExpertsOnChunks(torch.autograd.Function):
             )
             for chunk in flight.chunks
         ]
-        flight.input_grad = torch.empty_like(grad_y_sorted_ND, dtype=ctx.input_dtype)
+        N = grad_y_sorted_ND.shape[0]
+        flight.input_grad = (
+            torch.empty_like(grad_y_sorted_ND, dtype=ctx.input_dtype),
+            weights_local_M.new_empty(N),
+        )
         # Chunks' weight gradients add up in fp32 (or wider), rounded to the weights' dtype once.
         acc_dtype = torch.promote_types(w13_LDH2.dtype, torch.float32)
         dw13_LDH2 = torch.zeros_like(w13_LDH2, dtype=acc_dtype)
@@ -211,17 +236,25 @@ class _ExpertsOnChunks(torch.autograd.Function):
         for chunk, arrival, h13_mH2 in zip(flight.chunks, arrivals, h13_per_chunk, strict=True):
             arrival.wait()
             dy_mD = grad_recv_MD[chunk.received].index_select(0, chunk.order)
-            x_mD = x_local_MD[chunk.received]
-            dx_mD, dh13_mH2 = grouped_swiglu_backward_dx(dy_mD, x_mD, h13_mH2, w13_LDH2, w2_LHD, chunk.offsets, backend)
+            x_mD, weights_m = x_local_MD[chunk.received], weights_local_M[chunk.received]
+            dx_mD, dh13_mH2, dweights_m = grouped_swiglu_backward_dx(
+                dy_mD, x_mD, h13_mH2, w13_LDH2, w2_LHD, chunk.offsets, backend, weights_m
+            )
             flight.returns.append(
-                flight.exchange.start(
-                    flight.input_grad[chunk.sent],
-                    dx_mD.index_select(0, chunk.inverse).to(ctx.input_dtype),
+                _start_all(
+                    flight.exchange,
+                    [buffer[chunk.sent] for buffer in flight.input_grad],
+                    (
+                        dx_mD.index_select(0, chunk.inverse).to(ctx.input_dtype),
+                        dweights_m.index_select(0, chunk.inverse),
+                    ),
                     chunk.send_splits,
                     chunk.recv_splits,
                 )
             )
-            dw13_c, dw2_c = grouped_swiglu_backward_dw(dy_mD, x_mD, h13_mH2, dh13_mH2, chunk.offsets, backend)
+            dw13_c, dw2_c = grouped_swiglu_backward_dw(
+                dy_mD, x_mD, h13_mH2, dh13_mH2, chunk.offsets, backend, weights_m
+            )
             dw13_LDH2 += dw13_c
             dw2_LHD += dw2_c
         # A zero for the token (not None): FSDP's post-backward hook on the experts' input fires on it.
@@ -253,8 +286,8 @@ class OverlappedDispatcher(AllToAllDispatcher):
         self.chunks = chunks
 
     def run(self, x_TD, routing: RouterOutput, experts: GroupedExperts, shared_fn):
-        x_sorted_ND, local_ctx, flight = self._send(x_TD, routing)
-        token = _SendChunks.apply(x_sorted_ND, flight)
+        x_sorted_ND, weights_sorted_N, local_ctx, flight = self._send(x_TD, routing)
+        token = _SendChunks.apply(x_sorted_ND, weights_sorted_N, flight)
         # Between the two: the shared experts compute while chunk 0 travels (and, in the
         # backward, while the last input gradients return).
         shared_TD = shared_fn()
@@ -271,7 +304,7 @@ class OverlappedDispatcher(AllToAllDispatcher):
         C, P, L, E = self.chunks, self.ep, self.num_local_experts, self.num_experts
         chunk_T = torch.arange(T, device=indices_Tk.device) // max(math.ceil(T / C), 1)
         bucket_A = (chunk_T.unsqueeze(1) * E + indices_Tk).reshape(-1)
-        x_sorted_ND, counts_CE, local_ctx = self.local.dispatch_by(
+        x_sorted_ND, weights_sorted_N, counts_CE, local_ctx = self.local.dispatch_by(
             x_TD, bucket_A, C * E, indices_Tk, routing.weights_Tk
         )
         # Rows for each destination rank, chunk and expert there: [P, C, L] in rank order.
@@ -279,7 +312,7 @@ class OverlappedDispatcher(AllToAllDispatcher):
         recv_PCL = torch.empty_like(counts_PCL)
         self.exchange.all_to_all(recv_PCL, counts_PCL)
         chunks = _plan(counts_PCL.transpose(0, 1), recv_PCL.transpose(0, 1))
-        return x_sorted_ND, local_ctx, _InFlight(self.exchange, chunks)
+        return x_sorted_ND, weights_sorted_N, local_ctx, _InFlight(self.exchange, chunks)
 
     @staticmethod
     @torch.compiler.disable

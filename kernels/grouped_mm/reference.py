@@ -47,13 +47,21 @@ def grouped_mm_reference(x_TD: torch.Tensor, w_EDH: torch.Tensor, offsets_E: tor
 
 
 def grouped_swiglu_reference(
-    x_ND: torch.Tensor, w13_EDH2: torch.Tensor, w2_EHD: torch.Tensor, offsets_E: torch.Tensor
+    x_ND: torch.Tensor,
+    w13_EDH2: torch.Tensor,
+    w2_EHD: torch.Tensor,
+    offsets_E: torch.Tensor,
+    scale_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[s:e] = (silu(x[s:e] w1[g]) * (x[s:e] w3[g])) w2[g] for group g, w13 = [w1 | w3] along
-    its last dim: the SwiGLU experts as two grouped products, differentiated by autograd.
+    """y[s:e] = ((silu(x[s:e] w1[g]) * (x[s:e] w3[g])) * scale[s:e]) w2[g] for group g,
+    w13 = [w1 | w3] along its last dim: the SwiGLU experts as two grouped products,
+    differentiated by autograd.
 
-    x_ND: [N, D]; w13_EDH2: [E, D, 2H]; w2_EHD: [E, H, D]; offsets_E as in grouped_mm_reference.
-    Rows past offsets[-1] come back as zeros.
+    x_ND: [N, D]; w13_EDH2: [E, D, 2H]; w2_EHD: [E, H, D]; offsets_E as in grouped_mm_reference;
+    scale_N: [N] per-row factors or None. Rows past offsets[-1] come back as zeros.
     """
     h1_NH, h3_NH = grouped_mm_reference(x_ND, w13_EDH2, offsets_E).chunk(2, dim=-1)
-    return grouped_mm_reference(F.silu(h1_NH) * h3_NH, w2_EHD, offsets_E)
+    a_NH = F.silu(h1_NH) * h3_NH
+    if scale_N is not None:
+        a_NH = (a_NH * scale_N.unsqueeze(-1)).to(a_NH.dtype)
+    return grouped_mm_reference(a_NH, w2_EHD, offsets_E)

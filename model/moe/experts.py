@@ -17,7 +17,7 @@ ExpertsCompute = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tens
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts, y = (silu(x w1[e]) * (x w3[e])) w2[e] for the rows routed to e.
+    """E SwiGLU experts, y = (silu(x w1[e]) * (x w3[e]) * weight) w2[e] for the rows routed to e.
 
     Weights are stacked `[E, ...]` and stored input-major (x @ w), the layout grouped GEMM
     takes; expert parallelism shards them along dim 0. The gate and up projections are one
@@ -38,9 +38,16 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(
-        self, x_ND: torch.Tensor, tokens_per_expert_E: torch.Tensor | None = None, *, compute: ExpertsCompute = None
+        self,
+        x_ND: torch.Tensor,
+        tokens_per_expert_E: torch.Tensor | None = None,
+        weights_N: torch.Tensor | None = None,
+        *,
+        compute: ExpertsCompute = None,
     ) -> torch.Tensor:
-        """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e. Returns y_ND.
+        """x_ND: rows grouped by expert, tokens_per_expert_E[e] rows for expert e; weights_N:
+        each row's routing weight (None: 1), applied to the hidden activation. Returns y_ND, the
+        rows' weighted outputs.
 
         With `compute`, returns compute(x_ND, w13, w2) instead: a dispatcher that runs the
         experts on rows as they arrive (parallel/overlapped_dispatch.py) calls the module this
@@ -50,7 +57,7 @@ class GroupedExperts(nn.Module):
         if compute is not None:
             return compute(x_ND, w13, w2)
         offsets_E = torch.cumsum(tokens_per_expert_E, dim=0).to(torch.int32)
-        return grouped_swiglu(x_ND, w13, w2, offsets_E, self.backend)
+        return grouped_swiglu(x_ND, w13, w2, offsets_E, self.backend, weights_N)
 
     def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13, w2) as forward computes with them: the experts this module holds (parallel

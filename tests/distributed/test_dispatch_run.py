@@ -57,8 +57,8 @@ class PreRefactorSequence:
 
     def run(self, x_TD, routing, experts, shared_fn):
         layer, steps = self.layer, self.steps
-        x_perm_ND, tokens_per_expert, ctx = steps.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
-        y_TD = steps.combine(layer.experts(x_perm_ND, tokens_per_expert), ctx)
+        x_perm_ND, weights_N, tokens_per_expert, ctx = steps.dispatch(x_TD, routing.indices_Tk, routing.weights_Tk)
+        y_TD = steps.combine(layer.experts(x_perm_ND, tokens_per_expert, weights_N), ctx)
         shared_TD = None
         if layer.shared_experts is not None:
             shared_TD = layer.shared_experts(x_TD)

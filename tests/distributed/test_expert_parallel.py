@@ -93,33 +93,36 @@ def dispatcher_worker(seed):
         ep = AllToAllDispatcher(DISPATCH_EXPERTS, Exchange(mesh["ep"].get_group()), factor, policy)
         x = x_TD.clone().requires_grad_()
         w = weights_Tk.clone().requires_grad_()
-        x_ML, counts_L, ctx = ep.dispatch(x, indices_Tk, w)
+        x_ML, w_M, counts_L, ctx = ep.dispatch(x, indices_Tk, w)
         expert_M = rank * L + torch.repeat_interleave(torch.arange(L), counts_L)
-        y_TD = ep.combine(expert_fn(x_ML, expert_M), ctx)
+        y_TD = ep.combine(w_M.unsqueeze(-1) * expert_fn(x_ML, expert_M), ctx)
         y_TD.backward(grad_TD)
 
         x_ref = x_TD.clone().requires_grad_()
         w_ref = weights_Tk.clone().requires_grad_()
-        x_perm, counts_E, lctx = local.dispatch(x_ref, indices_Tk, w_ref)
+        x_perm, w_N, counts_E, lctx = local.dispatch(x_ref, indices_Tk, w_ref)
         expert_N = torch.repeat_interleave(torch.arange(DISPATCH_EXPERTS), counts_E)
-        y_ref = local.combine(expert_fn(x_perm, expert_N), lctx)
+        y_ref = local.combine(w_N.unsqueeze(-1) * expert_fn(x_perm, expert_N), lctx)
         y_ref.backward(grad_TD)
 
         # What every rank routed, to build the rows this rank's experts must receive.
         everyone = [None] * world
-        dist.all_gather_object(everyone, (x_TD, indices_Tk, keep_Tk))
-        expected = []
+        dist.all_gather_object(everyone, (x_TD, weights_Tk, indices_Tk, keep_Tk))
+        expected, expected_weights = [], []
         for e in range(rank * L, (rank + 1) * L):
-            for src_x, src_idx, src_keep in everyone:
+            for src_x, src_w, src_idx, src_keep in everyone:
                 rows_A = src_x.repeat_interleave(DISPATCH_TOP_K, dim=0)
-                expected.append(rows_A[(src_idx.reshape(-1) == e) & src_keep.reshape(-1)])
+                mask_A = (src_idx.reshape(-1) == e) & src_keep.reshape(-1)
+                expected.append(rows_A[mask_A])
+                expected_weights.append(src_w.reshape(-1)[mask_A])
         expected_ML = torch.cat(expected)
         counts_expected = torch.stack(
-            [sum(((i == e) & k).sum() for _, i, k in everyone) for e in range(rank * L, (rank + 1) * L)]
+            [sum(((i == e) & k).sum() for _, _, i, k in everyone) for e in range(rank * L, (rank + 1) * L)]
         )
         out[name] = {
             "received": x_ML.shape[0],
             "rows_match": torch.equal(x_ML.detach(), expected_ML),
+            "weights_match": torch.equal(w_M.detach(), torch.cat(expected_weights)),
             "counts_match": torch.equal(counts_L, counts_expected),
             "y_err": (y_TD - y_ref).abs().max().item(),
             "x_grad_err": (x.grad - x_ref.grad).abs().max().item(),
@@ -137,8 +140,8 @@ def test_all_to_all_dispatcher_matches_local_dispatcher():
         for rank, res in enumerate(results):
             msg = f"{name} rank {rank} seed {seed}: {res[name]}"
             r = res[name]
-            assert r["rows_match"] and r["counts_match"], msg
-            # The same gathers, expert function and fp32 mix as LocalDispatcher: bitwise equal.
+            assert r["rows_match"] and r["weights_match"] and r["counts_match"], msg
+            # The same gathers, expert function and fp32 sum as LocalDispatcher: bitwise equal.
             assert r["y_err"] == 0 and r["x_grad_err"] == 0 and r["w_grad_err"] == 0, msg
             assert r["dropped"] == r["dropped_expected"], msg
         if DISPATCH_CASES[name][2]:

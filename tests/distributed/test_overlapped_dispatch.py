@@ -114,6 +114,10 @@ def rms(t: torch.Tensor) -> float:
     return t.pow(2).mean().sqrt().item() if t.numel() else 0.0
 
 
+def peak(t: torch.Tensor) -> float:
+    return t.abs().max().item() if t.numel() else 0.0
+
+
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item() if a.numel() else 0.0
 
@@ -130,8 +134,11 @@ def results():
 def test_overlapped_equals_plain_all_to_all(results, group, case, dtype_name):
     """fp64 and fp32: within 1e-12 and 1e-5 of the plain dispatcher, relative to each tensor's
     RMS. bf16 autocast: no further from the fp64 run than (chunks + 1) x the plain dispatcher's
-    own error (what one bf16 rounding costs it, floored at one bf16 unit of the tensor's RMS):
-    each chunk's weight gradient is rounded to bf16 before the fp32 sum, then the sum once."""
+    own error (what one bf16 rounding costs it, floored at one bf16 unit of the tensor's largest
+    magnitude): each chunk's weight gradient is rounded to bf16 before the fp32 sum, then the sum
+    once. (A floor at the RMS failed one seed in about 30 at ep4 with few tokens: at 3 chunks w2's
+    gradient measured 1.07x such a bound, where the plain dispatcher's own error was small by
+    chance; the typical worst case is 0.4-0.65x.)"""
     seed, per_rank = results
     for rank, out in enumerate(per_rank):
         exact = out[(group, case, "fp64", 1)][1]
@@ -144,7 +151,7 @@ def test_overlapped_equals_plain_all_to_all(results, group, case, dtype_name):
                 if chunks == 1:
                     assert torch.equal(a, b), f"{key} not bitwise equal with one chunk ({where})"
                 if dtype_name == "bf16-autocast":
-                    allowed = (chunks + 1) * max(max_error(b, exact[key]), 2**-8 * rms(exact[key]))
+                    allowed = (chunks + 1) * max(max_error(b, exact[key]), 2**-8 * peak(exact[key]))
                     err = max_error(a, exact[key])
                 else:
                     allowed = {"fp64": 1e-12, "fp32": 1e-5}[dtype_name] * rms(b)

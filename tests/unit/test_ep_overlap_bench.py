@@ -138,11 +138,12 @@ def test_bytes_counted_at_the_seam_are_the_formula(P):
     x_TD, dy_TD = inputs(SPEC, 0)
     step(build_layer(SPEC, P, 0, exchange, dispatcher_kinds([])[PLAIN], balanced=True), x_TD, dy_TD)
     t = exchange.traffic
-    # Dispatch and combine, forward and backward: four exchanges of T k rows of D fp32 numbers.
-    assert t.row_bytes == 4 * SPEC.tokens * SPEC.k * SPEC.dim * 4
+    # Dispatch and combine, forward and backward: four exchanges of T k rows of D fp32 numbers;
+    # the T k fp32 routing weights go with the dispatch and their gradients come back.
+    assert t.row_bytes == 4 * SPEC.tokens * SPEC.k * SPEC.dim * 4 + 2 * SPEC.tokens * SPEC.k * 4
     assert t.leaving_bytes - t.count_bytes * (P - 1) / P == t.row_bytes * (P - 1) / P
     # One count exchange per forward: E int64.
-    assert t.count_bytes == SPEC.num_experts * 8 and t.exchanges == 5
+    assert t.count_bytes == SPEC.num_experts * 8 and t.exchanges == 7
     total, leaving = ep_overlap.analytic_bytes_per_token(SPEC.k, SPEC.dim, 4, P)
     assert total * SPEC.tokens == t.row_bytes and leaving == total * (P - 1) / P
 
@@ -241,8 +242,8 @@ def test_the_report_of_a_tiny_simulated_run():
     assert "SIMULATED link" in report
     lines = [line for line in report.splitlines() if line.startswith("| 2 | balanced |")]
     assert [line.split("|")[3].strip() for line in lines] == ["no-comm (local copy)", *dispatcher_kinds([1, 2, 4, 8])]
-    # Measured bytes equal the formula: T k D fp32 x 4 = 512 per token, half leaving at ep 2.
-    assert "| 2 | D = 16 | 512 | 256 | 512 | 256 |" in report
+    # Measured bytes equal the formula: k (D fp32 x 4 + fp32 weight x 2) = 528 per token, half leaving at ep 2.
+    assert "| 2 | D = 16 | 528 | 264 | 528 | 264 |" in report
 
 
 @pytest.mark.parametrize(

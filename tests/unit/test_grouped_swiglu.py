@@ -24,7 +24,7 @@ from sparsetron.kernels.grouped_mm import (
 from sparsetron.model.config import ModelConfig, MoEConfig
 from sparsetron.model.moe.layer import MoE
 
-NAMES = ("y", "dx", "dw13", "dw2")
+NAMES = ("y", "dx", "dw13", "dw2", "dscale")
 # (N, D, H, rows per group): empty groups first, last and between, a group of one row, uneven
 # sizes, and N past the groups' rows (the tail belongs to none). D and H multiples of 8 so that
 # torch's grouped_mm (16-byte aligned strides) runs the same cases in bf16.
@@ -53,15 +53,23 @@ def _inputs(N, D, H, counts, seed):
     return x, w13, w2, torch.tensor(counts).cumsum(0).to(torch.int32), dy
 
 
-def _run(fn, x, w13, w2, offsets, dy, dtype):
+def _scale(N, seed):
+    """Routing weights: positive, spread over (0.05, 1]."""
+    return torch.rand(N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 0.95 + 0.05
+
+
+def _run(fn, x, w13, w2, offsets, dy, dtype, scale=None):
+    """[y, dx, dw13, dw2] (+ dscale with a scale, kept in fp32 under a 16-bit dtype, as the router gives it)."""
     leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w13, w2)]
-    y = fn(*leaves, offsets)
+    if scale is not None:
+        leaves.append(scale.detach().to(torch.promote_types(dtype, torch.float32)).requires_grad_())
+    y = fn(*leaves[:3], offsets, *leaves[3:])
     y.backward(dy.to(y.dtype))
     return [y.detach()] + [t.grad for t in leaves]
 
 
 def _ours(backend):
-    return lambda x, w13, w2, offsets: grouped_swiglu(x, w13, w2, offsets, backend)
+    return lambda x, w13, w2, offsets, scale=None: grouped_swiglu(x, w13, w2, offsets, backend, scale)
 
 
 def _in_groups(t, offsets):
@@ -69,31 +77,38 @@ def _in_groups(t, offsets):
     return t[: int(offsets[-1])]
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("N,D,H,counts", CASES)
-def test_loop_fp64_matches_autograd_of_the_reference(N, D, H, counts, nan_empty):
+def test_loop_fp64_matches_autograd_of_the_reference(N, D, H, counts, scaled, nan_empty):
     x, w13, w2, off, dy = _inputs(N, D, H, counts, seed=N)
-    ours = _run(_ours("loop"), x, w13, w2, off, dy, torch.float64)
-    ref = _run(grouped_swiglu_reference, x, w13, w2, off, dy, torch.float64)
-    for name, o, r in zip(NAMES, ours, ref, strict=True):
+    scale = _scale(N, seed=N) if scaled else None
+    ours = _run(_ours("loop"), x, w13, w2, off, dy, torch.float64, scale)
+    ref = _run(grouped_swiglu_reference, x, w13, w2, off, dy, torch.float64, scale)
+    assert len(ours) == len(ref) == (5 if scaled else 4)
+    for name, o, r in zip(NAMES, ours, ref, strict=False):
         assert o.dtype == torch.float64 and torch.isfinite(o).all(), name
         worst = relative_errors(o, r).max().item()
         assert worst <= 64 * torch.finfo(torch.float64).eps, f"{name}: per-element error {worst:.2e}"
     # The tail rows belong to no group: zero output and zero input gradient, as the reference gives.
     end = int(off[-1])
     assert torch.equal(ours[0][end:], torch.zeros(N - end, D)) and torch.equal(ours[1][end:], torch.zeros(N - end, D))
+    if scaled:
+        assert torch.equal(ours[4][end:], torch.zeros(N - end, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,D,H,counts", CASES)
-def test_within_the_dtype_error_of_the_reference(N, D, H, counts, dtype, backend, nan_empty):
+def test_within_the_dtype_error_of_the_reference(N, D, H, counts, dtype, backend, scaled, nan_empty):
     x, w13, w2, off, dy = _inputs(N, D, H, counts, seed=3 * N + 1)
-    exact = _run(grouped_swiglu_reference, x, w13, w2, off, dy, torch.float64)
-    torch_own = _run(grouped_swiglu_reference, x, w13, w2, off, dy, dtype)
-    ours = _run(_ours(backend), x, w13, w2, off, dy, dtype)
-    for name, o, t, r in zip(NAMES, ours, torch_own, exact, strict=True):
-        assert o.dtype == dtype, name
-        if name in ("y", "dx"):
+    scale = _scale(N, seed=N + 2) if scaled else None
+    exact = _run(grouped_swiglu_reference, x, w13, w2, off, dy, torch.float64, scale)
+    torch_own = _run(grouped_swiglu_reference, x, w13, w2, off, dy, dtype, scale)
+    ours = _run(_ours(backend), x, w13, w2, off, dy, dtype, scale)
+    for name, o, t, r in zip(NAMES, ours, torch_own, exact, strict=False):
+        assert o.dtype == (torch.float32 if name == "dscale" else dtype), name
+        if name in ("y", "dx", "dscale"):
             o, t, r = (_in_groups(v, off) for v in (o, t, r))
         assert_within_dtype_error(f"{backend} {name}", o, r, t)
 
@@ -106,15 +121,16 @@ def test_split_backward_on_chunks_adds_up_to_the_whole(backend):
     E, D, H = len(counts_a), 8, 12
     x, w13, w2, _, dy = _inputs(sum(counts_a) + sum(counts_b), D, H, [0] * E, seed=11)
     x, w13, w2, dy = (t.float() for t in (x, w13, w2, dy))
+    scale = _scale(x.shape[0], seed=12).float()
     off_a, off_b = (torch.tensor(c).cumsum(0).to(torch.int32) for c in (counts_a, counts_b))
     chunks = [(slice(0, sum(counts_a)), off_a), (slice(sum(counts_a), None), off_b)]
     pending, dx_parts = [], []
     for rows, off in chunks:
-        _, h13 = grouped_swiglu_forward(x[rows], w13, w2, off, backend)
-        dx, dh13 = grouped_swiglu_backward_dx(dy[rows], x[rows], h13, w13, w2, off, backend)
-        dx_parts.append(dx)
-        pending.append((dy[rows], x[rows], h13, dh13, off))
-    dw13, dw2 = (sum(parts) for parts in zip(*(grouped_swiglu_backward_dw(*p, backend) for p in pending), strict=True))
+        _, h13 = grouped_swiglu_forward(x[rows], w13, w2, off, backend, scale[rows])
+        dx, dh13, dscale = grouped_swiglu_backward_dx(dy[rows], x[rows], h13, w13, w2, off, backend, scale[rows])
+        dx_parts.append((dx, dscale))
+        pending.append((dy[rows], x[rows], h13, dh13, off, backend, scale[rows]))
+    dw13, dw2 = (sum(parts) for parts in zip(*(grouped_swiglu_backward_dw(*p) for p in pending), strict=True))
 
     # The whole: the chunks' rows regrouped by expert.
     order = []
@@ -125,20 +141,23 @@ def test_split_backward_on_chunks_adds_up_to_the_whole(backend):
         )
     order = torch.tensor(order)
     off = (torch.tensor(counts_a) + torch.tensor(counts_b)).cumsum(0).to(torch.int32)
-    exact = _run(grouped_swiglu_reference, x[order].double(), w13, w2, off, dy[order].double(), torch.float64)
-    torch_own = _run(grouped_swiglu_reference, x[order], w13, w2, off, dy[order], torch.float32)
-    got_dx = torch.cat(dx_parts)[order]
-    for name, got, t, r in zip(NAMES[1:], (got_dx, dw13, dw2), torch_own[1:], exact[1:], strict=True):
+    args = (x[order], w13, w2, off, dy[order])
+    exact = _run(grouped_swiglu_reference, *args, torch.float64, scale[order])
+    torch_own = _run(grouped_swiglu_reference, *args, torch.float32, scale[order])
+    got_dx, got_dscale = (torch.cat(parts)[order] for parts in zip(*dx_parts, strict=True))
+    split = (got_dx, dw13, dw2, got_dscale)
+    for name, got, t, r in zip(NAMES[1:], split, torch_own[1:], exact[1:], strict=True):
         assert_within_dtype_error(name, got, r, t)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_the_fused_backward_is_the_split_one(backend, nan_empty):
     x, w13, w2, off, dy = (t.float() if t.is_floating_point() else t for t in _inputs(23, 8, 12, [6, 0, 1, 16], 5))
-    _, h13 = grouped_swiglu_forward(x, w13, w2, off, backend)
-    fused = grouped_swiglu_backward(dy, x, h13, w13, w2, off, backend)
-    dx, dh13 = grouped_swiglu_backward_dx(dy, x, h13, w13, w2, off, backend)
-    split = (dx, *grouped_swiglu_backward_dw(dy, x, h13, dh13, off, backend))
+    scale = _scale(23, seed=6).float()
+    _, h13 = grouped_swiglu_forward(x, w13, w2, off, backend, scale)
+    fused = grouped_swiglu_backward(dy, x, h13, w13, w2, off, backend, scale)
+    dx, dh13, dscale = grouped_swiglu_backward_dx(dy, x, h13, w13, w2, off, backend, scale)
+    split = (dx, *grouped_swiglu_backward_dw(dy, x, h13, dh13, off, backend, scale), dscale)
     for name, a, b in zip(NAMES[1:], fused, split, strict=True):
         assert torch.equal(a, b), name
     assert torch.equal(fused[1][1], torch.zeros(8, 24)) and torch.equal(fused[2][1], torch.zeros(12, 8))
@@ -153,7 +172,7 @@ def test_broadcast_and_strided_output_gradients(backend):
     for dy in (broadcast, strided):
         ours = _run(_ours(backend), x, w13, w2, off, dy, torch.float32)
         ref = _run(grouped_swiglu_reference, x, w13, w2, off, dy.contiguous(), torch.float32)
-        for name, o, r in zip(NAMES, ours, ref, strict=True):
+        for name, o, r in zip(NAMES, ours, ref, strict=False):
             torch.testing.assert_close(o, r, rtol=0, atol=0, msg=name)
 
 
@@ -164,15 +183,21 @@ def _old_path(x, w13, w2, offsets, backend="auto"):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_under_cpu_autocast_is_what_grouped_mm_gave(backend):
-    x, w13, w2, off, dy = (t.float() if t.is_floating_point() else t for t in _inputs(37, 16, 24, [9, 0, 3, 25], 12))
+def test_bf16_under_cpu_autocast_within_the_error_of_what_grouped_mm_gave(backend):
+    """fp32 operands under bf16 autocast: bf16 results (fp32 gradients for the fp32 leaves) within
+    the error of the old path (two grouped_mm, autograd between them) under the same autocast,
+    both against that path in fp64."""
+    x, w13, w2, off, dy = _inputs(37, 16, 24, [9, 0, 3, 25], 12)
+    exact = _run(lambda *a: _old_path(*a, backend="loop"), x, w13, w2, off, dy, torch.float64)
     outs = []
     for fn in (_ours(backend), lambda *a: _old_path(*a, backend=backend)):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             outs.append(_run(fn, x, w13, w2, off, dy, torch.float32))
     assert outs[0][0].dtype == torch.bfloat16 and outs[0][1].dtype == torch.float32
-    for name, a, b in zip(NAMES, *outs, strict=True):
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    for name, ours, old, ref in zip(NAMES, *outs, exact, strict=False):
+        if name in ("y", "dx"):
+            ours, old, ref = (_in_groups(v, off) for v in (ours, old, ref))
+        assert_within_dtype_error(name, ours, ref, old)
 
 
 def _saved_bytes(fn, *args):
@@ -212,12 +237,14 @@ def test_bad_input_names_the_shapes():
         grouped_swiglu(x, w13, w2, torch.tensor([1, 2, 7]), "loop")
     with pytest.raises(ValueError, match="share a dtype"):
         grouped_swiglu(x, w13.double(), w2, off)
+    with pytest.raises(ValueError, match=r"scale must be floating, one per row of x \(6\), got torch.float32 \(5,\)"):
+        grouped_swiglu(x, w13, w2, off, "loop", torch.rand(5))
 
 
 def test_moe_layer_output_and_grads_unchanged_from_the_autograd_path():
-    """The MoE layer with grouped_swiglu against the same layer computing its experts as before
-    (two grouped_mm, autograd), in fp32, within fp32's summation-order error of the old path
-    against itself in fp64."""
+    """The MoE layer with grouped_swiglu (routing weights scaling the hidden activation) against
+    the same layer computing its experts as before (two grouped_mm, autograd, the outputs
+    weighted after), in fp32, within fp32's error of the old path against itself in fp64."""
     cfg = MoEConfig(num_experts=8, top_k=3, expert_hidden=12, n_shared_experts=1, expert_backend="loop")
     torch.manual_seed(14)
     layer = MoE(16, ModelConfig(dim=16, ffn_hidden=32), cfg)
@@ -231,7 +258,11 @@ def test_moe_layer_output_and_grads_unchanged_from_the_autograd_path():
         if old:
             experts = moe.experts
             offsets = lambda counts: torch.cumsum(counts, 0).to(torch.int32)  # noqa: E731
-            experts.forward = lambda x_ND, counts: _old_path(x_ND, experts.w13, experts.w2, offsets(counts), "loop")
+            # The rows' outputs weighted after the experts, as the combine did before.
+            experts.forward = lambda x_ND, counts, weights_N: (
+                weights_N.unsqueeze(-1).to(x_ND.dtype)
+                * _old_path(x_ND, experts.w13, experts.w2, offsets(counts), "loop")
+            )
         xi = x.to(dtype).requires_grad_()
         y = moe(xi)
         y.backward(dy.to(dtype))
@@ -251,6 +282,8 @@ def test_compiles_and_matches_eager(backend):
     x, w13, w2, off, dy = _inputs(29, 16, 24, [7, 0, 1, 21], seed=15)
     fn = torch.compile(_ours(backend), backend="aot_eager", fullgraph=backend == "grouped_mm")
     torch._dynamo.reset()
-    compiled = _run(fn, x, w13, w2, off, dy, torch.bfloat16)
-    for name, c, e in zip(NAMES, compiled, _run(_ours(backend), x, w13, w2, off, dy, torch.bfloat16), strict=True):
+    scale = _scale(29, seed=16)
+    compiled = _run(fn, x, w13, w2, off, dy, torch.bfloat16, scale)
+    eager = _run(_ours(backend), x, w13, w2, off, dy, torch.bfloat16, scale)
+    for name, c, e in zip(NAMES, compiled, eager, strict=True):
         torch.testing.assert_close(c, e, rtol=0, atol=0, msg=name)

@@ -16,6 +16,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerance import assert_within_dtype_error
 from torch.utils.checkpoint import checkpoint
 
 from sparsetron.model.config import ModelConfig, MoEConfig
@@ -184,10 +185,10 @@ def test_layer_output_and_every_gradient_match_naive_fp64(name):
 
 
 def dispatch_roundtrip(dispatcher, x_TD, idx_Tk, w_Tk, expert_scale_E):
-    """dispatch -> per-expert map y = scale[e] * tanh(x) -> combine."""
-    x_perm, counts, ctx = dispatcher.dispatch(x_TD, idx_Tk, w_Tk)
+    """dispatch -> per-expert map y = weight * scale[e] * tanh(x) -> combine."""
+    x_perm, w_perm, counts, ctx = dispatcher.dispatch(x_TD, idx_Tk, w_Tk)
     expert_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts)
-    y_perm = expert_scale_E[expert_of_row].unsqueeze(1) * torch.tanh(x_perm)
+    y_perm = (w_perm * expert_scale_E[expert_of_row]).unsqueeze(1) * torch.tanh(x_perm)
     return dispatcher.combine(y_perm, ctx), counts, x_perm, expert_of_row
 
 
@@ -267,30 +268,29 @@ def test_probability_ties_keep_the_earlier_assignment():
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.8])
-def test_bf16_mix_and_token_gradient_round_once(factor):
-    """bf16 rows are weighted and summed in fp32 and rounded once: each output, and each token's
+def test_bf16_sum_and_token_gradient_round_once(factor):
+    """bf16 rows are summed in fp32 and rounded once: each output, and each token's
     gradient (the sum of its rows'), is the exact value correctly rounded to bf16, up to fp32's
     own error (at most 16 fp32 ulps of the summed magnitudes) where it lies near a rounding tie."""
     T, E, k, D = 57, 8, 4, 33
     idx, w = random_assignments(T, E, k, seed=11)
     x = torch.randn(T, D, dtype=torch.bfloat16, requires_grad=True)
     dispatcher = LocalDispatcher(E, factor, "position")
-    x_perm, _, ctx = dispatcher.dispatch(x, idx, w)
+    x_perm, _, _, ctx = dispatcher.dispatch(x, idx, w)
     y_perm = torch.randn(x_perm.shape, dtype=torch.bfloat16)
     grad_perm = torch.randn(x_perm.shape, dtype=torch.bfloat16)
     y = dispatcher.combine(y_perm, ctx)
     x_perm.backward(grad_perm)
 
-    def exact_sum(rows, weights_Tk):
-        padded = torch.cat([rows.double(), torch.zeros(1, D, dtype=torch.float64)])[ctx.slot_kT.t()]
-        terms = padded * weights_Tk.double().unsqueeze(-1)
+    def exact_sum(rows):
+        terms = torch.cat([rows.double(), torch.zeros(1, D, dtype=torch.float64)])[ctx.slot_Tk]
         return terms.sum(dim=1), terms.abs().sum(dim=1)
 
     half_ulp = torch.finfo(torch.bfloat16).eps / 2
     eps32 = torch.finfo(torch.float32).eps
     for name, actual, (ref, magnitude) in (
-        ("mix", y, exact_sum(y_perm, w)),
-        ("token gradient", x.grad, exact_sum(grad_perm, torch.ones(T, k))),
+        ("sum", y, exact_sum(y_perm)),
+        ("token gradient", x.grad, exact_sum(grad_perm)),
     ):
         assert actual.dtype == torch.bfloat16
         excess = (actual.double() - ref).abs() - half_ulp * ref.abs() - 16 * eps32 * magnitude
@@ -299,27 +299,29 @@ def test_bf16_mix_and_token_gradient_round_once(factor):
 
 
 class PaddedAutogradDispatcher(LocalDispatcher):
-    """The dispatcher's math as it was before combine and the dispatch backward were fused:
-    plain autograd over [T, k, D] gathers from a copy padded with a zero row, mixed in fp32."""
+    """The dispatcher's math as it was before combine and the dispatch backward were fused and
+    the experts took the routing weights: unweighted experts, then plain autograd over
+    [T, k, D] gathers from a copy padded with a zero row, weighted and summed in fp32."""
 
     def dispatch(self, x_TD, indices_Tk, weights_Tk):
-        _, counts, ctx = super().dispatch(x_TD.detach(), indices_Tk, weights_Tk)
-        return x_TD[ctx.token_N], counts, ctx
+        _, _, counts, ctx = super().dispatch(x_TD.detach(), indices_Tk, weights_Tk.detach())
+        ctx.weights_Tk = weights_Tk
+        return x_TD[ctx.token_N], None, counts, ctx
 
     def combine(self, y_ND, ctx):
         padded = torch.cat([y_ND, y_ND.new_zeros(1, y_ND.shape[1])])
-        y_TkD = padded[ctx.slot_kT.t()]
+        y_TkD = padded[ctx.slot_Tk]
         dtype = torch.promote_types(y_ND.dtype, ctx.weights_Tk.dtype)
         return (y_TkD.to(dtype) * ctx.weights_Tk.to(dtype).unsqueeze(-1)).sum(dim=1).to(y_ND.dtype)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16_autocast", "bf16"])
 @pytest.mark.parametrize("capacity", [0.0, 0.7])
-def test_fused_combine_equals_padded_autograd(precision, capacity):
-    """Outputs and every gradient as the unfused math gives them, up to summation order: both
-    sum in fp32, so in fp32 they may differ by the order's rounding and under bf16 autocast by
-    one bf16 rounding of such a sum; one ulp of each tensor's scale bounds both (measured: 0 in
-    fp32, 0.5-0.7 bf16 ulp for the output and grad x)."""
+def test_weighting_inside_the_experts_equals_weighting_their_outputs(precision, capacity):
+    """The layer as it is (routing weights scale the experts' hidden activation, then an
+    unweighted sum) against the math before (unweighted experts, padded [T, k, D] gathers,
+    weighted in fp32): outputs and every gradient within the dtype's error of the old math in
+    fp64 (MULTIPLE x the old math's own error at the dtype)."""
     cfg = MoEConfig(num_experts=16, top_k=4, expert_hidden=24, n_shared_experts=1, capacity_factor=capacity)
     model = ModelConfig(dim=40, ffn_hidden=48)
     torch.manual_seed(int(capacity * 10) + len(precision))
@@ -329,22 +331,20 @@ def test_fused_combine_equals_padded_autograd(precision, capacity):
     fused.to(dtype)
     padded = copy.deepcopy(fused)
     padded.dispatcher = PaddedAutogradDispatcher(16, capacity)
-    x = torch.randn(2, 97, 40, dtype=dtype)
-    g = torch.randn(2, 97, 40)
+    exact = copy.deepcopy(padded).to(torch.float64)
+    x = torch.randn(2, 97, 40).to(dtype)
+    g = torch.randn(2, 97, 40, dtype=torch.float64)
     results = []
-    for moe in (fused, padded):
-        xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16_autocast"):
+    for moe in (fused, padded, exact):
+        xi = x.to(next(moe.parameters()).dtype, copy=True).requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16_autocast" and moe is not exact):
             y = moe(xi)
-        (y.float() * g).sum().backward()
-        results.append([y.float(), xi.grad.float()] + [q.grad.float() for q in moe.parameters()])
-    assert (fused.last_stats.dropped_tokens > 0) == (capacity > 0)
-    eps = torch.finfo(torch.float32 if precision == "fp32" else torch.bfloat16).eps
+        (y.double() * g).sum().backward()
+        results.append([y, xi.grad] + [q.grad for q in moe.parameters()])
+        assert (moe.last_stats.dropped_tokens > 0) == (capacity > 0)
     names = ["output", "grad x"] + [n for n, _ in fused.named_parameters()]
-    for name, a, b in zip(names, *results, strict=True):
-        scale = b.abs().max().item()
-        err = (a - b).abs().max().item()
-        assert err <= eps * scale, f"{name}: error {err:.3g} vs scale {scale:.3g}"
+    for name, got, old, ref in zip(names, *results, strict=True):
+        assert_within_dtype_error(name, got.detach(), ref.detach(), old.detach())
 
 
 # ------------------------------------------------------------------------------------------
