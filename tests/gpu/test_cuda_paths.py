@@ -54,7 +54,8 @@ def test_fused_grouped_mm_matches_the_loop_in_bf16(counts):
 
 @pytest.mark.parametrize("counts", [[130, 0, 77, 301, 4, 0, 97, 415], [1024] * 8])
 def test_grouped_swiglu_explicit_backward_in_bf16(counts):
-    """The written-out backward on both backends: within twice the loop's own bf16 error of fp64
+    """The written-out backward on both backends, with the routing weights as the per-row scale
+    (fp32, as the MoE layer passes them): within MULTIPLE x torch's own bf16 error of fp64
     autograd of the reference, per element (tests/tolerance.py), output and every gradient."""
     torch.manual_seed(1)
     N, D, H = sum(counts), 256, 176
@@ -63,10 +64,16 @@ def test_grouped_swiglu_explicit_backward_in_bf16(counts):
     w13_64 = torch.randn(len(counts), D, 2 * H, dtype=torch.float64, device="cuda") / D**0.5
     w2_64 = torch.randn(len(counts), H, D, dtype=torch.float64, device="cuda") / H**0.5
     dy64 = torch.randn(N, D, dtype=torch.float64, device="cuda")
+    scale64 = torch.rand(N, dtype=torch.float64, device="cuda") * 0.95 + 0.05
 
     def run(backend, dtype):
         leaves = [t.detach().to(dtype).requires_grad_() for t in (x64, w13_64, w2_64)]
-        y = grouped_swiglu(*leaves, offsets, backend) if backend else grouped_swiglu_reference(*leaves, offsets)
+        leaves.append(scale64.detach().to(torch.promote_types(dtype, torch.float32)).requires_grad_())
+        x, w13, w2, scale = leaves
+        if backend:
+            y = grouped_swiglu(x, w13, w2, offsets, backend, scale)
+        else:
+            y = grouped_swiglu_reference(x, w13, w2, offsets, scale)
         y.backward(dy64.to(dtype))
         return [y.detach()] + [t.grad for t in leaves]
 
@@ -76,7 +83,7 @@ def test_grouped_swiglu_explicit_backward_in_bf16(counts):
     torch_own = run(None, torch.bfloat16)
     for backend in ("loop", "grouped_mm") if hopper_or_newer() else ("loop",):
         for name, got, e, t in zip(
-            ("y", "dx", "dw13", "dw2"), run(backend, torch.bfloat16), exact, torch_own, strict=True
+            ("y", "dx", "dw13", "dw2", "dscale"), run(backend, torch.bfloat16), exact, torch_own, strict=True
         ):
             assert_within_dtype_error(f"{backend} {name}", got, e, t)
 
