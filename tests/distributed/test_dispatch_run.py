@@ -48,9 +48,10 @@ CASES = {
 
 class PreRefactorSequence:
     """What MoE.forward ran itself before `Dispatcher.run` existed: dispatch, routed experts,
-    combine, then the shared experts (gated when configured), which the layer adds. `steps` is the
-    dispatcher whose dispatch/combine it calls; the experts and callable handed to `run` are
-    ignored in favour of the layer's own modules, as the old forward used them."""
+    combine, then the shared experts (gated when configured), which the layer adds; the routed
+    experts now take the routing weights `dispatch` returns, as every dispatcher hands them on.
+    `steps` is the dispatcher whose dispatch/combine it calls; the experts and callable handed
+    to `run` are ignored in favour of the layer's own modules, as the old forward used them."""
 
     def __init__(self, layer, steps):
         self.layer, self.steps = layer, steps

@@ -13,6 +13,7 @@ from sparsetron.kernels.grouped_mm import (
     resolve_swiglu_backend,
 )
 from sparsetron.model.config import ModelConfig, MoEConfig
+from sparsetron.model.moe.dispatch import LocalDispatcher
 from sparsetron.model.moe.layer import MoE
 from sparsetron.train.config_io import load_job_config
 from sparsetron.train.trainer import Trainer
@@ -86,6 +87,31 @@ def test_grouped_swiglu_explicit_backward_in_bf16(counts):
             ("y", "dx", "dw13", "dw2", "dscale"), run(backend, torch.bfloat16), exact, torch_own, strict=True
         ):
             assert_within_dtype_error(f"{backend} {name}", got, e, t)
+
+
+@pytest.mark.parametrize("capacity", [0.0, 0.8])
+def test_combine_rounds_once_and_repeats_bitwise_in_bf16(capacity):
+    """The combine (one embedding_bag sum per token) on CUDA: allowed under deterministic
+    algorithms, bitwise the same twice, and each output the exact sum of its rows correctly
+    rounded to bf16, up to fp32's own error (16 fp32 ulps of the summed magnitudes)."""
+    torch.manual_seed(2)
+    T, E, k, D = 3000, 64, 16, 256
+    indices_Tk = torch.rand(T, E, device="cuda").topk(k, dim=-1).indices
+    weights_Tk = torch.rand(T, k, device="cuda")
+    dispatcher = LocalDispatcher(E, capacity, "position")
+    x_perm, _, _, ctx = dispatcher.dispatch(torch.randn(T, D, device="cuda"), indices_Tk, weights_Tk)
+    rows = torch.randn(x_perm.shape, device="cuda").bfloat16()
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = dispatcher.combine(rows, ctx), dispatcher.combine(rows, ctx)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    assert first.dtype == torch.bfloat16 and torch.equal(first, second)
+    terms = torch.cat([rows.double(), rows.new_zeros(1, D, dtype=torch.float64)])[ctx.slot_Tk]
+    exact, magnitude = terms.sum(dim=1), terms.abs().sum(dim=1)
+    excess = (first.double() - exact).abs() - torch.finfo(torch.bfloat16).eps / 2 * exact.abs()
+    assert (excess - 16 * torch.finfo(torch.float32).eps * magnitude).max().item() <= 0
 
 
 def test_moe_layer_bf16_autocast_close_to_fp64():

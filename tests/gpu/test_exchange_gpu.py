@@ -44,6 +44,12 @@ def exchange():
         dist.destroy_process_group()
 
 
+def busy_side_stream(exchange, device):
+    """Keep the exchange's side stream spinning, so an exchange started now runs late."""
+    with torch.cuda.stream(exchange._stream_for(device)):
+        torch.cuda._sleep(SPIN)
+
+
 def test_start_waits_for_rows_the_compute_stream_is_still_writing(exchange):
     values = torch.randn(ROWS, WIDTH, device="cuda")
     inp = torch.zeros_like(values)
@@ -59,8 +65,7 @@ def test_wait_holds_the_compute_stream_until_the_rows_arrived(exchange):
     inp = torch.randn(ROWS, WIDTH, device="cuda")
     out = torch.zeros_like(inp)
     torch.cuda.synchronize()
-    with torch.cuda.stream(exchange._stream_for(inp.device)):
-        torch.cuda._sleep(SPIN)  # the side stream is busy: the exchange starts late
+    busy_side_stream(exchange, inp.device)
     pending = exchange.start(out, inp)
     pending.wait()
     seen = out.clone()  # on the compute stream, right after wait
@@ -71,8 +76,7 @@ def test_buffers_in_flight_are_not_handed_to_new_tensors(exchange):
     values = torch.randn(ROWS, WIDTH, device="cuda")
     out = torch.zeros_like(values)
     torch.cuda.synchronize()
-    with torch.cuda.stream(exchange._stream_for(values.device)):
-        torch.cuda._sleep(SPIN)
+    busy_side_stream(exchange, values.device)
     inp = values.clone()
     pending = exchange.start(out, inp)
     del inp  # the caller drops the send buffer while the exchange has not read it yet
