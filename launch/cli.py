@@ -160,6 +160,7 @@ def _train(args: argparse.Namespace, restart: bool) -> int:
     from sparsetron.train.checkpoint import CheckpointError
     from sparsetron.train.data import DataError
     from sparsetron.train.trainer import Trainer, TrainingDiverged
+    from sparsetron.train.watchdog import CollectiveFailure
 
     try:
         job = load_job_config(args.config, args.overrides)
@@ -169,7 +170,7 @@ def _train(args: argparse.Namespace, restart: bool) -> int:
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingDiverged as err:
+    except (TrainingDiverged, CollectiveFailure) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

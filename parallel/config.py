@@ -45,6 +45,13 @@ class ParallelConfig:
     pipeline_stages_per_rank: int = 0
     """Stages (virtual pipeline stages) each pipeline rank runs. 0 = the schedule's own: 1 for 1f1b, 2 for
     interleaved_1f1b and zero_bubble; interleaved_1f1b takes any number >= 2, zero_bubble only 2."""
+    init_timeout_s: float = 600.0
+    """Seconds any one collective may wait at start-up (joining the process group, building the mesh, loading a
+    checkpoint) and while saving one. A rank that does not arrive in time fails the job with an error naming it."""
+    step_timeout_s: float = 300.0
+    """Seconds any one collective of a training step or an evaluation may wait for the other ranks; past it the
+    job fails (under torchrun --max-restarts it restarts from the last checkpoint) with an error naming the
+    collective and the rank(s) that did not reach it, instead of waiting forever."""
 
     def validate(self, prefix: str = "parallel") -> None:
         for axis in AXES:
@@ -61,6 +68,9 @@ class ParallelConfig:
             f"{prefix}.context_style",
             f"must be one of {', '.join(CONTEXT_STYLES)}, got {self.context_style!r}",
         )
+        for key in ("init_timeout_s", "step_timeout_s"):
+            value = getattr(self, key)
+            check(value > 0, f"{prefix}.{key}", f"must be a positive number of seconds, got {value}")
         n = self.stages_per_rank()
         if self.pipeline_schedule == "1f1b":
             check(n == 1, f"{prefix}.pipeline_stages_per_rank", f"1f1b runs one stage per rank, got {n}")

@@ -184,6 +184,10 @@ class TrainerConfig:
     """Micro-batches in one evaluation."""
     stop_at: int = 0
     """Stop (after saving) at this step without changing the schedule, as a preemption would (0 = run all steps)."""
+    max_hours: float = 0.0
+    """Stop (after saving) once this many hours of wall time have passed since this process started training,
+    so a resumed job continues before a scheduler's time limit kills it (0 = no limit). The ranks agree on the
+    step, as for a stop signal (SIGTERM, SIGINT, SIGUSR1)."""
     max_nonfinite_steps: int = 3
     """A step whose loss or gradient norm is NaN/inf is skipped and counted; stop after this many in a row."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -198,6 +202,7 @@ class TrainerConfig:
         for name in ("eval_interval", "stop_at"):
             value = getattr(self, name)
             check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")
+        check(self.max_hours >= 0, f"{prefix}.max_hours", f"must be >= 0, got {self.max_hours}")
         check(
             self.stop_at <= self.steps,
             f"{prefix}.stop_at",

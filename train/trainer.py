@@ -10,7 +10,9 @@ input fails before the model is built or anything is written.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -38,13 +40,25 @@ from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
 from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
-from sparsetron.train.distributed import local_device, process_group, rank, world_size_from_env
+from sparsetron.train.distributed import (
+    local_device,
+    process_group,
+    rank,
+    set_collective_timeout,
+    world_size_from_env,
+)
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
 from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
 from sparsetron.train.schedule import build_scheduler
+from sparsetron.train.watchdog import Watchdog
+
+# Signals that stop a run at the end of the current step, with a save: SIGTERM (torchrun, a
+# scheduler), SIGINT (Ctrl-C), SIGUSR1 (SLURM's warning before preemption or the time limit).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STATUS_FILE = "status.json"
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,6 +77,8 @@ class TrainResult:
     """Validation loss by the step after which it was measured (0 = before training)."""
     skipped_steps: int = 0
     stopped_early: bool = False
+    stopped_by: str | None = None
+    """Why the run stopped before trainer.steps: "signal SIGTERM", "trainer.max_hours", "trainer.stop_at"."""
     checkpoint: Path | None = None
 
 
@@ -100,12 +116,17 @@ class Trainer:
         self.tokenizer = build_tokenizer(job.data.tokenizer)
         resolve_vocab(job, self.tokenizer.vocab_size)
         self._closing = contextlib.ExitStack()
-        self._closing.enter_context(process_group(self.device))
+        self._closing.enter_context(process_group(self.device, job.parallel.init_timeout_s))
         # A trainer that is built but never run still releases its process group, at the
         # latest when the interpreter exits (before torch's modules are torn down).
         weakref.finalize(self, self._closing.close)
+        self.watchdog = None
         try:
-            self._build(resume)
+            if dist.is_initialized():
+                self.watchdog = Watchdog(job.parallel.step_timeout_s)
+                self._closing.callback(self.watchdog.close)
+            with self._explained_collective_failures():
+                self._build(resume)
         except BaseException:
             # Hand the exception to the process-group context: a failed rank must exit at
             # once (torchrun then stops the others), not wait in the normal-end barrier.
@@ -119,6 +140,8 @@ class Trainer:
     def _build(self, resume: str | None) -> None:
         job = self.job
         self.mesh = self.dims.build_mesh(self.device.type) if dist.is_initialized() else None
+        # The mesh's groups start with torch's default timeouts; start-up runs under init_timeout_s.
+        set_collective_timeout(job.parallel.init_timeout_s)
         self.is_main = rank() == 0
 
         self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
@@ -214,7 +237,7 @@ class Trainer:
         )
         self.flops_per_token = self.flops_per_token_moba
         self.peak_tflops = job.metrics.peak_tflops or peak_tflops(self.device)
-        self._stop_requested = False
+        self._stop_requested: str | None = None
         # attention.moba_full_after: the first step whose MoBA layers run full attention (None = never).
         self.full_attention_from = job.attention.moba_switch_step(tc.steps)
 
@@ -241,7 +264,10 @@ class Trainer:
         set_rng_state(state["rng"])
 
     def save(self) -> Path:
-        return self.checkpoints.save(self.step, self.model, self.optimizer, self._train_state(), dump_yaml(self.job))
+        with self._checkpoint_phase(f"saving step {self.step}"):
+            return self.checkpoints.save(
+                self.step, self.model, self.optimizer, self._train_state(), dump_yaml(self.job)
+            )
 
     # ---- one step ---------------------------------------------------------------------
 
@@ -257,8 +283,38 @@ class Trainer:
         set_full_attention(self.model, full)
         self.flops_per_token = self.flops_per_token_full if full else self.flops_per_token_moba
 
+    def _phase(self, name: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.phase(name)
+
+    @contextmanager
+    def _explained_collective_failures(self):
+        """Turn a collective's timeout or broken connection into an error naming the collective and
+        the ranks that did not reach it (see train/watchdog.py)."""
+        try:
+            yield
+        except RuntimeError as err:
+            if self.watchdog is not None and (isinstance(err, dist.DistError) or "gloo" in str(err)):
+                raise self.watchdog.diagnose(err) from err
+            raise
+
+    @contextmanager
+    def _checkpoint_phase(self, name: str):
+        """Saving runs under parallel.init_timeout_s: a rank may write its files for longer than a step takes."""
+        self._phase(name)
+        set_collective_timeout(self.job.parallel.init_timeout_s)
+        try:
+            yield
+        finally:
+            set_collective_timeout(self._step_timeout())
+        self._phase(f"after step {self.step}")
+
+    def _step_timeout(self) -> float:
+        return self.watchdog.backend_timeout if self.watchdog is not None else self.job.parallel.step_timeout_s
+
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
+        self._phase(f"step {self.step + 1}")
         self._set_attention_mode(self.step)
         micro_batches = [next(self.loader) for _ in range(self.job.trainer.grad_accum_steps)]
         loss_value, grad_norm = self.runner.train_step(micro_batches, self.job.optimizer.grad_clip)
@@ -276,34 +332,47 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        self._phase(f"after step {self.step}")
         return loss_value, grad_norm
 
-    def _should_stop(self) -> bool:
-        """Whether any rank was asked to stop: all ranks must leave the loop at the same step."""
-        return self.runner.any_rank(self._stop_requested)
+    def _should_stop(self, started: float) -> bool:
+        """Whether any rank was asked to stop, or the time limit is reached: all ranks must leave the
+        loop at the same step (rank 0's clock decides the time limit)."""
+        max_hours = self.job.trainer.max_hours
+        if (
+            max_hours
+            and self.is_main
+            and self._stop_requested is None
+            and time.monotonic() - started >= max_hours * 3600
+        ):
+            self._stop_requested = "trainer.max_hours"
+        return self.runner.any_rank(self._stop_requested is not None)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean cross-entropy over the fixed validation batches, attending as the last step trained
         (or the first step, before any)."""
         self._set_attention_mode(max(self.step - 1, 0))
-        return self.runner.eval_loss(self.eval_set)
+        self._phase(f"evaluation after step {self.step}")
+        loss = self.runner.eval_loss(self.eval_set)
+        self._phase(f"after step {self.step}")
+        return loss
 
     # ---- the loop -----------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
-        # The first SIGTERM or Ctrl-C finishes the step and saves; a second Ctrl-C aborts now.
+        # The first stop signal finishes the step and saves; a second Ctrl-C aborts now.
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self._stop_requested = True
+        self._stop_requested = self._stop_requested or f"signal {signal.Signals(signum).name}"
 
     @contextmanager
     def _stop_on_signals(self):
-        """Route SIGTERM and SIGINT to `_request_stop` while training (main thread only)."""
+        """Route the STOP_SIGNALS to `_request_stop` while training (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -314,7 +383,7 @@ class Trainer:
         """Train to trainer.steps (or trainer.stop_at, or a signal), then release the process group."""
         # Released last, after the final save and the loggers; also when rank 0 fails while
         # setting up its outputs, so the other ranks' collectives fail instead of waiting.
-        with self._closing:
+        with self._closing, self._explained_collective_failures():
             return self._run()
 
     def _run(self) -> TrainResult:
@@ -332,6 +401,8 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
+            for line in _launch_facts():
+                progress.message(line)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:
@@ -348,8 +419,10 @@ class Trainer:
             switch = self.full_attention_from
             if switch is not None and self.step > switch:
                 progress.message(f"MoBA layers run full attention since step {switch + 1} (attention.moba_full_after)")
+            set_collective_timeout(self._step_timeout())
+            started = time.monotonic()
             window_start, window_tokens = time.perf_counter(), 0
-            while self.step < stop_at and not self._should_stop():
+            while self.step < stop_at and not self._should_stop(started):
                 if self.step == switch:
                     progress.message(
                         f"step {self.step + 1}: MoBA layers switch to full attention for the last "
@@ -382,13 +455,27 @@ class Trainer:
                 # Evaluation and saving are not training throughput.
                 window_start += time.perf_counter() - paused
             result.stopped_early = self.step < tc.steps
+            if result.stopped_early:
+                result.stopped_by = self._stop_reason(stop_at)
             saved_now = result.checkpoint is not None and result.checkpoint.name == step_folder_name(self.step)
             if job.checkpoint.save_final and not saved_now:
                 result.checkpoint = self.save()
             if result.stopped_early and result.checkpoint is not None:
-                progress.message(f"stopped at step {self.step}; resume with --resume auto ({result.checkpoint})")
+                progress.message(
+                    f"stopped at step {self.step} ({result.stopped_by}); resume with --resume auto ({result.checkpoint})"
+                )
+            self._phase("done")
+            if self.is_main:
+                _write_status(run_dir, self.step, tc.steps, result.stopped_by)
         result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps
         return result
+
+    def _stop_reason(self, stop_at: int) -> str:
+        """Why the loop ended early, as every rank agrees: a signal or the time limit on some rank
+        (rank 0 names its own, or the one it was told of), else trainer.stop_at."""
+        if self.step == stop_at and not self._stop_requested:
+            return "trainer.stop_at"
+        return self._stop_requested or "another rank's stop request"
 
     def _scalars(self, loss: float, grad_norm: float, tokens_per_s: float) -> dict[str, float]:
         scalars = {
@@ -405,3 +492,25 @@ class Trainer:
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
         scalars.update(self.runner.merge_over_stages(moe_metrics(self.model)))
         return scalars
+
+
+def _launch_facts() -> list[str]:
+    """What a log reader needs to place this process: the scheduler's job and restart counts."""
+    lines = []
+    if "SLURM_JOB_ID" in os.environ:
+        lines.append(
+            f"SLURM job {os.environ['SLURM_JOB_ID']}, restart {os.environ.get('SLURM_RESTART_COUNT', '0')} "
+            "(SLURM_RESTART_COUNT)"
+        )
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts:
+        lines.append(f"torchrun restart {restarts} of at most {os.environ.get('TORCHELASTIC_MAX_RESTARTS', '?')}")
+    return lines
+
+
+def _write_status(run_dir: Path, step: int, steps: int, stopped_by: str | None) -> None:
+    """`<run_dir>/status.json`: whether the run finished, for a batch script deciding to requeue it."""
+    status = {"step": step, "steps": steps, "finished": step >= steps, "stopped_by": stopped_by}
+    tmp = run_dir / f".{STATUS_FILE}.tmp"
+    tmp.write_text(json.dumps(status) + "\n")
+    tmp.replace(run_dir / STATUS_FILE)

@@ -3,7 +3,9 @@ and bad input stops early without losing anything on disk."""
 
 import json
 import math
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -60,6 +62,38 @@ def test_stop_and_resume_is_bitwise_exact(tmp_path, extra):
     split = {**first.losses, **resumed.losses}
     assert split == straight.losses  # bitwise: float equality of every step's loss
     assert resumed.eval_losses[12] == straight.eval_losses[12]
+
+
+def status(run_dir):
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_sigusr1_and_the_time_limit_stop_with_a_save_and_say_so_in_status_json(tmp_path, monkeypatch):
+    # SLURM's warning before preemption or the time limit is SIGUSR1; the batch script requeues
+    # a run that status.json says is unfinished.
+    train_step = Trainer.train_step
+
+    def signalled_at_step_3(self):
+        result = train_step(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_at_step_3)
+    first = Trainer(tiny_job(tmp_path, steps=8)).run()
+    assert (first.step, first.stopped_by) == (3, "signal SIGUSR1")
+    assert status(tmp_path) == {"step": 3, "steps": 8, "finished": False, "stopped_by": "signal SIGUSR1"}
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is the run's only
+    monkeypatch.undo()
+
+    # A time limit already spent stops before the next step, as a signal would.
+    limited = Trainer(tiny_job(tmp_path, "trainer.max_hours=1e-9", steps=8), resume="auto").run()
+    assert (limited.step, limited.stopped_by, limited.losses) == (3, "trainer.max_hours", {})
+    assert status(tmp_path)["stopped_by"] == "trainer.max_hours"
+
+    finished = Trainer(tiny_job(tmp_path, steps=8), resume="auto").run()
+    assert finished.step == 8 and not finished.stopped_early
+    assert status(tmp_path) == {"step": 8, "steps": 8, "finished": True, "stopped_by": None}
 
 
 def test_resume_from_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
