@@ -292,18 +292,20 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------
 
     def _request_stop(self, signum, frame) -> None:
-        # The first SIGTERM or Ctrl-C finishes the step and saves; a second Ctrl-C aborts now.
+        # The first SIGTERM, SIGUSR1 (SLURM's preemption/time-limit warning) or Ctrl-C finishes
+        # the step and saves; a second Ctrl-C aborts now.
         if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop_requested = True
 
     @contextmanager
     def _stop_on_signals(self):
-        """Route SIGTERM and SIGINT to `_request_stop` while training (main thread only)."""
+        """Route SIGTERM, SIGUSR1 and SIGINT to `_request_stop` while training (main thread only)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        stopping = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in stopping}
         try:
             yield
         finally:
