@@ -213,9 +213,13 @@ def _wait(what: str, check, timeout: float, cluster: Cluster, job: str):
     deadline = time.monotonic() + timeout
     while not (found := check()):
         state = _job(cluster, job).get("JobState")
-        assert time.monotonic() < deadline and state not in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), (
-            f"waiting {timeout} s for {what}; job {job} is {state}\n{cluster.logs()}"
-        )
+        assert time.monotonic() < deadline and state not in (
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+        ), f"waiting {timeout} s for {what}; job {job} is {state}\n{cluster.logs()}"
         time.sleep(0.2)
     return found
 
