@@ -8,8 +8,8 @@
 # started with SIGUSR1 ignored, and this script forwards the signal to torchrun's children, the
 # ranks. They inherit the ignore too, until the trainer installs its own handler for the training
 # loop; a signal that comes while a rank is still starting is therefore not lost but resent here
-# every second until torchrun exits. (srun may also signal every process of the step: torchrun
-# ignores it, the ranks take it, so both ways end the same.)
+# every second until torchrun exits. (srun passes a signal on to every process of the step, as
+# seen with proctrack/linuxproc: torchrun ignores it, the ranks take it, so both ways end the same.)
 set -uo pipefail
 endpoint="$1" nproc="$2" restarts="$3" log_dir="$4" job_log="$5"
 shift 5

@@ -286,7 +286,10 @@ def test_preempted_job_requeues_and_resumes_bitwise(slurm, tmp_path):
     job_log = (logs / f"job_{job}.log").read_text()
     assert f"job {job} restart 0 (SLURM_RESTART_COUNT=unset)" in job_log
     assert f"job {job} restart 1 (SLURM_RESTART_COUNT=1)" in job_log
-    assert "forwarded SIGUSR1 to the ranks" in job_log and f"requeueing job {job}" in job_log
+    assert "forwarded SIGUSR1 to the ranks" in job_log
+    # The ranks saved and exited 0, and so did torchrun on both "nodes" (SIGUSR1 kills an unprepared one).
+    assert job_log.count("torchrun exited with status 0") == 4
+    assert f"stopped at step {stopped_at} of {STEPS} (status 0); requeueing job {job}" in job_log
     assert f"finished: checkpoint at step {STEPS} of {STEPS}" in job_log
     for restart in (0, 1):
         for task in (0, 1):
