@@ -4,6 +4,7 @@
     sparsetron train my.yaml --set trainer.steps=50    # a file, with overrides
     sparsetron train tiny --resume auto                # continue from the latest checkpoint
     sparsetron config tiny --set moe.top_k=4           # print the resolved config
+    sparsetron config tiny --get trainer.run_dir       # print one resolved value (for scripts)
     sparsetron config --doc                            # every key, its default and meaning
     sparsetron recipes                                 # the shipped recipes
     sparsetron convert --from HF_DIR --to CKPT_DIR --format sparsetron   # import a Hugging Face checkpoint
@@ -68,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(config, required=False)
     config.add_argument("--doc", action="store_true", help="list every key with its default and meaning")
+    config.add_argument(
+        "--get",
+        dest="keys",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY",
+        help="print only this resolved value, one line per --get (repeatable; for scripts)",
+    )
 
     commands.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
 
@@ -199,7 +208,19 @@ def _config(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(dump_yaml(job), end="")
+    if not args.keys:
+        print(dump_yaml(job), end="")
+        return 0
+    known = {key for key, _, _ in describe()}
+    unknown = [key for key in args.keys if key not in known]
+    if unknown:
+        print(f"error: unknown key {unknown[0]} (sparsetron config --doc lists them)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for key in args.keys:
+        value = job
+        for name in key.split("."):
+            value = getattr(value, name)
+        print(value)
     return 0
 
 

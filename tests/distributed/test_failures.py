@@ -7,7 +7,6 @@ sleeps outside any collective makes the job fail within `parallel.step_timeout_s
 error naming that rank and the collective the others waited in.
 """
 
-import json
 import os
 import re
 import signal
@@ -18,31 +17,27 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import TORCHRUN_SH, UNINTERRUPTED, UNINTERRUPTED_STEPS, training_losses
 
 from sparsetron.train.checkpoint import list_complete, step_of
 
-ROOT = Path(__file__).resolve().parents[2]
-TORCHRUN_SH = ROOT / "launch" / "torchrun.sh"
 SLEEPING_RANK = Path(__file__).resolve().parent / "sleeping_rank.py"
 KILLS = 10
-STEPS = 24  # each kill-and-restart cycle trains at least one step (two when it waits for a save)
 STEP_TIMEOUT_S = 4.0
+# THP_MEM_ALLOC_ENABLE set: the CLI does not restart itself in every new worker.
+ENV = {"THP_MEM_ALLOC_ENABLE": "1"}
 
 
-def _train_args(run_dir: Path, steps: int, *extra: str) -> list[str]:
+def _train_args(run_dir: Path, *extra: str) -> list[str]:
+    """The uninterrupted run's command line, saving at every step (so kills land in saves too)."""
     settings = [
-        "parallel.data_parallel_shard=2",
-        f"trainer.steps={steps}",
-        "trainer.eval_interval=0",
-        "checkpoint.interval=1",  # every step saves: kills land in saves too
+        "checkpoint.interval=1",
         "checkpoint.keep_last=2",
-        "metrics.log_interval=1",
-        "metrics.tensorboard=false",
         "metrics.console=plain",
         f"trainer.run_dir={run_dir}",
         *extra,
     ]
-    return ["debug-deepseek", *(arg for s in settings for arg in ("--set", s)), "--resume", "auto"]
+    return [*UNINTERRUPTED, *(arg for s in settings for arg in ("--set", s)), "--resume", "auto"]
 
 
 class Launch:
@@ -108,16 +103,6 @@ class Launch:
         return "\n".join(line for _, line in self.lines)
 
 
-def _losses(run_dir: Path) -> dict[int, list[float]]:
-    """Every training loss metrics.jsonl holds, by step (a step trained again after a restart twice)."""
-    losses: dict[int, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses.setdefault(record["step"], []).append(record["loss"])
-    return losses
-
-
 def _newest_checkpoint(run_dir: Path) -> int:
     complete = [step_of(p) for p in list_complete(run_dir / "checkpoints")]
     return max(complete, default=0)
@@ -135,14 +120,11 @@ def _saving(run_dir: Path) -> bool:
     return folder.is_dir() and any(p.name.startswith(".tmp_step_") for p in folder.iterdir())
 
 
-def test_ten_killed_ranks_in_a_row_restart_resume_and_match_an_uninterrupted_run(tmp_path):
-    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
-    straight = Launch(["bash", str(TORCHRUN_SH), "2", *_train_args(straight_dir, STEPS)])
-    assert straight.finish(timeout=300) == 0, straight.text()[-4000:]
-
+def test_ten_killed_ranks_in_a_row_restart_resume_and_match_an_uninterrupted_run(tmp_path, uninterrupted_losses):
+    killed_dir = tmp_path / "killed"
     run = Launch(
-        ["bash", str(TORCHRUN_SH), "2", *_train_args(killed_dir, STEPS)],
-        env={"SPARSETRON_MAX_RESTARTS": str(KILLS), "SPARSETRON_SHUTDOWN_TIMEOUT": "10"},
+        ["bash", str(TORCHRUN_SH), "2", *_train_args(killed_dir)],
+        env={**ENV, "SPARSETRON_MAX_RESTARTS": str(KILLS), "SPARSETRON_SHUTDOWN_TIMEOUT": "10"},
     )
     recoveries, during_save = [], 0
     try:
@@ -172,7 +154,7 @@ def test_ten_killed_ranks_in_a_row_restart_resume_and_match_an_uninterrupted_run
         run.kill()
 
     output = run.text()
-    assert output.count(f"done: step {STEPS}") == 1
+    assert output.count(f"done: step {UNINTERRUPTED_STEPS}") == 1
     # A kill before the first checkpoint was complete starts the next generation at step 0.
     starts = re.findall(
         r"^(?:resumed from .* at step (\d+)|no complete checkpoint in .*; starting from step 0)$", output, re.M
@@ -181,11 +163,11 @@ def test_ten_killed_ranks_in_a_row_restart_resume_and_match_an_uninterrupted_run
     assert len(resumed_at) == KILLS + 1 and resumed_at == sorted(resumed_at), resumed_at
     assert resumed_at[-1] > 0
     assert during_save >= 1, "no kill landed inside a save"
-    reference = {step: values[0] for step, values in _losses(straight_dir).items()}
-    assert sorted(reference) == list(range(1, STEPS + 1))
-    for step, values in _losses(killed_dir).items():
-        # Steps trained again after a restart: bitwise what the uninterrupted run computed.
-        assert values == [reference[step]] * len(values), (step, values, reference[step])
+    losses = training_losses(killed_dir)
+    assert sorted(losses) == sorted(uninterrupted_losses)
+    for step, values in losses.items():
+        # Steps trained again after a restart too: bitwise what the uninterrupted run computed.
+        assert values == [uninterrupted_losses[step]] * len(values), (step, values, uninterrupted_losses[step])
     print(
         f"\n{KILLS} kills ({during_save} during a save): kill -> first resumed step "
         f"{min(recoveries):.1f}-{max(recoveries):.1f} s (mean {sum(recoveries) / len(recoveries):.1f} s)",
@@ -197,8 +179,8 @@ def test_a_rank_that_hangs_fails_the_job_within_the_timeout_naming_it(tmp_path):
     sleeper, step = 1, 2
     run = Launch(
         ["torchrun", "--standalone", "--nproc-per-node", "2", str(SLEEPING_RANK), str(sleeper), str(step), "600"]
-        + ["train", *_train_args(tmp_path, 5, f"parallel.step_timeout_s={STEP_TIMEOUT_S}")],
-        env={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
+        + ["train", *_train_args(tmp_path, f"parallel.step_timeout_s={STEP_TIMEOUT_S}")],
+        env={**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
     )
     try:
         failed = run.wait_for(r"^error: rank 0 ", timeout=180)

@@ -46,6 +46,26 @@ def test_recipes_and_config(capsys):
     assert "tiny" in capsys.readouterr().out.split()
     assert main(["config", "tiny", "--set", "moe.top_k=2"]) == 0
     assert "top_k: 2" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "config",
+                "tiny",
+                "--set",
+                "trainer.run_dir=/x",
+                "--get",
+                "trainer.run_dir",
+                "--get",
+                "moe.top_k",
+                "--set",
+                "moe.top_k=3",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.split() == ["/x", "3"]
+    assert main(["config", "tiny", "--get", "trainer.nope"]) == 2
+    assert "unknown key trainer.nope" in capsys.readouterr().err
     assert main(["config", "--doc"]) == 0
     assert "moe.capacity_factor" in capsys.readouterr().out
 
