@@ -138,6 +138,10 @@ class CheckpointConfig:
     """Where step folders go. Empty = <trainer.run_dir>/checkpoints."""
     save_final: bool = True
     """Save when training ends (or stops at trainer.stop_at / on SIGTERM)."""
+    on_corrupt: Literal["fallback", "error"] = "fallback"
+    """A newest checkpoint whose files do not match the sizes and checksums in its .complete marker, met by `--resume auto`: fallback = resume from the newest older checkpoint that verifies and say which one was skipped and why; error = refuse to start. A checkpoint named explicitly must always verify. Nothing is deleted or renamed because of corruption (resuming an older checkpoint sets the newer ones aside as abandoned_*, as always)."""
+    async_save: bool = False
+    """Copy the state to CPU memory and write it in the background (DCP async_save): training waits only for the copy and needs memory for one more copy of the model and optimizer. A new save, and the end of training, first wait for the previous one to be committed."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         check(self.interval >= 0, f"{prefix}.interval", f"must be >= 0, got {self.interval}")

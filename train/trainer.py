@@ -121,9 +121,12 @@ class Trainer:
         self.mesh = self.dims.build_mesh(self.device.type) if dist.is_initialized() else None
         self.is_main = rank() == 0
 
-        self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
+        cc = job.checkpoint
+        self.checkpoints = CheckpointManager(job.checkpoint_folder(), cc.keep_last, cc.on_corrupt, cc.async_save)
         self.resume_requested = bool(resume)
-        self.resume_from = self.checkpoints.resolve(resume) if resume else None
+        # Verified before anything is loaded; messages say what a fallback skipped.
+        point = self.checkpoints.find_resume(resume or "none")
+        self.resume_from, self.resume_messages = point.path, point.messages
         self.changed_settings: list[str] = []
         if self.resume_from is not None:
             saved = self.checkpoints.read_config(self.resume_from)
@@ -315,7 +318,15 @@ class Trainer:
         # Released last, after the final save and the loggers; also when rank 0 fails while
         # setting up its outputs, so the other ranks' collectives fail instead of waiting.
         with self._closing:
-            return self._run()
+            try:
+                return self._run()
+            except BaseException as err:
+                # A save still writing in the background finishes before the process group goes.
+                try:
+                    self.checkpoints.wait()
+                except CheckpointError as save_error:
+                    err.add_note(f"and a background checkpoint save failed too: {save_error}")
+                raise
 
     def _run(self) -> TrainResult:
         job, tc = self.job, self.job.trainer
@@ -332,6 +343,8 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
+            for line in self.resume_messages:
+                progress.message(line)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:
@@ -385,6 +398,8 @@ class Trainer:
             saved_now = result.checkpoint is not None and result.checkpoint.name == step_folder_name(self.step)
             if job.checkpoint.save_final and not saved_now:
                 result.checkpoint = self.save()
+            # An asynchronous save commits (or raises) before the run reports it.
+            self.checkpoints.wait()
             if result.stopped_early and result.checkpoint is not None:
                 progress.message(f"stopped at step {self.step}; resume with --resume auto ({result.checkpoint})")
         result.step, result.tokens_seen, result.skipped_steps = self.step, self.tokens_seen, self.skipped_steps

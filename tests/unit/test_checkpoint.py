@@ -258,7 +258,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
 
     # Both points come after DCP has written the tensors into the temporary folder.
     monkeypatch.setattr(ckpt, where, crash)
-    with pytest.raises(OSError, match="disk pulled out"):
+    with pytest.raises(
+        CheckpointError, match="step_00000002 failed while committing it: rank 0: OSError: disk pulled out"
+    ):
         manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
     monkeypatch.undo()
 
