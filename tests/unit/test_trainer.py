@@ -179,3 +179,22 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     # Diverged runs do not save: the last checkpoint is the good one at step 4.
     assert checkpoint_steps(tmp_path) == ["step_00000004"]
+
+
+def test_async_saves_resume_bitwise_like_sync_ones(tmp_path):
+    straight = Trainer(tiny_job(tmp_path / "sync", steps=8)).run()
+    first = Trainer(tiny_job(tmp_path / "async", "checkpoint.async_save=true", "trainer.stop_at=5", steps=8)).run()
+    # run() returns only once the background save is committed.
+    assert first.step == 5 and (first.checkpoint / ".complete").is_file()
+    resumed = Trainer(tiny_job(tmp_path / "async", "checkpoint.async_save=true", steps=8), resume="auto").run()
+    assert {**first.losses, **resumed.losses} == straight.losses
+    assert checkpoint_steps(tmp_path / "async") == ["step_00000004", "step_00000005", "step_00000008"]
+    # The same tensor and train-state bytes as the synchronous save of the same step (config.yaml
+    # names another run_dir, DCP's .metadata the folder's path and a save id).
+    sums = [
+        json.loads((tmp_path / run / "checkpoints/step_00000004/.complete").read_text())["checksums"]
+        for run in ("sync", "async")
+    ]
+    for checksums in sums:
+        del checksums["config.yaml"], checksums[".metadata"]
+    assert sums[0] == sums[1] and len(sums[0]) == 2
