@@ -6,8 +6,14 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import random
 import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +22,7 @@ import xxhash
 from torch import nn
 
 from sparsetron.train import checkpoint as ckpt
-from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
+from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_of
 from sparsetron.train.checkpoint_verify import share
 
 CONFIG_YAML = "model:\n  dim: 16\ntrainer:\n  steps: 10\n"
@@ -531,3 +537,76 @@ def test_an_async_save_that_fails_raises_at_the_next_save_naming_it(tmp_path, mo
         manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
     assert manager.list_complete() == []
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # its temporary folder is gone too
+
+
+def saver_model() -> nn.Module:
+    # About 3 MB of weights and AdamW moments: a save takes tens of milliseconds.
+    return nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256))
+
+
+SAVING_FOREVER = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    import torch
+    from sparsetron.train.checkpoint import CheckpointManager
+    from test_checkpoint import saver_model
+
+    # Imports once, then forks a saver for every line "FOLDER STEP" read, waits for the test to
+    # kill it (SIGKILL) and says so: a kill costs a fork, not a Python start. One thread, and no
+    # tensor math before the fork; an optimizer is built once for the imports it makes.
+    torch.set_num_threads(1)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    for line in sys.stdin:
+        folder, step = line.split()
+        step = int(step)
+        pid = os.fork()
+        if pid == 0:
+            model = saver_model()
+            opt = torch.optim.AdamW(model.parameters())
+            manager = CheckpointManager(folder, keep_last=2, async_save=True)
+            print("ready", os.getpid(), flush=True)
+            while True:  # back to back: the process is almost always inside a save
+                step += 1
+                model(torch.randn(8, 256)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                manager.save(step, model, opt, {"step": step}, "trainer:\\n  steps: 1\\n")
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+    """
+)
+
+
+def test_kill_9_during_async_saves_never_leaves_a_checkpoint_auto_picks_and_cannot_load(tmp_path):
+    rng = random.Random(0)
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    forker = subprocess.Popen(
+        [sys.executable, "-c", SAVING_FOREVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+    )
+    loaded = 0
+    try:
+        for kill in range(8):
+            forker.stdin.write(f"{folder} {kill * 1000}\n")
+            forker.stdin.flush()
+            word, pid = forker.stdout.readline().split()
+            assert word == "ready"
+            time.sleep(rng.uniform(0.02, 0.5))
+            os.kill(int(pid), signal.SIGKILL)
+            assert forker.stdout.readline() == "reaped\n"
+            # What `--resume auto` does next: recover, pick, verify, load; on_corrupt=error so
+            # that picking a broken folder fails instead of falling back.
+            manager = CheckpointManager(folder, on_corrupt="error")
+            path = manager.resolve("auto")
+            if path is not None:
+                model = saver_model()
+                assert manager.load(path, model, torch.optim.AdamW(model.parameters()))["step"] == step_of(path)
+                loaded += 1
+    finally:
+        forker.kill()
+        forker.wait()
+    assert loaded >= 1
+    # The kills did land inside saves: their temporary folders are left (and never picked).
+    assert any(p.name.startswith(".tmp_step_") for p in folder.iterdir())
