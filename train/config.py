@@ -138,6 +138,10 @@ class CheckpointConfig:
     """Where step folders go. Empty = <trainer.run_dir>/checkpoints."""
     save_final: bool = True
     """Save when training ends (or stops at trainer.stop_at / on SIGTERM)."""
+    on_corrupt: Literal["fallback", "error"] = "fallback"
+    """A newest checkpoint whose files do not match the sizes and checksums in its .complete marker, met by `--resume auto`: fallback = resume from the newest older checkpoint that verifies and say which one was skipped and why; error = refuse to start. A checkpoint named explicitly must always verify. Nothing is deleted or renamed because of corruption (resuming an older checkpoint sets the newer ones aside as abandoned_*, as always)."""
+    async_save: bool = False
+    """Copy the state to CPU memory and write it in the background (DCP async_save): training waits only for the copy and needs memory for one more copy of the model and optimizer. A new save, and the end of training, first wait for the previous one to be committed."""
 
     def validate(self, prefix: str = "checkpoint") -> None:
         check(self.interval >= 0, f"{prefix}.interval", f"must be >= 0, got {self.interval}")
@@ -185,7 +189,7 @@ class TrainerConfig:
     stop_at: int = 0
     """Stop (after saving) at this step without changing the schedule, as a preemption would (0 = run all steps)."""
     max_hours: float = 0.0
-    """Stop (after saving) once this many hours of wall time have passed since this process started training,
+    """Stop (after saving) once this many hours of wall time have passed since this process started the run,
     so a resumed job continues before a scheduler's time limit kills it (0 = no limit). The ranks agree on the
     step, as for a stop signal (SIGTERM, SIGINT, SIGUSR1)."""
     max_nonfinite_steps: int = 3

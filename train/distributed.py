@@ -98,8 +98,9 @@ def process_group(device: torch.device, init_timeout_s: float = 600.0):
         dist.destroy_process_group()
 
 
-def set_collective_timeout(seconds: float) -> None:
-    """How long every later collective, on every process group of this process, may wait.
+def set_collective_timeout(seconds: float, skip: tuple = ()) -> None:
+    """How long every later collective, on every process group of this process but those in
+    `skip`, may wait.
 
     Groups made after the default one (the device mesh's) start with torch's own defaults
     (30 min for gloo, 10 for NCCL), not the default group's, hence all of them.
@@ -108,7 +109,8 @@ def set_collective_timeout(seconds: float) -> None:
         return
     timeout = datetime.timedelta(seconds=seconds)
     for group in list(dist.distributed_c10d._world.pg_map):
-        dist.distributed_c10d._set_pg_timeout(timeout, group)
+        if group not in skip:
+            dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
 def _device_id(device: torch.device) -> torch.device | None:

@@ -105,6 +105,7 @@ class Trainer:
 
     def __init__(self, job: JobConfig, resume: str | None = None):
         self.job = job
+        self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
@@ -144,9 +145,14 @@ class Trainer:
         set_collective_timeout(job.parallel.init_timeout_s)
         self.is_main = rank() == 0
 
-        self.checkpoints = CheckpointManager(job.checkpoint_folder(), job.checkpoint.keep_last)
+        cc = job.checkpoint
+        self.checkpoints = CheckpointManager(
+            job.checkpoint_folder(), cc.keep_last, cc.on_corrupt, cc.async_save, job.parallel.init_timeout_s
+        )
         self.resume_requested = bool(resume)
-        self.resume_from = self.checkpoints.resolve(resume) if resume else None
+        # Verified before anything is loaded; messages say what a fallback skipped.
+        point = self.checkpoints.find_resume(resume or "none")
+        self.resume_from, self.resume_messages = point.path, point.messages
         self.changed_settings: list[str] = []
         if self.resume_from is not None:
             saved = self.checkpoints.read_config(self.resume_from)
@@ -306,11 +312,14 @@ class Trainer:
         try:
             yield
         finally:
-            set_collective_timeout(self._step_timeout())
+            self._set_step_timeout()
         self._phase(f"after step {self.step}")
 
-    def _step_timeout(self) -> float:
-        return self.watchdog.backend_timeout if self.watchdog is not None else self.job.parallel.step_timeout_s
+    def _set_step_timeout(self) -> None:
+        """parallel.step_timeout_s on the training collectives; the checkpoints' own group keeps
+        init_timeout_s, since a background save may write for longer than a step takes."""
+        seconds = self.watchdog.backend_timeout if self.watchdog is not None else self.job.parallel.step_timeout_s
+        set_collective_timeout(seconds, skip=(self.checkpoints.group,))
 
     def train_step(self) -> tuple[float, float]:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
@@ -335,7 +344,7 @@ class Trainer:
         self._phase(f"after step {self.step}")
         return loss_value, grad_norm
 
-    def _should_stop(self, started: float) -> bool:
+    def _should_stop(self) -> bool:
         """Whether any rank was asked to stop, or the time limit is reached: all ranks must leave the
         loop at the same step (rank 0's clock decides the time limit)."""
         max_hours = self.job.trainer.max_hours
@@ -343,7 +352,7 @@ class Trainer:
             max_hours
             and self.is_main
             and self._stop_requested is None
-            and time.monotonic() - started >= max_hours * 3600
+            and time.monotonic() - self._started >= max_hours * 3600
         ):
             self._stop_requested = "trainer.max_hours"
         return self.runner.any_rank(self._stop_requested is not None)
@@ -384,7 +393,15 @@ class Trainer:
         # Released last, after the final save and the loggers; also when rank 0 fails while
         # setting up its outputs, so the other ranks' collectives fail instead of waiting.
         with self._closing, self._explained_collective_failures():
-            return self._run()
+            try:
+                return self._run()
+            except BaseException as err:
+                # A save still writing in the background finishes before the process group goes.
+                try:
+                    self.checkpoints.wait()
+                except CheckpointError as save_error:
+                    err.add_note(f"and a background checkpoint save failed too: {save_error}")
+                raise
 
     def _run(self) -> TrainResult:
         job, tc = self.job, self.job.trainer
@@ -401,7 +418,7 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
-            for line in _launch_facts():
+            for line in _launch_facts() + self.resume_messages:
                 progress.message(line)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
@@ -419,10 +436,9 @@ class Trainer:
             switch = self.full_attention_from
             if switch is not None and self.step > switch:
                 progress.message(f"MoBA layers run full attention since step {switch + 1} (attention.moba_full_after)")
-            set_collective_timeout(self._step_timeout())
-            started = time.monotonic()
+            self._set_step_timeout()
             window_start, window_tokens = time.perf_counter(), 0
-            while self.step < stop_at and not self._should_stop(started):
+            while self.step < stop_at and not self._should_stop():
                 if self.step == switch:
                     progress.message(
                         f"step {self.step + 1}: MoBA layers switch to full attention for the last "
@@ -460,6 +476,8 @@ class Trainer:
             saved_now = result.checkpoint is not None and result.checkpoint.name == step_folder_name(self.step)
             if job.checkpoint.save_final and not saved_now:
                 result.checkpoint = self.save()
+            # An asynchronous save commits (or raises) before the run reports it.
+            self.checkpoints.wait()
             if result.stopped_early and result.checkpoint is not None:
                 progress.message(
                     f"stopped at step {self.step} ({result.stopped_by}); resume with --resume auto ({result.checkpoint})"

@@ -1,16 +1,29 @@
-"""CheckpointManager: atomic commit, resume lookup, exact round trips, clear failures."""
+"""CheckpointManager: atomic commit, resume lookup, exact round trips, clear failures, verified
+checkpoints (sizes and checksums checked before loading) and asynchronous saves. The split of
+the verification over ranks and a rank failing inside a save are in tests/distributed."""
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import xxhash
 from torch import nn
 
 from sparsetron.train import checkpoint as ckpt
-from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
+from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_of
+from sparsetron.train.checkpoint_verify import share
 
 CONFIG_YAML = "model:\n  dim: 16\ntrainer:\n  steps: 10\n"
 
@@ -258,7 +271,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch, where):
 
     # Both points come after DCP has written the tensors into the temporary folder.
     monkeypatch.setattr(ckpt, where, crash)
-    with pytest.raises(OSError, match="disk pulled out"):
+    with pytest.raises(
+        CheckpointError, match="step_00000002 failed while committing it: rank 0: OSError: disk pulled out"
+    ):
         manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
     monkeypatch.undo()
 
@@ -361,3 +376,237 @@ def test_corrupt_tensor_data_is_reported(tmp_path, truncate):
         # Caught by the sizes recorded at commit, before any tensor is read.
         assert f"{data_file.name} has" in str(info.value)
         assert_same(before, snapshot(model2))
+
+
+# ---- verified checkpoints -------------------------------------------------------------
+
+
+def listing(folder: Path) -> dict[str, int]:
+    """Every path below `folder` with its size: what 'nothing changed on disk' compares."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))}
+
+
+def two_checkpoints(folder: Path, **options):
+    model, opt = trained()
+    manager = CheckpointManager(folder, keep_last=0, **options)
+    older = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    older_state = snapshot(model)
+    train_step(model, opt)
+    newer = manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    return manager, older, older_state, newer
+
+
+def flip_a_bit(file: Path) -> None:
+    data = bytearray(file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    file.write_bytes(bytes(data))
+
+
+def truncate(file: Path) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+def edit_config(file: Path) -> None:
+    file.write_text(file.read_text().replace("steps: 10", "steps: 99"))
+
+
+DAMAGE = {
+    # (what to do to which file, what the message must say)
+    "truncated_distcp": (truncate, "__0_0.distcp", r"has \d+ bytes but \d+ were saved \(truncated"),
+    "bit_flipped_distcp": (
+        flip_a_bit,
+        "__0_0.distcp",
+        r"checksum mismatch, corrupt \(bytes changed at the same size\)",
+    ),
+    "edited_config": (edit_config, "config.yaml", r"checksum mismatch"),
+}
+
+
+def test_the_marker_holds_every_files_size_and_checksum(tmp_path):
+    model, opt = trained()
+    folder = CheckpointManager(tmp_path).save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    marker = json.loads((folder / ".complete").read_text())
+    files = sorted(p.name for p in folder.iterdir() if p.name != ".complete")
+    assert sorted(marker["files"]) == files == sorted(marker["checksums"])
+    assert marker["checksum"] == "xxh3_64"
+    for name in files:
+        data = (folder / name).read_bytes()
+        assert marker["files"][name] == len(data)
+        assert marker["checksums"][name] == xxhash.xxh3_64(data).hexdigest()
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_auto_falls_back_from_a_corrupt_checkpoint_and_says_so(tmp_path, damage):
+    corrupt, name, reason = DAMAGE[damage]
+    manager, older, older_state, newer = two_checkpoints(tmp_path)
+    corrupt(newer / name)
+    before = listing(tmp_path)
+
+    point = manager.find_resume("auto")
+    assert point.path == older
+    said = "\n".join(point.messages)
+    assert f"skipping a corrupt checkpoint: checkpoint {newer} does not verify" in said
+    assert f"file {name}" in said
+    assert re.search(reason, said)
+    assert f"resuming from {older.name}" in said
+    model, opt = fresh()
+    assert manager.load(point.path, model, opt) == {"step": 1}
+    assert_same(older_state, snapshot(model))
+
+    # Named explicitly, the corrupt one is refused whatever on_corrupt says.
+    with pytest.raises(CheckpointError, match=f"file {name}") as info:
+        manager.find_resume(str(newer))
+    assert str(newer) in str(info.value)
+    strict = CheckpointManager(tmp_path, on_corrupt="error")
+    with pytest.raises(CheckpointError, match="on_corrupt=error: not falling back") as info:
+        strict.find_resume("auto")
+    assert f"file {name}" in str(info.value)
+    model, opt = fresh()
+    untouched = snapshot(model)
+    with pytest.raises(CheckpointError, match=f"file {name}"):
+        CheckpointManager(tmp_path).load(newer, model, opt)
+    assert_same(untouched, snapshot(model))
+    assert listing(tmp_path) == before  # nothing deleted, renamed or written
+
+
+def test_every_checkpoint_corrupt_is_refused(tmp_path):
+    manager, older, _, newer = two_checkpoints(tmp_path)
+    flip_a_bit(older / "__0_0.distcp")
+    truncate(newer / "train_state_rank0.pt")
+    with pytest.raises(CheckpointError, match="no complete checkpoint in .* verifies") as info:
+        manager.find_resume("auto")
+    assert "step_00000001" in str(info.value) and "step_00000002" in str(info.value)
+
+
+def test_a_marker_without_checksums_is_checked_by_size_and_says_so(tmp_path):
+    manager, _, _, newer = two_checkpoints(tmp_path)
+    marker_file = newer / ".complete"
+    marker = json.loads(marker_file.read_text())
+    del marker["checksum"], marker["checksums"]
+    marker_file.write_text(json.dumps(marker))
+
+    point = manager.find_resume("auto")
+    assert point.path == newer
+    assert point.messages == [
+        f"checkpoint {newer} records no checksums (written before sparsetron recorded them): "
+        "only its file sizes were verified"
+    ]
+    truncate(newer / "__0_0.distcp")
+    with pytest.raises(CheckpointError, match="__0_0.distcp has"):
+        manager.find_resume(str(newer))
+
+
+def test_the_split_over_ranks_covers_every_file_once():
+    sizes = {"a": 50, "b": 40, "c": 30, "d": 20, ".metadata": 5, "e": 0}
+    parts = [share(sizes, rank, 3) for rank in range(3)]
+    assert sorted(n for part in parts for n in part) == sorted(sizes)
+    # Largest first, each to the least-loaded rank: 50 | 40+5+0 | 30+20.
+    assert parts == [["a"], ["b", ".metadata", "e"], ["c", "d"]]
+    assert share(sizes, 0, 1) == sorted(sizes, key=lambda n: -sizes[n])
+
+
+def test_async_save_holds_the_state_of_the_moment_it_returned(tmp_path):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, async_save=True)
+    expected_model, expected_opt = snapshot(model), copy.deepcopy(opt.state_dict())
+    folder = manager.save(3, model, opt, {"step": 3}, CONFIG_YAML)
+    for _ in range(3):  # training goes on while the save writes
+        train_step(model, opt)
+    assert manager.wait() == folder
+    assert manager.wait() is None
+    assert (folder / ".complete").is_file()
+    model2, opt2 = fresh()
+    assert manager.load(folder, model2, opt2) == {"step": 3}
+    assert_same(expected_model, snapshot(model2))
+    assert_same(expected_opt, opt2.state_dict())
+
+
+def test_an_async_save_that_fails_raises_at_the_next_save_naming_it(tmp_path, monkeypatch):
+    model, opt = trained()
+    manager = CheckpointManager(tmp_path, async_save=True)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt, "digest_share", broken)
+    manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    with pytest.raises(
+        CheckpointError, match=r"step_00000001 failed while hashing the files: rank 0: OSError: disk full"
+    ):
+        manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    assert manager.list_complete() == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # its temporary folder is gone too
+
+
+def saver_model() -> nn.Module:
+    # About 3 MB of weights and AdamW moments: a save takes tens of milliseconds.
+    return nn.Sequential(nn.Linear(256, 512), nn.Linear(512, 256))
+
+
+SAVING_FOREVER = textwrap.dedent(
+    """
+    import os
+    import sys
+
+    import torch
+    from sparsetron.train.checkpoint import CheckpointManager
+    from test_checkpoint import saver_model
+
+    # Imports once, then forks a saver for every line "FOLDER STEP" read, waits for the test to
+    # kill it (SIGKILL) and says so: a kill costs a fork, not a Python start. One thread, and no
+    # tensor math before the fork; an optimizer is built once for the imports it makes.
+    torch.set_num_threads(1)
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    for line in sys.stdin:
+        folder, step = line.split()
+        step = int(step)
+        pid = os.fork()
+        if pid == 0:
+            model = saver_model()
+            opt = torch.optim.AdamW(model.parameters())
+            manager = CheckpointManager(folder, keep_last=2, async_save=True)
+            print("ready", os.getpid(), flush=True)
+            while True:  # back to back: the process is almost always inside a save
+                step += 1
+                model(torch.randn(8, 256)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+                manager.save(step, model, opt, {"step": step}, "trainer:\\n  steps: 1\\n")
+        os.waitpid(pid, 0)
+        print("reaped", flush=True)
+    """
+)
+
+
+def test_kill_9_during_async_saves_never_leaves_a_checkpoint_auto_picks_and_cannot_load(tmp_path):
+    rng = random.Random(0)
+    folder = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    forker = subprocess.Popen(
+        [sys.executable, "-c", SAVING_FOREVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True
+    )
+    loaded = 0
+    try:
+        for kill in range(8):
+            forker.stdin.write(f"{folder} {kill * 1000}\n")
+            forker.stdin.flush()
+            word, pid = forker.stdout.readline().split()
+            assert word == "ready"
+            time.sleep(rng.uniform(0.02, 0.5))
+            os.kill(int(pid), signal.SIGKILL)
+            assert forker.stdout.readline() == "reaped\n"
+            # What `--resume auto` does next: recover, pick, verify, load; on_corrupt=error so
+            # that picking a broken folder fails instead of falling back.
+            manager = CheckpointManager(folder, on_corrupt="error")
+            path = manager.resolve("auto")
+            if path is not None:
+                model = saver_model()
+                assert manager.load(path, model, torch.optim.AdamW(model.parameters()))["step"] == step_of(path)
+                loaded += 1
+    finally:
+        forker.kill()
+        forker.wait()
+    assert loaded >= 1
+    # The kills did land inside saves: their temporary folders are left (and never picked).
+    assert any(p.name.startswith(".tmp_step_") for p in folder.iterdir())

@@ -213,3 +213,45 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     # Diverged runs do not save: the last checkpoint is the good one at step 4.
     assert checkpoint_steps(tmp_path) == ["step_00000004"]
+
+
+def test_async_saves_resume_bitwise_like_sync_ones(tmp_path):
+    straight = Trainer(tiny_job(tmp_path / "sync", steps=8)).run()
+    first = Trainer(tiny_job(tmp_path / "async", "checkpoint.async_save=true", "trainer.stop_at=5", steps=8)).run()
+    # run() returns only once the background save is committed.
+    assert first.step == 5 and (first.checkpoint / ".complete").is_file()
+    resumed = Trainer(tiny_job(tmp_path / "async", "checkpoint.async_save=true", steps=8), resume="auto").run()
+    assert {**first.losses, **resumed.losses} == straight.losses
+    assert checkpoint_steps(tmp_path / "async") == ["step_00000004", "step_00000005", "step_00000008"]
+    # The same tensor and train-state bytes as the synchronous save of the same step (config.yaml
+    # names another run_dir, DCP's .metadata the folder's path and a save id).
+    sums = [
+        json.loads((tmp_path / run / "checkpoints/step_00000004/.complete").read_text())["checksums"]
+        for run in ("sync", "async")
+    ]
+    for checksums in sums:
+        del checksums["config.yaml"], checksums[".metadata"]
+    assert sums[0] == sums[1] and len(sums[0]) == 2
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint_says_so_and_sets_it_aside(tmp_path, capsys):
+    Trainer(tiny_job(tmp_path, "trainer.stop_at=4")).run()
+    newest = tmp_path / "checkpoints" / "step_00000008"
+    shutil.copytree(tmp_path / "checkpoints" / "step_00000004", newest)  # verifies as it is
+    data = bytearray((newest / "__0_0.distcp").read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (newest / "__0_0.distcp").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"step_00000008 does not verify.*file __0_0\.distcp: checksum mismatch"):
+        Trainer(tiny_job(tmp_path, "checkpoint.on_corrupt=error"), resume="auto")
+    assert checkpoint_steps(tmp_path) == ["step_00000004", "step_00000008"]
+
+    # stop_at=4: it resumes, reports and saves again without training.
+    resumed = Trainer(tiny_job(tmp_path, "trainer.stop_at=4"), resume="auto").run()
+    assert resumed.step == 4 and not resumed.losses
+    out = capsys.readouterr().out
+    assert "skipping a corrupt checkpoint" in out and "file __0_0.distcp: checksum mismatch" in out
+    assert "resuming from step_00000004, the newest checkpoint that verifies" in out
+    # Kept, bytes and all, under a name no lookup matches: keep_last never counts or prunes it.
+    (aside,) = [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("abandoned_")]
+    assert aside.name.endswith("_step_00000008") and (aside / "__0_0.distcp").read_bytes() == bytes(data)
+    assert [n for n in checkpoint_steps(tmp_path) if n.startswith("step_")] == ["step_00000004"]
