@@ -68,22 +68,21 @@ def status(run_dir):
     return json.loads((run_dir / "status.json").read_text())
 
 
-def test_sigusr1_and_the_time_limit_stop_with_a_save_and_say_so_in_status_json(tmp_path, monkeypatch):
-    # SLURM's warning before preemption or the time limit is SIGUSR1; the batch script requeues
-    # a run that status.json says is unfinished.
+def test_ctrl_c_and_the_time_limit_stop_with_a_save_and_say_so_in_status_json(tmp_path, monkeypatch):
+    # A batch script requeues a run that status.json says is unfinished (launch/slurm.sbatch).
     train_step = Trainer.train_step
 
-    def signalled_at_step_3(self):
+    def interrupted_at_step_3(self):
         result = train_step(self)
         if self.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGINT)
         return result
 
-    monkeypatch.setattr(Trainer, "train_step", signalled_at_step_3)
+    monkeypatch.setattr(Trainer, "train_step", interrupted_at_step_3)
     first = Trainer(tiny_job(tmp_path, steps=8)).run()
-    assert (first.step, first.stopped_by) == (3, "signal SIGUSR1")
-    assert status(tmp_path) == {"step": 3, "steps": 8, "finished": False, "stopped_by": "signal SIGUSR1"}
-    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is the run's only
+    assert (first.step, first.stopped_by) == (3, "signal SIGINT")
+    assert status(tmp_path) == {"step": 3, "steps": 8, "finished": False, "stopped_by": "signal SIGINT"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the run's handler is gone
     monkeypatch.undo()
 
     # A time limit already spent stops before the next step, as a signal would.
