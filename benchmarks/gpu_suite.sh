@@ -25,8 +25,9 @@
 # prerequisite is missing. $OUT defaults to runs/gpu-suite in the checkout.
 #
 # Prerequisites, checked first: CUDA visible to torch (not for --dry-run); python3 with torch,
-# triton, numpy, pyyaml, tokenizers, pytest and transformers (the lent H200 image has all of
-# them; flash-attn is optional: doc_attention measures it only when importable); and sparsetron
+# triton, numpy, pyyaml, tokenizers, pytest, transformers (the lent H200 image has these) and
+# xxhash (checkpoint checksums, imported with the trainer: carry its wheel, `xxhash==4.1.0`
+# below); flash-attn is optional: doc_attention measures it only when importable; and sparsetron
 # importable from this checkout: the script puts a link named `sparsetron` to the checkout first
 # on PYTHONPATH (DESIGN.md, Environment facts), so no install is needed. The GPU machine reaches
 # no registry: a missing package travels as wheels. In the calling session, in the repository
@@ -89,7 +90,7 @@ export PYTHONPATH="$TMP/pp${PYTHONPATH:+:$PYTHONPATH}"
 # One interpreter start for every check (each start imports torch: seconds).
 checks=$("$PY" - "$REPO" <<'PYCHECK' 2>&1
 import importlib.util, os, sys
-missing = [m for m in ("torch", "triton", "numpy", "yaml", "tokenizers", "pytest", "transformers") if importlib.util.find_spec(m) is None]
+missing = [m for m in ("torch", "triton", "numpy", "yaml", "tokenizers", "pytest", "transformers", "xxhash") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"python modules missing: {' '.join(missing)} (carry them as wheels, see this script's header)")
 import sparsetron
