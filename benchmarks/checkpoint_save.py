@@ -28,7 +28,7 @@ from report import emit
 from torch import nn
 
 from sparsetron.train.checkpoint import CheckpointManager
-from sparsetron.train.checkpoint_verify import file_digest
+from sparsetron.train.checkpoint.checksums import file_digest
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from harness import run_distributed
 from torch import nn
 
-from sparsetron.train import checkpoint as ckpt
-from sparsetron.train import checkpoint_verify
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager
-from sparsetron.train.checkpoint_verify import share
+from sparsetron.train.checkpoint import checksums as checkpoint_verify
+from sparsetron.train.checkpoint import manager as ckpt
+from sparsetron.train.checkpoint.checksums import share
 
 
 def model_and_optimizer():

@@ -21,9 +21,9 @@ import torch
 import xxhash
 from torch import nn
 
-from sparsetron.train import checkpoint as ckpt
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_of
-from sparsetron.train.checkpoint_verify import share
+from sparsetron.train.checkpoint import manager as ckpt
+from sparsetron.train.checkpoint.checksums import share
 
 CONFIG_YAML = "model:\n  dim: 16\ntrainer:\n  steps: 10\n"
 
