@@ -132,11 +132,6 @@ def _write_marker(folder: Path, marker: dict[str, Any]) -> None:
     _write_bytes(folder / MARKER, json.dumps(marker, indent=1).encode())
 
 
-def _fsync_file(file: Path) -> None:
-    with open(file, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def _fsync_dir(folder: Path) -> None:
     # A rename is durable only once its directory is synced; some platforms cannot open directories.
     try:
