@@ -21,7 +21,7 @@ if _HERE not in sys.path:
 
 
 TORCHRUN_SH = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
-UNINTERRUPTED_STEPS = 60
+UNINTERRUPTED_STEPS = 40
 # The run's setting that change its numbers; a test may add ones that do not (checkpoints, logging).
 UNINTERRUPTED = [
     "debug-dense",

@@ -37,6 +37,9 @@ LAYOUTS = {
     "pp2xep2": (4, 2, ["parallel.pipeline=2", "parallel.data_parallel_shard=2", "parallel.expert=2"]),
     "pp2xtp2": (4, 1, ["parallel.pipeline=2", "parallel.tensor=2"]),
 }
+# In bf16: every layout but three four-rank ones whose axes run in bf16 alone and composed
+# elsewhere (dp2, ep2, tp2, ep2 x tp2, pp2 x ep2, pp2 x tp2): each four-rank run costs ~13 s of CI.
+BF16_LAYOUTS = [name for name in LAYOUTS if name not in ("hsdp2x2", "ep4", "tp2xdp2")]
 GLOBAL_AUX = ["moe.aux_loss_level=global", "moe.aux_loss_coeff=0.01"]
 GLOBAL_AUX_LAYOUTS = ["hsdp2x2", "ep2xtp2"]
 AC = "parallel.activation_checkpointing=full"
@@ -51,11 +54,12 @@ CAPACITY = ["moe.capacity_factor=1.0", "moe.drop_policy=position", "moe.n_shared
 # Low-dimension dispatch (BigMac): expert parallelism exchanges r-wide rows, tensor parallelism sums
 # the replicated projections' gradients, a pipeline cuts between blocks that hold them.
 DISPATCH_DIM = ["moe.dispatch_dim=16"]  # debug-deepseek's dim is 64: a quarter, as BigMac's D / 4
-DISPATCH_DIM_LAYOUTS = ["ep2", "pp2xep2"]  # and ep2 x tp2, with the overlapped dispatcher
+DISPATCH_DIM_LAYOUTS = ["pp2xep2"]  # and ep2 x tp2, with the overlapped dispatcher
 # The overlapped dispatcher against the plain all-to-all at the same layout:
 # name: (plain layout, its extra overrides, the overlapped run's extra overrides)
+# (ep2 alone is covered by the compositions below, in bf16 by ep2-overlapped-bf16, and exactly at
+# the layer by tests/distributed/test_overlapped_dispatch.py.)
 OVERLAPPED = {
-    "ep2": ("ep2", [], overlapped(3)),
     "ep2xtp2+ac+compile": ("ep2xtp2", [], [*overlapped(4), AC, "parallel.compile=true"]),
     "pp2xep2+ac": ("pp2xep2", [], [*overlapped(8), AC]),
     # Capacity drops decide on near-ties the chunks' rounding-level differences can tip: by weight
@@ -77,12 +81,13 @@ RESHARDS = {
 
 
 def all_layouts() -> dict[str, Layout]:
-    """Every run: each layout in fp32 and bf16, the global auxiliary loss, the wrapped blocks,
-    dp4 (only resumed at), and the overlapped dispatcher's runs."""
+    """Every run: each layout in fp32 (and those of BF16_LAYOUTS in bf16), the global auxiliary
+    loss, the wrapped blocks, dp4 (only resumed at), and the overlapped dispatcher's runs."""
     layouts = {}
     for name, (world, dp, overrides) in LAYOUTS.items():
         layouts[name] = Layout(world, dp, overrides)
-        layouts[f"{name}-bf16"] = Layout(world, dp, [*overrides, *BF16])
+        if name in BF16_LAYOUTS:
+            layouts[f"{name}-bf16"] = Layout(world, dp, [*overrides, *BF16])
     for name in GLOBAL_AUX_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
         layouts[f"{name}-global-aux"] = Layout(world, dp, [*overrides, *GLOBAL_AUX])
@@ -138,9 +143,9 @@ def test_composes_with_activation_checkpointing_and_compile(trained, reference, 
     assert_same_training(trained[case], reference())
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", BF16_LAYOUTS)
 def test_layout_trains_like_one_process_in_bf16(trained, reference, layout):
-    """Every layout in bf16 (FSDP mixed precision where it shards, autocast everywhere, one
+    """The layouts in bf16 (FSDP mixed precision where it shards, autocast everywhere, one
     policy: parallel/precision.py) against one process in bf16, within 2x bf16's own error.
     Measured (worst parameter / loss): 0.55-0.60 / <= 0.08 with FSDP, 1.34-1.45 / <= 0.11 with
     tensor parallelism (its ranks round partial sums to bf16 before reducing them), <= 0.01 for
