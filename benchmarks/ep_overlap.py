@@ -253,6 +253,15 @@ def shape_line(args, spec: Spec) -> str:
 
 
 def main(argv: list[str] | None = None) -> str:
+    threads = torch.get_num_threads()
+    try:
+        return _report(argv)
+    finally:
+        # Called as a library (the tests), the benchmark leaves the caller's torch threads as they were.
+        torch.set_num_threads(threads)
+
+
+def _report(argv: list[str] | None) -> str:
     args = parse_args(argv)
     spec = spec_of(args)
     kinds = dispatcher_kinds(args.chunks)

@@ -26,3 +26,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_are_left_as_found():
+    """A test (or a benchmark's main called in-process) that sets torch's thread count and keeps it
+    slows every later test of the session: one thread halved the speed of the rest of the unit tier."""
+    threads = torch.get_num_threads()
+    yield
+    left = torch.get_num_threads()
+    if left != threads:
+        torch.set_num_threads(threads)
+        pytest.fail(f"the test left torch with {left} threads instead of {threads}")
