@@ -139,3 +139,23 @@ def test_training_on_gpu_learns_and_reports_mfu(tmp_path):
     assert result.eval_losses[30] < 0.8 * result.eval_losses[0]
     records = (tmp_path / "metrics.jsonl").read_text()
     assert '"mfu"' in records and '"memory/max_allocated_gib"' in records
+
+
+def test_async_save_staged_from_the_gpu_resumes_bitwise_in_bf16(tmp_path):
+    """checkpoint.async_save copies CUDA tensors into CPU buffers while training goes on: the run
+    stopped and resumed from such a save (at the GPU defaults, bf16 autocast) matches the straight run."""
+
+    def job(run_dir, *extra):
+        return load_job_config(
+            "debug-deepseek",
+            ["trainer.steps=8", "trainer.eval_interval=0", "metrics.console=none", "checkpoint.interval=3"]
+            + ["checkpoint.async_save=true", f"trainer.run_dir={run_dir}", *extra],
+        )
+
+    straight_trainer = Trainer(job(tmp_path / "straight"))
+    assert straight_trainer.device.type == "cuda" and straight_trainer.precision.compute_dtype == torch.bfloat16
+    straight = straight_trainer.run()
+    first = Trainer(job(tmp_path / "split", "trainer.stop_at=5")).run()
+    assert first.step == 5 and (first.checkpoint / ".complete").is_file()
+    resumed = Trainer(job(tmp_path / "split"), resume="auto").run()
+    assert {**first.losses, **resumed.losses} == straight.losses

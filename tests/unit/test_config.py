@@ -1,6 +1,7 @@
 """Job config: recipes, overrides, typed errors that name the key, documentation."""
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -147,3 +148,16 @@ def test_odd_yaml_shapes_get_clear_errors_or_work(tmp_path):
     empty_section = tmp_path / "empty.yaml"
     empty_section.write_text("model:\n")
     assert load_job_config(str(empty_section), ["model.dim=64"]).model.dim == 64
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("parallel.step_timeout_s=0", "parallel.step_timeout_s: must be a positive number of seconds, got 0"),
+        ("parallel.init_timeout_s=-1", "parallel.init_timeout_s: must be a positive number of seconds, got -1"),
+        ("trainer.max_hours=-0.5", "trainer.max_hours: must be >= 0, got -0.5"),
+    ],
+)
+def test_timeouts_and_the_time_limit_are_refused_by_name(setting, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_job_config("debug-dense", [setting])
