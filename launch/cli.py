@@ -11,6 +11,7 @@
     sparsetron convert --from CKPT_DIR --to HF_DIR --format hf           # export one
     sparsetron upcycle --from DENSE --recipe tiny --out DIR              # dense checkpoint -> MoE step 0
     sparsetron train tiny --resume DIR                                   # continue the upcycled MoE
+    sparsetron prepare --input 'c4/*.jsonl.zst' --tokenizer tok/ --out data/c4 --workers 16   # tokenize a corpus
     launch/torchrun.sh 2 tiny --set parallel.data_parallel_shard=2   # FSDP over 2 processes
 
 Bad input (config, data, checkpoint) prints one `error:` message and exits with status 2.
@@ -79,6 +80,62 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     commands.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+
+    prepare = commands.add_parser(
+        "prepare",
+        help="tokenize a corpus into Megatron's indexed .bin/.idx format",
+        description="Tokenize text, jsonl (.gz, .zst), parquet or a saved Hugging Face dataset into Megatron's "
+        "indexed format, streaming, with N worker processes. Train on it with data.source=megatron.",
+    )
+    prepare.add_argument(
+        "--input",
+        dest="inputs",
+        action="append",
+        required=True,
+        nargs="+",
+        metavar="GLOB",
+        help="files, globs or dataset folders, read in the order given (each glob sorted); repeatable",
+    )
+    prepare.add_argument(
+        "--tokenizer", required=True, metavar="PATH|byte", help="tokenizer.json (or its folder), or byte"
+    )
+    prepare.add_argument(
+        "--out",
+        required=True,
+        metavar="PREFIX",
+        help="output prefix (writes PREFIX.bin and PREFIX.idx); a folder with --per-file",
+    )
+    prepare.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizer processes (default: one per CPU; 0 = this process)",
+    )
+    prepare.add_argument(
+        "--text-key", default="text", metavar="KEY", help="key of the text in jsonl, parquet and hf data"
+    )
+    prepare.add_argument(
+        "--format",
+        dest="fmt",
+        default="auto",
+        choices=("auto", "text", "jsonl", "parquet", "hf"),
+        help="input format (auto: from each name; a folder is a saved Hugging Face dataset)",
+    )
+    prepare.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="count and skip malformed records instead of stopping at the first",
+    )
+    prepare.add_argument(
+        "--per-file", action="store_true", help="one prefix per input, named after it, in the folder --out"
+    )
+    prepare.add_argument(
+        "--progress",
+        default="auto",
+        choices=("auto", "live", "plain", "none"),
+        help="progress line (auto: live on a terminal)",
+    )
 
     convert = commands.add_parser(
         "convert",
@@ -269,6 +326,34 @@ def _upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from sparsetron.train.data.errors import DataError
+    from sparsetron.train.data.prepare import default_workers, prepare
+    from sparsetron.train.data.tokenizer import build_tokenizer, token_dtype
+
+    workers = default_workers() if args.workers is None else args.workers
+    try:
+        result = prepare(
+            [path for group in args.inputs for path in group],
+            args.tokenizer,
+            args.out,
+            workers=workers,
+            text_key=args.text_key,
+            fmt=args.fmt,
+            skip_bad_lines=args.skip_bad_lines,
+            per_file=args.per_file,
+            progress=args.progress,
+        )
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("interrupted: the partial output was removed; nothing was written", file=sys.stderr)
+        return 130
+    print(result.summary(token_dtype(build_tokenizer(args.tokenizer).vocab_size)))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; argv None means this process's own command line, which `train` may
     re-execute (see `use_cpu_huge_pages`); a caller passing argv keeps its process."""
@@ -281,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         return _convert(args)
     if args.command == "upcycle":
         return _upcycle(args)
+    if args.command == "prepare":
+        return _prepare(args)
     print("\n".join(recipe_names()))
     return 0
 

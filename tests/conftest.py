@@ -1,6 +1,7 @@
 """Shared test settings: `gpu`-marked tests are skipped where no CUDA device is present, and
 without one Triton kernels run in its interpreter (decided when a kernel is defined, so here,
-before any test imports one). The tests' shared helpers (tolerance.py, moba_tolerance.py), and
+before any test imports one). Data tokenized at train time is cached in a temporary folder of
+this session (SPARSETRON_DATA_CACHE, inherited by the processes tests launch), never in ~/.cache. The tests' shared helpers (tolerance.py, moba_tolerance.py), and
 benchmarks/report.py which the benchmark scripts the tests load import, are importable by name."""
 
 import os
@@ -17,6 +18,12 @@ _HERE = Path(__file__).resolve().parent
 for folder in (_HERE, _HERE.parent / "benchmarks"):  # the benchmarks' shared `report` too
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache_in_a_temporary_folder(tmp_path_factory):
+    os.environ["SPARSETRON_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
 
 
 def pytest_collection_modifyitems(config, items):

@@ -7,6 +7,7 @@ once, after every override has been applied.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
@@ -24,7 +25,7 @@ __all__ = [
     "TrainerConfig",
 ]
 
-FILE_SOURCES = ("text", "jsonl", "parquet", "megatron")
+FILE_SOURCES = ("text", "jsonl", "parquet", "hf", "megatron")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class DataConfig:
     POSITION_FIELDS: ClassVar[tuple[str, ...]] = (
         "source",
         "paths",
+        "val_paths",
+        "blend",
         "text_key",
         "tokenizer",
         "seq_len",
@@ -43,26 +46,47 @@ class DataConfig:
         "seed",
     )
 
-    source: Literal["stdlib", "text", "jsonl", "parquet", "megatron"] = "stdlib"
-    """stdlib: the source of Python's standard library (no download). text/jsonl/parquet: local files read with `datasets`. megatron: an indexed .bin/.idx pair."""
+    source: Literal["stdlib", "text", "jsonl", "parquet", "hf", "megatron"] = "stdlib"
+    """stdlib: the source of Python's standard library (no download). text (a file is a document), jsonl (also .gz, .zst), parquet, hf (a dataset saved with save_to_disk): local files, tokenized once into data.cache_dir. megatron: indexed .bin/.idx data (`sparsetron prepare` writes it)."""
     paths: list[str] = field(default_factory=list)
-    """Files or glob patterns for text/jsonl/parquet; path prefixes (without .bin/.idx) for megatron."""
+    """Files or glob patterns for text/jsonl/parquet, dataset folders for hf; for megatron, path prefixes (without .bin/.idx) or folders of them."""
+    val_paths: list[str] = field(default_factory=list)
+    """Validation data in data.source's format, instead of holding out data.val_fraction: all of data.paths (or data.blend) then trains."""
+    blend: list[tuple[float, str]] = field(default_factory=list)
+    """[[weight, source], ...] with data.source megatron and data.paths empty: each source a prefix or a folder of prefixes (`sparsetron prepare --per-file` writes one), drawn in proportion to its weight; a source that runs out starts its next epoch."""
     text_key: str = "text"
-    """Column holding the document text in jsonl and parquet files."""
+    """Column holding the document text in jsonl, parquet and hf data."""
     tokenizer: str = "byte"
     """byte: UTF-8 bytes plus an end-of-document token. Otherwise a local tokenizer.json file (or a folder holding one) for Hugging Face `tokenizers`."""
     seq_len: int = 256
     """Tokens per training sequence; documents are packed into sequences of this length."""
     val_fraction: float = 0.01
-    """Fraction of documents held out for validation (the last ones, after the source's own order)."""
+    """Fraction of documents held out for validation (the last ones, after the source's own order; of each source in a blend)."""
     max_documents: int = 0
     """Use at most this many documents of the source (0 = all)."""
     seed: int = 1234
     """Seed of the document order (stdlib) and of each epoch's sequence order."""
+    mask_eos_target: bool = False
+    """Ignore in the loss the target of each document's last token (the eos), which is the next document's first token."""
+    cache_dir: str = ""
+    """Where text/jsonl/parquet/hf data is tokenized to, once per content ('' = $SPARSETRON_DATA_CACHE, else ~/.cache/sparsetron/data)."""
+    max_tokenize_gb: float = 10.0
+    """Largest text/jsonl/parquet/hf corpus (GB on disk) train tokenizes itself; a larger one is refused with the `sparsetron prepare` command to run instead (0 = no limit)."""
 
     def validate(self, prefix: str = "data") -> None:
-        if self.source in FILE_SOURCES:
+        if self.blend:
+            check(self.source == "megatron", f"{prefix}.blend", f"needs data.source megatron, got '{self.source}'")
+            check(not self.paths, f"{prefix}.paths", "must be empty when data.blend names the sources")
+            for i, (weight, source) in enumerate(self.blend):
+                check(math.isfinite(weight) and weight > 0, f"{prefix}.blend[{i}]", f"weight must be > 0, got {weight}")
+                check(bool(source), f"{prefix}.blend[{i}]", "source must name a prefix or folder")
+        elif self.source in FILE_SOURCES:
             check(bool(self.paths), f"{prefix}.paths", f"source '{self.source}' needs at least one path")
+        check(
+            not (self.val_paths and self.source == "stdlib"),
+            f"{prefix}.val_paths",
+            "source 'stdlib' has no files; use data.val_fraction",
+        )
         check(self.seq_len >= 2, f"{prefix}.seq_len", f"must be >= 2, got {self.seq_len}")
         check(
             0.0 < self.val_fraction < 1.0,
@@ -70,6 +94,7 @@ class DataConfig:
             f"must be strictly between 0 and 1, got {self.val_fraction}",
         )
         check(self.max_documents >= 0, f"{prefix}.max_documents", f"must be >= 0, got {self.max_documents}")
+        check(self.max_tokenize_gb >= 0, f"{prefix}.max_tokenize_gb", f"must be >= 0, got {self.max_tokenize_gb}")
 
 
 @dataclass

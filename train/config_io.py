@@ -120,6 +120,12 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _convert(inner, value, key)
+    if origin is tuple:
+        # A fixed-length row such as [weight, source]; kept a list so YAML dumps it plainly.
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return [_convert(inner, v, f"{key}[{i}]") for i, (inner, v) in enumerate(zip(args, value, strict=True))]
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):

@@ -39,7 +39,7 @@ from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
-from sparsetron.train.data import TrainLoader, build_datasets, build_tokenizer, eval_batches
+from sparsetron.train.data import build_tokenizer, build_training_data
 from sparsetron.train.distributed import (
     local_device,
     process_group,
@@ -163,13 +163,14 @@ class Trainer:
                 "continue that run with --resume auto, or start a new one in another trainer.run_dir"
             )
 
-        self.train_data, self.val_data = build_datasets(job.data, self.tokenizer)
         tc = job.trainer
         dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
         # micro_batch_size is per rank: each data-parallel rank reads its own slice of every global batch.
-        self.loader = TrainLoader(self.train_data, tc.micro_batch_size, job.data.seed, dp_rank, self.dims.dp)
         # Every rank evaluates the same batches with the same weights, so no reduction is needed.
-        self.eval_set = eval_batches(self.val_data, tc.micro_batch_size, tc.eval_batches)
+        self.data = build_training_data(
+            job.data, self.tokenizer, tc.micro_batch_size, tc.eval_batches, dp_rank, self.dims.dp
+        )
+        self.loader, self.eval_set = self.data.loader, self.data.eval_set
 
         torch.manual_seed(tc.seed)
         with torch.device("meta"):
@@ -446,6 +447,8 @@ class Trainer:
                     )
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
+                while self.loader.notices:
+                    progress.message(self.loader.notices.pop(0))
                 window_tokens += self.tokens_per_step
                 if self.nonfinite_in_a_row >= tc.max_nonfinite_steps:
                     raise TrainingDiverged(
@@ -457,7 +460,11 @@ class Trainer:
                 if self.step % job.metrics.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
                     scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
-                    metrics.log(self.step, scalars, self.runner.merge_over_stages(moe_load_histograms(self.model)))
+                    metrics.log(
+                        self.step,
+                        {**scalars, **self.loader.scalars()},
+                        self.runner.merge_over_stages(moe_load_histograms(self.model)),
+                    )
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
                 paused = time.perf_counter()

@@ -116,13 +116,13 @@ def test_hf_tokenizer_source(tmp_path):
 def test_missing_key_names_the_file_and_columns(tmp_path):
     good, bad = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     good.write_text(json.dumps({"text": "hello"}) + "\n")
-    bad.write_text(json.dumps({"body": "hello", "title": "x"}) + "\n")
-    with pytest.raises(DataError, match=rf"'text' not in {bad}.*body.*title"):
+    bad.write_text("\n" + json.dumps({"body": "hello", "title": "x"}) + "\n")
+    with pytest.raises(DataError, match=rf"{bad}:2: no key 'text'.*body.*title"):
         load_documents(DataConfig(source="jsonl", paths=[str(good), str(bad)]), BYTE)
-    with pytest.raises(DataError, match=rf"'body' not in {good}.*text"):
+    with pytest.raises(DataError, match=rf"{good}:1: no key 'body'.*text"):
         load_documents(DataConfig(source="jsonl", paths=[str(good)], text_key="body"), BYTE)
     pq.write_table(pa.table({"body": ["x"]}), tmp_path / "c.parquet")
-    with pytest.raises(DataError, match=rf"'text' not in {tmp_path / 'c.parquet'}.*body"):
+    with pytest.raises(DataError, match=rf"{tmp_path / 'c.parquet'} has no column 'text'.*body"):
         load_documents(DataConfig(source="parquet", paths=[str(tmp_path / "c.parquet")]), BYTE)
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "d.parquet")
     with pytest.raises(DataError, match="not text"):
@@ -151,9 +151,9 @@ def test_errors_come_before_reading(tmp_path, monkeypatch):
     """A bad last path fails before the good first one is read."""
     good = tmp_path / "a.jsonl"
     good.write_text(json.dumps({"text": "x"}) + "\n")
-    import datasets
+    from sparsetron.train.data import prepare
 
-    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("read before checking paths"))
+    monkeypatch.setattr(prepare, "read_tasks", lambda *a, **k: pytest.fail("read before checking paths"))
     with pytest.raises(DataError, match="not found"):
         load_documents(DataConfig(source="jsonl", paths=[str(good), str(tmp_path / "gone.jsonl")]), BYTE)
 
@@ -161,11 +161,11 @@ def test_errors_come_before_reading(tmp_path, monkeypatch):
 def test_zero_documents_and_bad_text(tmp_path):
     blank = tmp_path / "blank.jsonl"
     blank.write_text(json.dumps({"text": ""}) + "\n")
-    with pytest.raises(DataError, match=f"{blank}.*holds no documents"):
+    with pytest.raises(DataError, match=f"{blank}: no documents"):
         load_documents(DataConfig(source="jsonl", paths=[str(blank)]), BYTE)
     latin = tmp_path / "latin.txt"
-    latin.write_bytes("café".encode("latin-1"))
-    with pytest.raises(DataError, match=f"not UTF-8: {latin}"):
+    latin.write_bytes("ok\ncafé".encode("latin-1"))
+    with pytest.raises(DataError, match=f"{latin}:2: not UTF-8 text"):
         load_documents(DataConfig(source="text", paths=[str(latin)]), BYTE)
 
 

@@ -78,5 +78,5 @@ def test_megatron_indexed_data(tmp_path):
     builder.finalize(prefix + ".idx")
 
     trainer, result = run(tmp_path, "data.source=megatron", f"data.paths=[{prefix}]")
-    assert trainer.train_data.n_documents + trainer.val_data.n_documents == 300
+    assert trainer.data.train[0].n_documents + trainer.data.val.n_documents == 300
     assert result.step == 6 and result.eval_losses[6] < result.eval_losses[0]

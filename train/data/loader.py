@@ -2,7 +2,8 @@
 
 The training order is a pure function of (seed, epoch), and the loader's state is just
 (epoch, index), so a loader restored from a checkpoint yields exactly the batches the
-interrupted one would have yielded next, with no data skipped or repeated.
+interrupted one would have yielded next, with no data skipped or repeated. A blend of
+several sources (`data.blend`) is read by `blend.BlendLoader`, whose state is as small.
 
 Shapes: B = micro_batch_size, W = world_size (data-parallel ranks), S = seq_len.
 """
@@ -12,41 +13,77 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from sparsetron.train.config import DataConfig
+from sparsetron.train.data.batch import Batch, batch_of
+from sparsetron.train.data.blend import BlendedWindows, BlendLoader, source_names
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.packing import PackedDataset, split_train_val
-from sparsetron.train.data.sources import load_documents
+from sparsetron.train.data.sources import Documents, load_documents, megatron_documents
 from sparsetron.train.data.tokenizer import TokenizerLike
 
-__all__ = ["Batch", "TrainLoader", "build_datasets", "eval_batches"]
+__all__ = ["Batch", "TrainLoader", "TrainingData", "build_datasets", "build_training_data", "eval_batches"]
 
 
-@dataclass
-class Batch:
-    """One micro-batch; every tensor int64 [B, S]."""
-
-    tokens: torch.Tensor
-    """Input token ids."""
-    targets: torch.Tensor
-    """The next token of each input position."""
-    doc_ids: torch.Tensor
-    """Document of each input token, numbered from 0 within its sequence."""
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in (self.tokens, self.targets, self.doc_ids)))
+def _batch(dataset, indices: np.ndarray) -> Batch:
+    return batch_of(dataset.gather(indices))
 
 
-def _batch(dataset: PackedDataset, indices: np.ndarray) -> Batch:
-    inputs, targets, doc_ids = dataset.gather(indices)
-    return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(doc_ids))
+def _packed(docs: Documents, cfg: DataConfig) -> PackedDataset:
+    return PackedDataset(docs.tokens, docs.doc_starts, cfg.seq_len, cfg.mask_eos_target)
+
+
+def _split(docs: Documents, cfg: DataConfig) -> tuple[PackedDataset, PackedDataset | None]:
+    """All of `docs` for training when data.val_paths holds the validation data, else a held-out tail."""
+    if cfg.val_paths:
+        return _packed(docs, cfg), None
+    return split_train_val(docs.tokens, docs.doc_starts, cfg.seq_len, cfg.val_fraction, cfg.mask_eos_target)
 
 
 def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[PackedDataset, PackedDataset]:
-    """The (train, val) windows of the source `cfg` names; val is the last documents."""
-    docs = load_documents(cfg, tokenizer)
-    return split_train_val(docs.tokens, docs.doc_starts, cfg.seq_len, cfg.val_fraction)
+    """The (train, val) windows of one source: val is data.val_paths, else the last documents."""
+    train, val = _split(load_documents(cfg, tokenizer), cfg)
+    if val is None:
+        val = _packed(load_documents(cfg, tokenizer, cfg.val_paths), cfg)
+    return train, val
+
+
+@dataclass
+class TrainingData:
+    """What the trainer reads: the loader of its training batches and the fixed evaluation batches."""
+
+    loader: TrainLoader | BlendLoader
+    eval_set: list[Batch]
+    train: list[PackedDataset]
+    """Each source's training windows (one unless data.blend names several)."""
+    val: PackedDataset | BlendedWindows
+
+
+def build_training_data(
+    cfg: DataConfig, tokenizer: TokenizerLike, micro_batch_size: int, n_eval: int, rank: int = 0, world_size: int = 1
+) -> TrainingData:
+    if not cfg.blend:
+        train, val = build_datasets(cfg, tokenizer)
+        loader = TrainLoader(train, micro_batch_size, cfg.seed, rank, world_size)
+        return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), [train], val)
+    weights = [w for w, _ in cfg.blend]
+    sources = [s for _, s in cfg.blend]
+    limit = cfg.max_documents or None
+    trains, vals = [], []
+    for i, source in enumerate(sources):
+        try:
+            train, val = _split(megatron_documents([source], tokenizer, limit), cfg)
+        except DataError as e:
+            raise DataError(f"data.blend[{i}] ({source}): {e}") from e
+        trains.append(train)
+        vals.append(val)
+    names = source_names(sources)
+    loader = BlendLoader(trains, weights, names, micro_batch_size, cfg.seed, rank, world_size)
+    if cfg.val_paths:
+        val = _packed(load_documents(cfg, tokenizer, cfg.val_paths), cfg)
+    else:
+        val = BlendedWindows(vals, weights, max(n_eval, 1) * micro_batch_size)
+    return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), trains, val)
 
 
 class TrainLoader:
@@ -102,6 +139,14 @@ class TrainLoader:
         self.index += self.global_batch
         return _batch(self.dataset, chunk[self.rank :: self.world_size])
 
+    @property
+    def notices(self) -> list[str]:
+        return []  # one source: its epochs are counted in scalars()
+
+    def scalars(self) -> dict[str, float]:
+        """Epochs of the training split read so far (all ranks), for TensorBoard."""
+        return {"data/epochs": self.epoch + self.index / len(self.dataset)}
+
     def state_dict(self) -> dict[str, int]:
         """The read position: where the next batch comes from (same on every rank)."""
         return {"epoch": int(self.epoch), "index": int(self.index)}
@@ -116,7 +161,7 @@ class TrainLoader:
         self.epoch, self.index = epoch, index
 
 
-def eval_batches(dataset: PackedDataset, micro_batch_size: int, n: int) -> list[Batch]:
+def eval_batches(dataset: PackedDataset | BlendedWindows, micro_batch_size: int, n: int) -> list[Batch]:
     """The first n micro-batches of `dataset` in order, the same at every call.
 
     A split smaller than n batches gives as many full batches as it holds; one smaller

@@ -3,7 +3,9 @@
 Window i covers stream positions [i*S, i*S + S] (S+1 tokens): its first S tokens are
 the inputs and its last S the targets, so consecutive windows share one token and,
 within an epoch, every stream token but the short tail is an input exactly once.
-Documents run across window edges; `doc_ids` lets attention keep them apart.
+Documents run across window edges; `doc_ids` lets attention keep them apart. With
+`mask_doc_ends`, the target of each document's last token (the next document's first
+token, which nothing in the document predicts) is IGNORE_TARGET, which the loss skips.
 
 Shapes: B windows in a batch, S = seq_len.
 """
@@ -15,7 +17,10 @@ import torch
 
 from sparsetron.train.data.errors import DataError
 
-__all__ = ["PackedDataset", "split_train_val"]
+__all__ = ["IGNORE_TARGET", "PackedDataset", "split_train_val"]
+
+# torch.nn.functional.cross_entropy's default ignore_index: such targets add no loss.
+IGNORE_TARGET = -100
 
 
 class PackedDataset:
@@ -25,12 +30,13 @@ class PackedDataset:
     doc_starts: [D] sorted start offset of each document, doc_starts[0] == 0.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, mask_doc_ends: bool = False):
         if seq_len < 1:
             raise DataError(f"seq_len must be >= 1, got {seq_len}")
         self.tokens = tokens
         self.doc_starts = np.asarray(doc_starts, dtype=np.int64)
         self.seq_len = seq_len
+        self.mask_doc_ends = mask_doc_ends
         if len(tokens) < seq_len + 1:
             raise DataError(f"{len(tokens)} tokens cannot fill one window of seq_len+1 = {seq_len + 1} tokens")
         if len(self.doc_starts) == 0 or self.doc_starts[0] != 0:
@@ -59,11 +65,14 @@ class PackedDataset:
             raise IndexError(f"window index out of range [0, {self.n_windows}): {idx_B.tolist()}")
         pos_BW = idx_B[:, None] * self.seq_len + np.arange(self.seq_len + 1, dtype=np.int64)
         win_BW = self.tokens[pos_BW].astype(np.int64)
-        # The document of each input token, renumbered from 0 at the window's first token.
-        doc_BS = np.searchsorted(self.doc_starts, pos_BW[:, :-1], side="right") - 1
-        doc_BS -= doc_BS[:, :1]
+        doc_BW = np.searchsorted(self.doc_starts, pos_BW, side="right") - 1
         # Contiguous copies, so callers may .view() them (a [:, :-1] slice cannot be).
-        return np.ascontiguousarray(win_BW[:, :-1]), np.ascontiguousarray(win_BW[:, 1:]), doc_BS
+        targets_BS = np.ascontiguousarray(win_BW[:, 1:])
+        if self.mask_doc_ends:
+            targets_BS[doc_BW[:, 1:] != doc_BW[:, :-1]] = IGNORE_TARGET
+        # The document of each input token, renumbered from 0 at the window's first token.
+        doc_BS = doc_BW[:, :-1] - doc_BW[:, :1]
+        return np.ascontiguousarray(win_BW[:, :-1]), targets_BS, np.ascontiguousarray(doc_BS)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(inputs [S], targets [S], doc_ids [S]), all int64."""
@@ -74,7 +83,7 @@ class PackedDataset:
 
 
 def split_train_val(
-    tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, val_fraction: float
+    tokens: np.ndarray, doc_starts: np.ndarray, seq_len: int, val_fraction: float, mask_doc_ends: bool = False
 ) -> tuple[PackedDataset, PackedDataset]:
     """Hold out the last documents for validation; both splits are whole documents.
 
@@ -104,6 +113,6 @@ def split_train_val(
             f"training split too small: {cut} tokens in {n_docs - n_val} documents cannot fill one window "
             f"of seq_len+1 = {seq_len + 1} tokens (validation holds {n_tokens - cut} tokens in {n_val} documents)"
         )
-    train = PackedDataset(tokens[:cut], doc_starts[: n_docs - n_val], seq_len)
-    val = PackedDataset(tokens[cut:], doc_starts[n_docs - n_val :] - cut, seq_len)
+    train = PackedDataset(tokens[:cut], doc_starts[: n_docs - n_val], seq_len, mask_doc_ends)
+    val = PackedDataset(tokens[cut:], doc_starts[n_docs - n_val :] - cut, seq_len, mask_doc_ends)
     return train, val

@@ -1,7 +1,7 @@
 """Tokenizers: raw UTF-8 bytes, or a local Hugging Face `tokenizers` file.
 
 Both share one small interface (`vocab_size`, `eos_id`, `encode`, `decode`,
-`encode_documents`); nothing here ever touches the network.
+`encode_batch`, `encode_documents`); nothing here ever touches the network.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import numpy as np
 
 from sparsetron.train.data.errors import DataError
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "TokenizerLike", "build_tokenizer", "token_dtype"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "TokenizerLike", "build_tokenizer", "token_dtype", "tokenizer_spec"]
 
 # Tried in order when neither the caller nor tokenizer_config.json names the eos token.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[EOS]")
@@ -56,14 +56,17 @@ class ByteTokenizer:
         data = bytes(int(i) for i in ids if int(i) != self.eos_id)
         return data.decode("utf-8", errors="replace")
 
-    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of all texts, each followed by eos, and each document's start offset.
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's ids, without eos.
 
         A zero-copy uint8 view of each text's bytes is already its ids; a per-token
         Python list would cost seconds on the whole standard library.
         """
-        ids = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
-        return _flatten(ids, self.eos_id, token_dtype(self.vocab_size))
+        return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of all texts, each followed by eos, and each document's start offset."""
+        return _flatten(self.encode_batch(texts), self.eos_id, token_dtype(self.vocab_size))
 
 
 class HFTokenizer:
@@ -115,14 +118,18 @@ class HFTokenizer:
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
-    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens of all texts, each followed by eos, and each document's start offset."""
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each text's ids, without eos."""
         arrays: list[np.ndarray] = []
         for lo in range(0, len(texts), HF_CHUNK_DOCS):
             chunk = list(texts[lo : lo + HF_CHUNK_DOCS])
             for enc in self._tok.encode_batch_fast(chunk, add_special_tokens=False):
                 arrays.append(np.asarray(enc.ids, dtype=np.int64))
-        return _flatten(arrays, self.eos_id, token_dtype(self.vocab_size))
+        return arrays
+
+    def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens of all texts, each followed by eos, and each document's start offset."""
+        return _flatten(self.encode_batch(texts), self.eos_id, token_dtype(self.vocab_size))
 
 
 class TokenizerLike(Protocol):
@@ -135,11 +142,22 @@ class TokenizerLike(Protocol):
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str: ...
 
+    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
     def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-def build_tokenizer(spec: str) -> TokenizerLike:
-    """ "byte", or a local tokenizer.json (or a folder holding one)."""
+def build_tokenizer(spec: str, eos_token: str | None = None) -> TokenizerLike:
+    """ "byte", or a local tokenizer.json (or a folder holding one), optionally with its eos token named."""
     if spec == "byte":
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    return HFTokenizer(spec, eos_token)
+
+
+def tokenizer_spec(tokenizer: TokenizerLike) -> tuple[str, str | None]:
+    """The (spec, eos_token) that `build_tokenizer` turns back into this tokenizer (in another process)."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte", None
+    if isinstance(tokenizer, HFTokenizer):
+        return tokenizer.path, tokenizer.eos_token
+    raise TypeError(f"cannot rebuild a tokenizer of type {type(tokenizer).__name__} in another process")
