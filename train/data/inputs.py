@@ -41,11 +41,13 @@ __all__ = [
 
 FORMATS = ("text", "jsonl", "parquet", "hf")
 CHUNK_BYTES = 4 << 20
-# A text file is cut only after a newline that a non-space follows: tokenizers split
-# words at such a point anyway, so the pieces tokenize exactly as the whole file would.
-# A file with no such point in MAX_TEXT_PIECE bytes is cut at its last newline.
+# A text file is cut only at a newline between two visible ASCII characters ("a\nb"): there
+# byte-level tokenizers (GPT-2's and Llama 3's pre-tokenizer rules) split anyway, so the
+# pieces tokenize exactly as the whole file would. (Next to whitespace a cut is not safe: a
+# run of spaces at a piece's end would become one pre-token.) A file with no such point in
+# MAX_TEXT_PIECE bytes is cut at its last newline.
 MAX_TEXT_PIECE = 16 * CHUNK_BYTES
-WHITESPACE = frozenset(b" \t\r\n\x0b\x0c")
+VISIBLE_ASCII = frozenset(range(0x21, 0x7F))
 COMPRESSIONS = (".gz", ".zst")
 SUFFIXES = {
     ".jsonl": "jsonl",
@@ -364,11 +366,11 @@ def _jsonl_tasks(path: str) -> Iterator[JsonlTask]:
 
 
 def _safe_cut(data: bytes) -> int:
-    """Just after the last newline that a non-space byte follows, or 0 if there is none."""
-    pos = data.rfind(b"\n", 0, len(data) - 1)
-    while pos >= 0 and data[pos + 1] in WHITESPACE:
-        pos = data.rfind(b"\n", 0, pos)
-    return pos + 1
+    """Just after the last newline between two visible ASCII characters, or 0 if there is none."""
+    pos = data.rfind(b"\n", 1, len(data) - 1)
+    while pos > 0 and not (data[pos - 1] in VISIBLE_ASCII and data[pos + 1] in VISIBLE_ASCII):
+        pos = data.rfind(b"\n", 1, pos)
+    return pos + 1 if pos > 0 else 0
 
 
 def _text_tasks(path: str) -> Iterator[TextTask]:

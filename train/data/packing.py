@@ -66,8 +66,9 @@ class PackedDataset:
         pos_BW = idx_B[:, None] * self.seq_len + np.arange(self.seq_len + 1, dtype=np.int64)
         win_BW = self.tokens[pos_BW].astype(np.int64)
         doc_BW = np.searchsorted(self.doc_starts, pos_BW, side="right") - 1
-        # Contiguous copies, so callers may .view() them (a [:, :-1] slice cannot be).
-        targets_BS = np.ascontiguousarray(win_BW[:, 1:])
+        # Copies, so callers may .view() them (a [:, :-1] slice cannot be) and masking the
+        # targets cannot reach the inputs (one row's [:, 1:] slice is already contiguous).
+        targets_BS = win_BW[:, 1:].copy()
         if self.mask_doc_ends:
             targets_BS[doc_BW[:, 1:] != doc_BW[:, :-1]] = IGNORE_TARGET
         # The document of each input token, renumbered from 0 at the window's first token.
