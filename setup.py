@@ -18,7 +18,8 @@ setup(
         "numpy",
         "pyyaml",
         "tensorboard",
-        "datasets",
+        # parquet files and saved Hugging Face datasets (Arrow) for `prepare` and train-time data.
+        "pyarrow",
         "megatron-core",
         "tokenizers",
         "rich",
@@ -29,7 +30,7 @@ setup(
         "zstandard",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "transformers"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "datasets"],
         "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["sparsetron = sparsetron.launch.cli:main"]},

@@ -219,7 +219,10 @@ def files_in(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
-def test_a_malformed_line_is_named_or_skipped(tmp_path):
+@pytest.mark.parametrize("chunk", [None, 40], ids=["one-piece", "many-pieces"])
+def test_a_malformed_line_is_named_or_skipped(tmp_path, chunk, monkeypatch):
+    if chunk:  # line numbers carried across pieces
+        monkeypatch.setattr(inputs_module, "CHUNK_BYTES", chunk)
     good = [json.dumps({"text": f"doc {i}"}) for i in range(6)]
     lines = good[:2] + ['{"text": "cut off'] + good[2:4] + [json.dumps({"body": "x"})] + [json.dumps(["x"])] + good[4:]
     path = tmp_path / "c.jsonl"

@@ -20,9 +20,10 @@ __all__ = ["ByteTokenizer", "HFTokenizer", "TokenizerLike", "build_tokenizer", "
 # Tried in order when neither the caller nor tokenizer_config.json names the eos token.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "<|eot_id|>", "<|im_end|>", "[EOS]")
 
-# Documents per call into the Rust tokenizer: large enough to use its threads,
-# small enough that the per-token Encoding objects never pile up for a whole corpus.
+# Text per call into the Rust tokenizer: large enough to use its threads, small enough
+# that its per-token Encoding objects (some 100 bytes a token) stay a few tens of MB.
 HF_CHUNK_DOCS = 2048
+HF_CHUNK_CHARS = 1 << 18
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -121,10 +122,15 @@ class HFTokenizer:
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each text's ids, without eos."""
         arrays: list[np.ndarray] = []
-        for lo in range(0, len(texts), HF_CHUNK_DOCS):
-            chunk = list(texts[lo : lo + HF_CHUNK_DOCS])
-            for enc in self._tok.encode_batch_fast(chunk, add_special_tokens=False):
-                arrays.append(np.asarray(enc.ids, dtype=np.int64))
+        chunk: list[str] = []
+        chars = 0
+        for i, text in enumerate(texts):
+            chunk.append(text)
+            chars += len(text)
+            if chars >= HF_CHUNK_CHARS or len(chunk) == HF_CHUNK_DOCS or i == len(texts) - 1:
+                for enc in self._tok.encode_batch_fast(chunk, add_special_tokens=False):
+                    arrays.append(np.asarray(enc.ids, dtype=np.int64))
+                chunk, chars = [], 0
         return arrays
 
     def encode_documents(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
