@@ -142,7 +142,7 @@ def write_sources(tmp_path, n: int) -> list[str]:
 def test_build_training_data_blends_prepared_sources_and_separate_validation(tmp_path):
     prefixes = write_sources(tmp_path, 3)
     cfg = DataConfig(source="megatron", blend=[[1.0, prefixes[0]], [3.0, str(tmp_path / "prepared" / "src1")]])
-    cfg.seq_len = 16
+    cfg.seq_len, cfg.val_fraction = 16, 0.2  # held-out tails of 12 and 20 documents: dozens of windows each
     data = build_training_data(cfg, BYTE, micro_batch_size=4, n_eval=3)
     assert len(data.train) == 2 and len(data.eval_set) == 3
     # Evaluation interleaves the sources' held-out windows by weight: 1 of every 4 from source 0.

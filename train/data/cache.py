@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 
 import xxhash
 
@@ -70,11 +71,11 @@ def _load_memo(folder: str) -> dict[str, str]:
 
 
 def _save_memo(folder: str, memo: dict[str, str]) -> None:
-    path = os.path.join(folder, HASHES_FILE)
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    # A private temporary file per writer: ranks (or threads) saving at once never share one.
+    fd, tmp = tempfile.mkstemp(prefix=HASHES_FILE + ".", dir=folder)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(memo, f)
-    os.replace(tmp, path)
+    os.replace(tmp, os.path.join(folder, HASHES_FILE))
 
 
 def _tokenizer_identity(spec: str, tokenizer: TokenizerLike, memo: dict[str, str]) -> str:
