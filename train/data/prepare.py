@@ -78,8 +78,12 @@ class PrepareResult:
 
     def summary(self, dtype: np.dtype) -> str:
         rate = self.bytes_in / MB / max(self.seconds, 1e-9)
+        if len(self.outputs) <= 3:
+            where = f"{', '.join(self.outputs)} (.bin/.idx)"
+        else:
+            where = f"{len(self.outputs)} .bin/.idx pairs ({self.outputs[0]}, ...)"
         lines = [
-            f"wrote {', '.join(self.outputs)} (.bin/.idx): {self.documents:,} documents, {self.tokens:,} {dtype} tokens",
+            f"wrote {where}: {self.documents:,} documents, {self.tokens:,} {dtype} tokens",
             f"read {self.bytes_in / MB:,.1f} MB in {format_duration(self.seconds)}: {rate:,.1f} MB/s, "
             f"{format_rate(self.documents / max(self.seconds, 1e-9))} documents/s",
             f"peak memory: main process {self.peak_main_mb:,.0f} MB"
@@ -205,7 +209,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # it exists, under another user
     return True
 
 
