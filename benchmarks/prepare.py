@@ -48,6 +48,9 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsetron.train.data.tokenizer import token_dtype  # the rule prepare uses, so the .bin files compare
+from sparsetron.train.progress import format_rate
+
 MB = 1e6  # as prepare counts MB/s
 BATCH_DOCS = 1000
 EOS = "<|endoftext|>"
@@ -222,11 +225,6 @@ def rss_mb(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    # The rule prepare uses (ids 0..vocab-1 fit uint16 up to 65536), so the .bin files compare.
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
 def load_encoder(spec: str):
@@ -435,14 +433,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
-
-
-def format_rate(value: float) -> str:
-    if value >= 1e6:
-        return f"{value / 1e6:.2f}M"
-    if value >= 1e3:
-        return f"{value / 1e3:.1f}k"
-    return f"{value:.0f}"
 
 
 def measure(args: argparse.Namespace, argv: list[str], folder: Path) -> str:
