@@ -31,7 +31,6 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "datasets"],
-        "gpu": ["flash-attn"],
     },
     entry_points={"console_scripts": ["sparsetron = sparsetron.launch.cli:main"]},
 )

@@ -1,7 +1,8 @@
 """Shared test settings: `gpu`-marked tests are skipped where no CUDA device is present, and
 without one Triton kernels run in its interpreter (decided when a kernel is defined, so here,
 before any test imports one). Data tokenized at train time is cached in a temporary folder of
-this session (SPARSETRON_DATA_CACHE, inherited by the processes tests launch), never in ~/.cache. The tests' shared helpers (tolerance.py, moba_tolerance.py), and
+this session (SPARSETRON_DATA_CACHE, inherited by the processes tests launch), never in ~/.cache. Time-outs scale by
+SPARSETRON_TEST_TIMEOUT_SCALE (tests/slowdown.py). The tests' shared helpers (tolerance.py, moba_tolerance.py), and
 benchmarks/report.py which the benchmark scripts the tests load import, are importable by name."""
 
 import os
@@ -19,6 +20,8 @@ for folder in (_HERE, _HERE.parent / "benchmarks"):  # the benchmarks' shared `r
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 
+from slowdown import scaled, timeout_scale  # noqa: E402  (found through the path set just above)
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _data_cache_in_a_temporary_folder(tmp_path_factory):
@@ -27,6 +30,12 @@ def _data_cache_in_a_temporary_folder(tmp_path_factory):
 
 
 def pytest_collection_modifyitems(config, items):
+    scale = timeout_scale()
+    if scale != 1:
+        for item in items:
+            marker = item.get_closest_marker("timeout")
+            seconds = marker.args[0] if marker else float(config.getini("timeout"))
+            item.add_marker(pytest.mark.timeout(scaled(seconds)), append=False)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

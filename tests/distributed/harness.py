@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from slowdown import scaled
 
 
 def free_port() -> int:
@@ -94,7 +95,9 @@ def _entry(rank, ref, world_size, port, args, result_dir, backend, timeout):
 
 
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 120, backend: str = "gloo") -> list:
-    """Run `fn(*args)` on `world_size` spawned ranks; return each rank's result, by rank."""
+    """Run `fn(*args)` on `world_size` spawned ranks; return each rank's result, by rank. `timeout`
+    (also the ranks' collective time-out) is multiplied by SPARSETRON_TEST_TIMEOUT_SCALE."""
+    timeout = scaled(timeout)
     ref = _reference(fn)
     with tempfile.TemporaryDirectory(prefix="sparsetron-dist-") as result_dir:
         context = mp.start_processes(

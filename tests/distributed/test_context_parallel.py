@@ -21,6 +21,10 @@ from training import (
     single_process,
 )
 
+# One spawn trains every layout of a world size, inside the first test that needs it (minutes on
+# two cores): the time-out only catches a hang (tests/slowdown.py).
+pytestmark = pytest.mark.timeout(1800)
+
 CP2 = ["parallel.context=2"]
 ULYSSES = ["parallel.context_style=ulysses"]
 AC = "parallel.activation_checkpointing=full"
@@ -100,7 +104,7 @@ def trained(tmp_path_factory):
     layouts = {}
     for name, (world, dp, model, overrides) in {**LAYOUTS, **BF16_LAYOUTS}.items():
         recipe, model_overrides = MODELS[model]
-        layouts[name] = Layout(world, dp, [*model_overrides, *overrides], recipe)
+        layouts[name] = Layout(world, dp, [*model_overrides, *overrides], recipe, save=name in LAYOUTS)
     return TrainedLayouts(tmp_path_factory, layouts, RESHARDS)
 
 

@@ -22,6 +22,10 @@ from training import (
     single_process,
 )
 
+# One spawn trains every layout of a world size, inside the first test that needs it (minutes on
+# two cores): the time-out only catches a hang (tests/slowdown.py).
+pytestmark = pytest.mark.timeout(1800)
+
 # name: (world size, data-parallel degree, overrides)
 LAYOUTS = {
     "dp2": (2, 2, ["parallel.data_parallel_shard=2"]),
@@ -85,7 +89,7 @@ def all_layouts() -> dict[str, Layout]:
     loss, the wrapped blocks, dp4 (only resumed at), and the overlapped dispatcher's runs."""
     layouts = {}
     for name, (world, dp, overrides) in LAYOUTS.items():
-        layouts[name] = Layout(world, dp, overrides)
+        layouts[name] = Layout(world, dp, overrides, save=True)
         if name in BF16_LAYOUTS:
             layouts[f"{name}-bf16"] = Layout(world, dp, [*overrides, *BF16])
     for name in GLOBAL_AUX_LAYOUTS:

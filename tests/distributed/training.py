@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from harness import run_distributed
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from sparsetron.train.config_io import load_job_config
@@ -28,7 +29,9 @@ BF16 = ["trainer.precision=bf16"]  # what a GPU runs by default (precision auto)
 RECIPE = "debug-deepseek"
 
 
-def job(run_dir, dp, *overrides, recipe=RECIPE):
+def job(run_dir, dp, *overrides, recipe=RECIPE, save=False):
+    """The run's config. Only a run that something reads a checkpoint of saves one (`save`: at its
+    end, also when stopped at trainer.stop_at): a save costs about as much as the three steps."""
     # Evaluation reads eval_batches micro-batches on every rank: dp of GLOBAL_BATCH / dp
     # sequences, one of GLOBAL_BATCH in one process, so both evaluate the same sequences.
     return load_job_config(
@@ -43,7 +46,8 @@ def job(run_dir, dp, *overrides, recipe=RECIPE):
             "schedule.warmup_steps=1",
             "optimizer.lr=1e-3",
             "optimizer.eps=1e-6",
-            "checkpoint.interval=2",
+            "checkpoint.interval=0",
+            f"checkpoint.save_final={str(save).lower()}",
             "metrics.console=none",
             f"trainer.run_dir={run_dir}",
             *overrides,
@@ -62,10 +66,14 @@ def full_parameters(model):
     }
 
 
-def train_worker(run_dir, dp, overrides, resume=None, recipe=RECIPE):
-    trainer = Trainer(job(run_dir, dp, *overrides, recipe=recipe), resume=resume)
+def train_worker(run_dir, dp, overrides, resume=None, recipe=RECIPE, save=False):
+    trainer = Trainer(job(run_dir, dp, *overrides, recipe=recipe, save=save), resume=resume)
     result = trainer.run()
-    # The plan counts exactly what this rank holds.
+    # The plan counts exactly what this rank holds between steps, sharded: FSDP2 keeps the root
+    # module's parameters gathered after a forward with no backward (the last evaluation).
+    for module in trainer.model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
     local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in trainer.model.parameters())
     assert trainer.memory_plan.parameters == local, (trainer.memory_plan.parameters, local)
     return result.losses, result.eval_losses, full_parameters(trainer.model)
@@ -78,8 +86,8 @@ def expert_loads(run_dir):
     return {key: value for key, value in last.items() if key.endswith("tokens_per_expert")}
 
 
-def single_process(run_dir, *overrides, resume=None, recipe=RECIPE):
-    trainer = Trainer(job(run_dir, 1, *overrides, recipe=recipe), resume=resume)
+def single_process(run_dir, *overrides, resume=None, recipe=RECIPE, save=False):
+    trainer = Trainer(job(run_dir, 1, *overrides, recipe=recipe, save=save), resume=resume)
     result = trainer.run()
     return result.losses, result.eval_losses, full_parameters(trainer.model), expert_loads(run_dir)
 
@@ -149,6 +157,8 @@ class Layout:
     dp: int
     overrides: list[str]
     recipe: str = RECIPE
+    save: bool = False
+    """Save a checkpoint at the end: each base layout does once (its save path runs), not its variants."""
 
 
 @dataclass
@@ -159,11 +169,12 @@ class _Run:
     resume: str | None = None
     recipe: str = RECIPE
     extra: list[str] = field(default_factory=list)
+    save: bool = False
 
 
 def several_worker(runs):
     """Train each run in turn on this process group; per run this rank's (losses, eval losses, parameters)."""
-    return [train_worker(r.run_dir, r.dp, [*r.overrides, *r.extra], r.resume, r.recipe) for r in runs]
+    return [train_worker(r.run_dir, r.dp, [*r.overrides, *r.extra], r.resume, r.recipe, r.save) for r in runs]
 
 
 def merged(per_rank, run_dir):
@@ -183,7 +194,7 @@ class TrainedLayouts:
     first use; a source is never at a larger world size than its target.
     """
 
-    def __init__(self, tmp_path_factory, layouts: dict[str, Layout], reshards: dict | None = None, timeout=900):
+    def __init__(self, tmp_path_factory, layouts: dict[str, Layout], reshards: dict | None = None, timeout=1800):
         self.tmp = tmp_path_factory
         self.layouts = layouts
         self.reshards = reshards or {}
@@ -204,6 +215,7 @@ class TrainedLayouts:
 
     def _run(self, layout: str, run_dir: str | None = None, **kw) -> _Run:
         lay = self.layouts[layout]
+        kw.setdefault("save", lay.save)
         return _Run(run_dir or str(self.tmp.mktemp(layout)), lay.dp, lay.overrides, recipe=lay.recipe, **kw)
 
     def _train(self, world: int) -> None:
@@ -218,9 +230,9 @@ class TrainedLayouts:
                 run_dir = str(self.tmp.mktemp("reshard"))
                 self.checkpoints[name] = run_dir
                 if source is None:
-                    single_process(run_dir, "trainer.stop_at=2")
+                    single_process(run_dir, "trainer.stop_at=2", save=True)
                 else:
-                    runs[f"{name} (source)"] = self._run(source, run_dir, extra=["trainer.stop_at=2"])
+                    runs[f"{name} (source)"] = self._run(source, run_dir, extra=["trainer.stop_at=2"], save=True)
             if self.world(target) == world and target is not None:
                 runs[name] = self._run(target, self.checkpoints[name], resume="auto")
         if runs:
