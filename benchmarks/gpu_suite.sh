@@ -17,7 +17,8 @@
 #                          stream, ep 8; each dispatcher's step time and profiled comm ∩ compute / comm)
 #   end_to_end       130   benchmarks/end_to_end.py (bench-1b-dense/-moe vs the plain-PyTorch anchor;
 #                          was 190: ep_overlap's 60 s came from it, end_to_end shares what it gets)
-# A budget can be changed with BUDGET_<part>=seconds, and SUITE_PARTS="moba end_to_end" runs only
+# A budget can be changed with BUDGET_<part>=seconds (SUITE_TIME_SCALE=K multiplies them all, for a
+# dry run on a busy CPU), and SUITE_PARTS="moba end_to_end" runs only
 # those parts (a second call that reruns what failed). Each part writes $OUT/<part>.txt (its
 # stdout and stderr: the tables, markdown); $OUT/suite.md gets the environment, each part's
 # budget, wall time and status. Eight files in all (the device tool returns at most 8). A failing
@@ -72,6 +73,12 @@ for part in "${PARTS[@]}"; do
   var=BUDGET_$part
   [[ -n ${!var:-} ]] && BUDGET[$part]=${!var}
 done
+# SUITE_TIME_SCALE=K (a whole number, default 1) multiplies the suite's and every part's budget: a
+# dry run on a loaded CPU host must not be held to the GPU run's budgets.
+SCALE=${SUITE_TIME_SCALE:-1}
+[[ $SCALE =~ ^[1-9][0-9]*$ ]] || { note "- SUITE_TIME_SCALE must be a whole number >= 1, got '$SCALE'"; exit 2; }
+SUITE_BUDGET=$((SUITE_BUDGET * SCALE))
+for part in "${PARTS[@]}"; do BUDGET[$part]=$((BUDGET[$part] * SCALE)); done
 
 # ---- prerequisites -----------------------------------------------------------------------------
 note "# GPU suite, $(date -u '+%Y-%m-%d %H:%M UTC')$( ((DRY)) && echo ', dry run on the CPU')"
