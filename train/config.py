@@ -130,18 +130,31 @@ class ScheduleConfig:
 
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
     """cosine: warmup then cosine decay to min_lr_ratio. wsd: warmup, stable, then linear decay over the last decay_fraction of steps. constant: warmup then flat."""
-    warmup_steps: int = 20
-    """Steps of linear warmup from 0."""
+    warmup_steps: int | float = 20
+    """Steps of linear warmup from 0: a whole number counts steps; a number in (0, 1) is a fraction of trainer.steps (0.1 = the first 10%, rounded to the nearest step), so a shorter or longer run keeps its shape."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     decay_fraction: float = 0.2
     """wsd only: fraction of all steps spent decaying."""
 
+    def warmup_for(self, steps: int) -> int:
+        """The warm-up in steps of a run of `steps` steps."""
+        if 0 < self.warmup_steps < 1:
+            return round(self.warmup_steps * steps)
+        return int(self.warmup_steps)
+
     def validate(self, steps: int, prefix: str = "schedule") -> None:
+        """Checked against trainer.steps, which must be valid itself (JobConfig checks it first)."""
+        warmup = self.warmup_steps
         check(
-            0 <= self.warmup_steps <= steps,
+            warmup >= 0 and (warmup < 1 or float(warmup).is_integer()),
             f"{prefix}.warmup_steps",
-            f"must be in [0, trainer.steps={steps}], got {self.warmup_steps}",
+            f"must be a whole number of steps or a fraction in (0, 1) of trainer.steps, got {warmup}",
+        )
+        check(
+            self.warmup_for(steps) <= steps,
+            f"{prefix}.warmup_steps",
+            f"must be in [0, trainer.steps={steps}] (or a fraction below 1 of it), got {warmup}",
         )
         check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         check(
@@ -267,7 +280,10 @@ class JobConfig:
 
     def validate(self) -> None:
         """Check every section and the rules that tie sections together."""
+        # A section is checked before any section checked against it, so that a bad value is
+        # reported under its own key (trainer.steps=-5 as trainer.steps, not as schedule.warmup_steps).
         self.model.validate()
+        self.trainer.validate()
         self.attention.validate(self.model)
         self.moe.validate(self.model)
         self.data.validate()
@@ -276,7 +292,6 @@ class JobConfig:
         self.checkpoint.validate()
         self.metrics.validate()
         self.parallel.validate()
-        self.trainer.validate()
         if self.moe.enabled:
             self.moe.dispatcher_for(self.parallel.expert)
         check(
