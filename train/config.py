@@ -39,6 +39,7 @@ class DataConfig:
         "val_paths",
         "blend",
         "text_key",
+        "text_documents",
         "tokenizer",
         "seq_len",
         "val_fraction",
@@ -47,7 +48,7 @@ class DataConfig:
     )
 
     source: Literal["stdlib", "text", "jsonl", "parquet", "hf", "megatron"] = "stdlib"
-    """stdlib: the source of Python's standard library (no download). text (a file is a document), jsonl (also .gz, .zst), parquet, hf (a dataset saved with save_to_disk): local files, tokenized once into data.cache_dir. megatron: indexed .bin/.idx data (`sparsetron prepare` writes it)."""
+    """stdlib: the source of Python's standard library (no download). text (a file is a document, or see data.text_documents), jsonl (also .gz, .zst), parquet, hf (a dataset saved with save_to_disk): local files, tokenized once into data.cache_dir. megatron: indexed .bin/.idx data (`sparsetron prepare` writes it)."""
     paths: list[str] = field(default_factory=list)
     """Files or glob patterns for text/jsonl/parquet, dataset folders for hf; for megatron, path prefixes (without .bin/.idx) or folders of them."""
     val_paths: list[str] = field(default_factory=list)
@@ -56,6 +57,10 @@ class DataConfig:
     """[[weight, source], ...] with data.source megatron and data.paths empty: each source a prefix or a folder of prefixes (`sparsetron prepare --per-file` writes one), drawn in proportion to its weight; a source that runs out starts its next epoch."""
     text_key: str = "text"
     """Column holding the document text in jsonl, parquet and hf data."""
+    text_documents: Literal["file", "paragraph", "line"] = "file"
+    """How a text file splits into documents: file = the whole file is one; paragraph = runs of non-blank lines, split at blank (empty or whitespace) lines; line = each non-blank line."""
+    max_skipped_fraction: float = 0.05
+    """Largest share of one input's records (jsonl and text lines, parquet and hf rows) that may be malformed (invalid JSON, not an object, no data.text_key, a text that is not a string, not UTF-8): they are skipped and reported at start; above it the run stops naming the file (0 = any malformed record stops it). Empty records are skipped and reported but allowed; an input yielding no document always stops it."""
     tokenizer: str = "byte"
     """byte: UTF-8 bytes plus an end-of-document token. Otherwise a local tokenizer.json file (or a folder holding one) for Hugging Face `tokenizers`."""
     seq_len: int = 256
@@ -95,6 +100,11 @@ class DataConfig:
         )
         check(self.max_documents >= 0, f"{prefix}.max_documents", f"must be >= 0, got {self.max_documents}")
         check(self.max_tokenize_gb >= 0, f"{prefix}.max_tokenize_gb", f"must be >= 0, got {self.max_tokenize_gb}")
+        check(
+            0 <= self.max_skipped_fraction <= 1,
+            f"{prefix}.max_skipped_fraction",
+            f"must be in [0, 1], got {self.max_skipped_fraction}",
+        )
 
 
 @dataclass
