@@ -205,7 +205,9 @@ def _string_column(schema, key: str, where: str) -> None:
     import pyarrow as pa
 
     if key not in schema.names:
-        raise DataError(f"{where} has no column '{key}' (columns: {schema.names}); choose one with --text-key")
+        raise DataError(
+            f"{where} has no column '{key}' (columns: {schema.names}); choose one with --text-key (data.text_key in train)"
+        )
     kind = schema.field(key).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"column '{key}' of {where} holds {kind}, not text")
@@ -221,7 +223,7 @@ def check_input(item: Input, key: str) -> None:
             return  # a malformed line is reported (or skipped) where it is read
         if isinstance(record, dict) and key not in record:
             raise DataError(
-                f"{item.path}:{number}: no key '{key}' (keys: {sorted(record)}); choose one with --text-key"
+                f"{item.path}:{number}: no key '{key}' (keys: {sorted(record)}); choose one with --text-key (data.text_key in train)"
             )
     elif item.format == "parquet":
         import pyarrow.parquet as pq

@@ -83,8 +83,12 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
+def _counted(n: int, noun: str) -> str:
+    return f"{_count(n)} {noun}{'' if n == 1 else 's'}"
+
+
 def _describe(ds: PackedDataset) -> str:
-    return f"{_count(ds.n_documents)} documents, {_count(ds.n_tokens)} tokens, {_count(len(ds))} windows"
+    return f"{_counted(ds.n_documents, 'document')}, {_counted(ds.n_tokens, 'token')}, {_counted(len(ds), 'window')}"
 
 
 @dataclass
@@ -120,7 +124,7 @@ class TrainingData:
             epochs = f"; {reads * share / len(s.train):.3g} epochs" if blend else ""
             weight = f" (weight {share:.0%})" if blend else ""
             lines.append(
-                f"data: {s.name}{weight}: {_count(documents)} documents, {_count(tokens)} tokens; "
+                f"data: {s.name}{weight}: {_counted(documents, 'document')}, {_counted(tokens, 'token')}; "
                 f"train {_describe(s.train)}{held_out}{epochs}"
             )
         if all(s.val is None for s in self.sources):
