@@ -28,6 +28,7 @@ import sys
 
 from sparsetron.model.config import ConfigError
 from sparsetron.train.config_io import describe, dump_yaml, load_job_config, recipe_names
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION
 
 EXIT_BAD_INPUT = 2
 THP_VAR = "THP_MEM_ALLOC_ENABLE"
@@ -131,10 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     skipping.add_argument(
         "--max-skipped-fraction",
         type=float,
-        default=0.0,
+        default=MAX_SKIPPED_FRACTION,
         metavar="F",
-        help="count and skip malformed records, failing an input where more than this share of its records are "
-        "(train's data.max_skipped_fraction; default 0: stop at the first)",
+        help="skip and count malformed records, failing an input where more than this share of its records are "
+        f"(train's data.max_skipped_fraction, the same default {MAX_SKIPPED_FRACTION}; 0 = stop at the first)",
     )
     prepare.add_argument(
         "--text-documents",

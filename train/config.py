@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check
 from sparsetron.parallel.config import ParallelConfig
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION
 
 __all__ = [
     "CheckpointConfig",
@@ -59,7 +60,7 @@ class DataConfig:
     """Column holding the document text in jsonl, parquet and hf data."""
     text_documents: Literal["file", "paragraph", "line"] = "file"
     """How a text file splits into documents: file = the whole file is one; paragraph = runs of non-blank lines, split at blank (empty or whitespace) lines; line = each non-blank line."""
-    max_skipped_fraction: float = 0.05
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
     """Largest share of one input's records (jsonl and text lines, parquet and hf rows) that may be malformed (invalid JSON, not an object, no data.text_key, a text that is not a string, not UTF-8): they are skipped and reported at start; above it the run stops naming the file (0 = any malformed record stops it). Empty records are skipped and reported but allowed; an input yielding no document always stops it."""
     tokenizer: str = "byte"
     """byte: UTF-8 bytes plus an end-of-document token. Otherwise a local tokenizer.json file (or a folder holding one) for Hugging Face `tokenizers`."""

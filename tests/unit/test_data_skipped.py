@@ -127,8 +127,13 @@ def test_prepare_applies_the_same_limit(tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "b"), "--max-skipped-fraction", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and f"skipped 5 of 50 records (5 invalid JSON):\n  {path}: 5 of 50 records" in out
-    assert main([*args, "--out", str(tmp_path / "c")]) == 2  # default: the first malformed record stops it
-    assert "--skip-bad-lines or --max-skipped-fraction skip such records" in capsys.readouterr().err
+    # The default is train's: 10% malformed is too many.
+    assert main([*args, "--out", str(tmp_path / "c")]) == 2
+    assert "more than --max-skipped-fraction=0.05 allows" in capsys.readouterr().err
+    # 0: the first malformed record stops it, named by its line.
+    assert main([*args, "--out", str(tmp_path / "d"), "--max-skipped-fraction", "0"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {path}:" in err and "(--skip-bad-lines or --max-skipped-fraction skip such records)" in err
 
 
 def test_an_entry_without_its_tallies_is_rebuilt(tmp_path, prepare_calls):

@@ -230,7 +230,7 @@ def test_a_malformed_line_is_named_or_skipped(tmp_path, chunk, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(DataError, match=rf"{path}:3: not valid JSON.*--skip-bad-lines"):
-        prepare([str(path)], "byte", str(out / "c"), workers=0, progress="none")
+        prepare([str(path)], "byte", str(out / "c"), workers=0, max_skipped_fraction=0, progress="none")
     assert files_in(out) == []  # no output and no temporary file left
     result = prepare([str(path)], "byte", str(out / "c"), workers=0, max_skipped_fraction=1.0, progress="none")
     assert result.bad_count == 3 and [line for _, line, _ in result.bad] == [3, 6, 7]

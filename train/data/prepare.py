@@ -8,10 +8,11 @@ in input order (`indexed.IndexedWriter`). At most 2 N pieces are in flight, so m
 stays bounded whatever the corpus size: about (2 N + 2) pieces of text and tokens, plus
 each process's tokenizer. `workers=0` tokenizes in the main process (small corpora).
 
-Each worker runs its tokenizer on one thread, so N workers use N cores. A malformed
-record stops the run with its file and line, unless `max_skipped_fraction` allows a
-share of them (per input; 1 = any number, --skip-bad-lines): then they are counted and
-skipped, and an input above the share fails when it has been read. An input that
+Each worker runs its tokenizer on one thread, so N workers use N cores. Malformed
+records are counted and skipped, and an input where more than `max_skipped_fraction`
+of the records are malformed fails once it has been read (the same default as train's
+data.max_skipped_fraction; 1 = any number, --skip-bad-lines; 0 = the first malformed
+record stops the run with its file and line). An input that
 yields no document always fails (`skipped.check_tallies`, which train applies too).
 An interrupted run removes its temporary files, and even a killed one leaves only
 `*.partial-<pid>` names that no reader takes for data.
@@ -47,7 +48,7 @@ from sparsetron.train.data.inputs import (
     resolve_inputs,
     run_task,
 )
-from sparsetron.train.data.skipped import Tally, check_tallies, skipped_lines
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION, Tally, check_tallies, skipped_lines
 from sparsetron.train.data.tokenizer import build_tokenizer, token_dtype
 from sparsetron.train.progress import format_duration, format_rate
 
@@ -228,7 +229,7 @@ def prepare(
     workers: int = 1,
     text_key: str = "text",
     fmt: str = "auto",
-    max_skipped_fraction: float = 0.0,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
     text_documents: str = "file",
     per_file: bool = False,
     max_documents: int = 0,

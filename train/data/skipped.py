@@ -15,9 +15,22 @@ from dataclasses import asdict, dataclass, field
 
 from sparsetron.train.data.errors import DataError
 
-__all__ = ["EMPTY", "Tally", "check_tallies", "skipped_lines", "tallies_from_json", "tallies_to_json"]
+__all__ = [
+    "EMPTY",
+    "MAX_SKIPPED_FRACTION",
+    "Tally",
+    "check_tallies",
+    "skipped_lines",
+    "tallies_from_json",
+    "tallies_to_json",
+]
 
 EMPTY = "empty"
+# The default limit (data.max_skipped_fraction, --max-skipped-fraction): per input, so a few corrupt
+# rows or a truncated last line of a small file pass (reported), while a wrong key or another
+# schema in part of a file, which shows up as a large share, stops the run. 0.01 would stop a
+# 50-row file for one cut-off line.
+MAX_SKIPPED_FRACTION = 0.05
 # How many inputs the summary names one by one before it sums up the rest.
 FILES_SHOWN = 5
 
