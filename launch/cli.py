@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     skipping.add_argument(
         "--skip-bad-lines",
         action="store_true",
-        help="count and skip malformed records instead of stopping at the first",
+        help="skip and count every malformed record, however many (--max-skipped-fraction 1)",
     )
     skipping.add_argument(
         "--max-skipped-fraction",

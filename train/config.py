@@ -142,7 +142,7 @@ class ScheduleConfig:
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
     """cosine: warmup then cosine decay to min_lr_ratio. wsd: warmup, stable, then linear decay over the last decay_fraction of steps. constant: warmup then flat."""
     warmup_steps: int | float = 20
-    """Steps of linear warmup from 0: a whole number counts steps; a number in (0, 1) is a fraction of trainer.steps (0.1 = the first 10%, rounded to the nearest step), so a shorter or longer run keeps its shape."""
+    """Steps of linear warmup from 0: a whole number counts steps; a number in (0, 1) is a fraction of trainer.steps (0.1 = the first 10%, rounded to the nearest step, a half to even), so a shorter or longer run keeps its shape."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     decay_fraction: float = 0.2
