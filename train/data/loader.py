@@ -57,7 +57,7 @@ class SourceSplit:
     """Its held-out documents; None when data.val_paths holds the validation data."""
 
 
-def _source_splits(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[SourceSplit, PackedDataset, list[Tally]]:
+def _one_source(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[SourceSplit, PackedDataset, list[Tally]]:
     """The one source's split, its validation windows (held out, else data.val_paths), and the inputs' tallies."""
     docs = load_documents(cfg, tokenizer)
     train, val = _split(docs, cfg)
@@ -71,7 +71,7 @@ def _source_splits(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[SourceSpl
 
 def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[PackedDataset, PackedDataset]:
     """The (train, val) windows of one source: val is data.val_paths, else the last documents."""
-    split, val, _ = _source_splits(cfg, tokenizer)
+    split, val, _ = _one_source(cfg, tokenizer)
     return split.train, val
 
 
@@ -143,7 +143,7 @@ def build_training_data(
     cfg: DataConfig, tokenizer: TokenizerLike, micro_batch_size: int, n_eval: int, rank: int = 0, world_size: int = 1
 ) -> TrainingData:
     if not cfg.blend:
-        split, val, tallies = _source_splits(cfg, tokenizer)
+        split, val, tallies = _one_source(cfg, tokenizer)
         train = split.train
         loader = TrainLoader(train, micro_batch_size, cfg.seed, rank, world_size)
         return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), [train], val, [split], tallies)
