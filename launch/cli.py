@@ -28,6 +28,7 @@ import sys
 
 from sparsetron.model.config import ConfigError
 from sparsetron.train.config_io import describe, dump_yaml, load_job_config, recipe_names
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION
 
 EXIT_BAD_INPUT = 2
 THP_VAR = "THP_MEM_ALLOC_ENABLE"
@@ -122,10 +123,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "text", "jsonl", "parquet", "hf"),
         help="input format (auto: from each name; a folder is a saved Hugging Face dataset)",
     )
-    prepare.add_argument(
+    skipping = prepare.add_mutually_exclusive_group()
+    skipping.add_argument(
         "--skip-bad-lines",
         action="store_true",
-        help="count and skip malformed records instead of stopping at the first",
+        help="skip and count every malformed record, however many (--max-skipped-fraction 1)",
+    )
+    skipping.add_argument(
+        "--max-skipped-fraction",
+        type=float,
+        default=MAX_SKIPPED_FRACTION,
+        metavar="F",
+        help="skip and count malformed records, failing an input where more than this share of its records are "
+        f"(train's data.max_skipped_fraction, the same default {MAX_SKIPPED_FRACTION}; 0 = stop at the first)",
+    )
+    prepare.add_argument(
+        "--text-documents",
+        default="file",
+        choices=("file", "paragraph", "line"),
+        help="how a text file splits into documents: whole, at blank lines, or one per non-blank line "
+        "(train's data.text_documents; default file)",
     )
     prepare.add_argument(
         "--per-file", action="store_true", help="one prefix per input, named after it, in the folder --out"
@@ -340,7 +357,8 @@ def _prepare(args: argparse.Namespace) -> int:
             workers=workers,
             text_key=args.text_key,
             fmt=args.fmt,
-            skip_bad_lines=args.skip_bad_lines,
+            max_skipped_fraction=1.0 if args.skip_bad_lines else args.max_skipped_fraction,
+            text_documents=args.text_documents,
             per_file=args.per_file,
             progress=args.progress,
         )

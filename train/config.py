@@ -13,6 +13,7 @@ from typing import ClassVar, Literal
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig, check
 from sparsetron.parallel.config import ParallelConfig
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION
 
 __all__ = [
     "CheckpointConfig",
@@ -39,6 +40,7 @@ class DataConfig:
         "val_paths",
         "blend",
         "text_key",
+        "text_documents",
         "tokenizer",
         "seq_len",
         "val_fraction",
@@ -47,7 +49,7 @@ class DataConfig:
     )
 
     source: Literal["stdlib", "text", "jsonl", "parquet", "hf", "megatron"] = "stdlib"
-    """stdlib: the source of Python's standard library (no download). text (a file is a document), jsonl (also .gz, .zst), parquet, hf (a dataset saved with save_to_disk): local files, tokenized once into data.cache_dir. megatron: indexed .bin/.idx data (`sparsetron prepare` writes it)."""
+    """stdlib: the source of Python's standard library (no download). text (a file is a document, or see data.text_documents), jsonl (also .gz, .zst), parquet, hf (a dataset saved with save_to_disk): local files, tokenized once into data.cache_dir. megatron: indexed .bin/.idx data (`sparsetron prepare` writes it)."""
     paths: list[str] = field(default_factory=list)
     """Files or glob patterns for text/jsonl/parquet, dataset folders for hf; for megatron, path prefixes (without .bin/.idx) or folders of them."""
     val_paths: list[str] = field(default_factory=list)
@@ -56,6 +58,10 @@ class DataConfig:
     """[[weight, source], ...] with data.source megatron and data.paths empty: each source a prefix or a folder of prefixes (`sparsetron prepare --per-file` writes one), drawn in proportion to its weight; a source that runs out starts its next epoch."""
     text_key: str = "text"
     """Column holding the document text in jsonl, parquet and hf data."""
+    text_documents: Literal["file", "paragraph", "line"] = "file"
+    """How a text file splits into documents: file = the whole file is one; paragraph = runs of non-blank lines, split at blank (empty or whitespace) lines; line = each non-blank line."""
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION
+    """Largest share of one input's records (jsonl and text lines, parquet and hf rows) that may be malformed (invalid JSON, not an object, no data.text_key, a text that is not a string, not UTF-8): they are skipped and reported at start; above it the run stops naming the file (0 = any malformed record stops it). Empty records are skipped and reported but allowed; an input yielding no document always stops it."""
     tokenizer: str = "byte"
     """byte: UTF-8 bytes plus an end-of-document token. Otherwise a local tokenizer.json file (or a folder holding one) for Hugging Face `tokenizers`."""
     seq_len: int = 256
@@ -95,6 +101,11 @@ class DataConfig:
         )
         check(self.max_documents >= 0, f"{prefix}.max_documents", f"must be >= 0, got {self.max_documents}")
         check(self.max_tokenize_gb >= 0, f"{prefix}.max_tokenize_gb", f"must be >= 0, got {self.max_tokenize_gb}")
+        check(
+            0 <= self.max_skipped_fraction <= 1,
+            f"{prefix}.max_skipped_fraction",
+            f"must be in [0, 1], got {self.max_skipped_fraction}",
+        )
 
 
 @dataclass
@@ -130,18 +141,31 @@ class ScheduleConfig:
 
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
     """cosine: warmup then cosine decay to min_lr_ratio. wsd: warmup, stable, then linear decay over the last decay_fraction of steps. constant: warmup then flat."""
-    warmup_steps: int = 20
-    """Steps of linear warmup from 0."""
+    warmup_steps: int | float = 20
+    """Steps of linear warmup from 0: a whole number counts steps; a number in (0, 1) is a fraction of trainer.steps (0.1 = the first 10%, rounded to the nearest step, a half to even), so a shorter or longer run keeps its shape."""
     min_lr_ratio: float = 0.1
     """Final learning rate as a fraction of the peak."""
     decay_fraction: float = 0.2
     """wsd only: fraction of all steps spent decaying."""
 
+    def warmup_for(self, steps: int) -> int:
+        """The warm-up in steps of a run of `steps` steps."""
+        if 0 < self.warmup_steps < 1:
+            return round(self.warmup_steps * steps)
+        return int(self.warmup_steps)
+
     def validate(self, steps: int, prefix: str = "schedule") -> None:
+        """Checked against trainer.steps, which must be valid itself (JobConfig checks it first)."""
+        warmup = self.warmup_steps
         check(
-            0 <= self.warmup_steps <= steps,
+            warmup >= 0 and (warmup < 1 or float(warmup).is_integer()),
             f"{prefix}.warmup_steps",
-            f"must be in [0, trainer.steps={steps}], got {self.warmup_steps}",
+            f"must be a whole number of steps or a fraction in (0, 1) of trainer.steps, got {warmup}",
+        )
+        check(
+            self.warmup_for(steps) <= steps,
+            f"{prefix}.warmup_steps",
+            f"must be in [0, trainer.steps={steps}] (or a fraction below 1 of it), got {warmup}",
         )
         check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         check(
@@ -267,7 +291,10 @@ class JobConfig:
 
     def validate(self) -> None:
         """Check every section and the rules that tie sections together."""
+        # A section is checked before any section checked against it, so that a bad value is
+        # reported under its own key (trainer.steps=-5 as trainer.steps, not as schedule.warmup_steps).
         self.model.validate()
+        self.trainer.validate()
         self.attention.validate(self.model)
         self.moe.validate(self.model)
         self.data.validate()
@@ -276,7 +303,6 @@ class JobConfig:
         self.checkpoint.validate()
         self.metrics.validate()
         self.parallel.validate()
-        self.trainer.validate()
         if self.moe.enabled:
             self.moe.dispatcher_for(self.parallel.expert)
         check(

@@ -51,9 +51,15 @@ def load_job_config(name_or_path: str | None = None, overrides: list[str] | None
     if name_or_path is not None:
         path = resolve_recipe(name_or_path)
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if raw is None:
+            # Training the defaults into runs/default is never what an empty file meant.
+            raise ConfigError(
+                f"{path}: the file is empty (or only comments); a recipe holds sections such as "
+                "'trainer: {run_dir: runs/mine}' (or name a shipped recipe)"
+            )
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for item in overrides or []:
@@ -118,8 +124,14 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(inner, value, key)
+        # The first alternative that takes the value (`int | float` keeps 30 an int); else the last one's error.
+        *firsts, last = [a for a in args if a is not type(None)]
+        for inner in firsts:
+            try:
+                return _convert(inner, value, key)
+            except ConfigError:
+                pass
+        return _convert(last, value, key)
     if origin is tuple:
         # A fixed-length row such as [weight, source]; kept a list so YAML dumps it plainly.
         args = typing.get_args(hint)

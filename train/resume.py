@@ -92,6 +92,10 @@ def compare_with_checkpoint(job: JobConfig, saved: dict, path: Path) -> list[str
                 refused.append(f"{line} (fixes {FIXES[section.name]})")
             else:
                 changed.append(f"{section.name}.{key}: {old_value!r} -> {new_value!r}")
+    warmup = [cfg.schedule.warmup_for(cfg.trainer.steps) for cfg in (previous, job)]
+    if warmup[0] != warmup[1] or previous.schedule.warmup_steps != job.schedule.warmup_steps:
+        # A fractional warm-up moves with trainer.steps; a count and a fraction may give the same steps.
+        changed.append(f"warm-up steps (schedule.warmup_steps of trainer.steps): {warmup[0]} -> {warmup[1]}")
     if refused:
         raise ConfigError(
             f"checkpoint {path} was written by a different model or data setup; it was not loaded:\n  "

@@ -1,7 +1,8 @@
 """Learning-rate schedules as a multiplier of the peak rate, one value per step.
 
-Step s (0-based) is the step about to be taken: the first warmup_steps steps
-ramp linearly up to the peak, and the last step of the run takes the final value.
+Step s (0-based) is the step about to be taken: the first W steps ramp linearly up
+to the peak (W = schedule.warmup_steps, or that fraction of the run when below 1), and
+the last step of the run takes the final value.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from sparsetron.train.config import ScheduleConfig
 
 def lr_multiplier(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """The fraction of the peak learning rate used at `step` of `total_steps`."""
-    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+    warmup = cfg.warmup_for(total_steps)
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
     if cfg.kind == "constant":
         return 1.0
     last = max(total_steps - 1, 1)
     if cfg.kind == "cosine":
-        span = max(last - cfg.warmup_steps, 1)
-        progress = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+        span = max(last - warmup, 1)
+        progress = min(max(step - warmup, 0) / span, 1.0)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     # wsd: stable at the peak, then a linear decay over the last decay_fraction of the run.
     decay_steps = max(round(cfg.decay_fraction * total_steps), 1)
-    decay_start = max(total_steps - decay_steps, cfg.warmup_steps)
+    decay_start = max(total_steps - decay_steps, warmup)
     if step < decay_start:
         return 1.0
     progress = min((step - decay_start + 1) / max(last - decay_start + 1, 1), 1.0)

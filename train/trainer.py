@@ -419,6 +419,8 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
+            for line in self.data.summary(tc.steps, self.tokens_per_step // job.data.seq_len):
+                progress.message(line)
             for line in _launch_facts() + self.resume_messages:
                 progress.message(line)
             if self.resume_from is not None:

@@ -230,9 +230,9 @@ def test_a_malformed_line_is_named_or_skipped(tmp_path, chunk, monkeypatch):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(DataError, match=rf"{path}:3: not valid JSON.*--skip-bad-lines"):
-        prepare([str(path)], "byte", str(out / "c"), workers=0, progress="none")
+        prepare([str(path)], "byte", str(out / "c"), workers=0, max_skipped_fraction=0, progress="none")
     assert files_in(out) == []  # no output and no temporary file left
-    result = prepare([str(path)], "byte", str(out / "c"), workers=0, skip_bad_lines=True, progress="none")
+    result = prepare([str(path)], "byte", str(out / "c"), workers=0, max_skipped_fraction=1.0, progress="none")
     assert result.bad_count == 3 and [line for _, line, _ in result.bad] == [3, 6, 7]
     assert "no key 'text'" in result.bad[1][2] and "not an object" in result.bad[2][2]
     assert_documents(str(out / "c"), [f"doc {i}" for i in range(6)], ByteTokenizer())

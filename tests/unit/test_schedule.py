@@ -1,6 +1,7 @@
 """Learning-rate schedules: warmup, cosine, warmup-stable-decay, and the scheduler's state."""
 
 import math
+import random
 from itertools import pairwise
 
 import pytest
@@ -47,8 +48,11 @@ def test_constant_stays_at_peak_after_warmup():
     assert values(ScheduleConfig(kind="constant", warmup_steps=3), 20)[3:] == pytest.approx([1.0] * 17)
 
 
-def test_scheduler_rebuilt_at_a_step_continues_the_same_sequence():
-    cfg = ScheduleConfig(kind="cosine", warmup_steps=3)
+@pytest.mark.parametrize("warmup", [3, 0.2], ids=["count", "fraction"])
+def test_scheduler_rebuilt_at_a_step_continues_the_same_sequence(warmup):
+    # A fraction resolves against the whole run (0.2 of 25 = 5 steps), also when resumed mid-warm-up.
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=warmup)
+    start = random.randint(1, 24)
 
     def make(start_step=0):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.randn(3))], lr=0.5)
@@ -60,11 +64,12 @@ def test_scheduler_rebuilt_at_a_step_continues_the_same_sequence():
         straight.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    opt, sched = make(start_step=11)
+    opt, sched = make(start_step=start)
     resumed = []
-    for _ in range(14):
+    for _ in range(25 - start):
         resumed.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-    assert resumed == straight[11:]
-    assert resumed[0] == 0.5 * lr_multiplier(cfg, 11, 25)
+    assert resumed == straight[start:]
+    assert resumed[0] == 0.5 * lr_multiplier(cfg, start, 25)
+    assert straight[: cfg.warmup_for(25)] == [0.5 * ((s + 1) / cfg.warmup_for(25)) for s in range(cfg.warmup_for(25))]

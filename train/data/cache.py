@@ -4,8 +4,11 @@
 any Megatron prefix: from a memory map, so memory stays bounded and the loader's read
 position (epoch, index) resumes exactly. The cache entry's name is a hash of what the
 tokens depend on: every input file's bytes, the tokenizer file's bytes and eos, the
-text key, the format and max_documents. A second run (or a resumed one) over the same
-files reads the entry at once; an edited file or another tokenizer gets a new entry.
+text key, the format, how text splits into documents, and max_documents. A second run
+(or a resumed one) over the same files reads the entry at once; an edited file or
+another tokenizer gets a new entry. Beside the .bin/.idx pair the entry keeps each
+input's tally of records read and skipped (P.skipped.json, written last: an entry
+without it is incomplete), so a run that reads the entry reports and checks them too.
 
 Ranks of one node share the entry: the first to take the entry's lock tokenizes, the
 others wait for it and read. A corpus above `data.max_tokenize_gb` is refused with the
@@ -27,14 +30,16 @@ import xxhash
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.indexed import existing_outputs
 from sparsetron.train.data.inputs import Input, resolve_inputs
+from sparsetron.train.data.skipped import Tally, tallies_from_json, tallies_to_json
 from sparsetron.train.data.tokenizer import TokenizerLike, tokenizer_spec
 
-__all__ = ["CACHE_ENV", "cache_folder", "tokenized_prefix"]
+__all__ = ["CACHE_ENV", "cache_folder", "cached_tallies", "tokenized_prefix"]
 
 CACHE_ENV = "SPARSETRON_DATA_CACHE"
 # Bump when the tokens written for the same inputs change (a reader or writer fix).
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 HASHES_FILE = "content-hashes.json"
+TALLIES_SUFFIX = ".skipped.json"
 HASH_BLOCK = 16 << 20
 # Below this many input bytes the tokenization runs in the training process itself.
 IN_PROCESS_BYTES = 64 << 20
@@ -84,12 +89,25 @@ def _tokenizer_identity(spec: str, tokenizer: TokenizerLike, memo: dict[str, str
     return f"{_file_hash(spec, memo)}:eos={tokenizer.eos_id}"
 
 
-def _prepare_command(paths: list[str], fmt: str, spec: str, key: str) -> str:
+def _prepare_command(paths: list[str], fmt: str, spec: str, key: str, text_documents: str) -> str:
     words = ["sparsetron", "prepare"]
     for path in paths:
         words += ["--input", path]
-    words += ["--format", fmt, "--tokenizer", spec, "--text-key", key, "--out", "data/corpus"]
+    words += ["--format", fmt, "--tokenizer", spec, "--text-key", key]
+    if text_documents != "file":
+        words += ["--text-documents", text_documents]
+    words += ["--out", "data/corpus"]
     return shlex.join(words)
+
+
+def cached_tallies(prefix: str) -> list[Tally]:
+    """Each input's records read and skipped, as the cache entry `prefix` was built."""
+    with open(prefix + TALLIES_SUFFIX, encoding="utf-8") as f:
+        return tallies_from_json(json.load(f))
+
+
+def _complete(prefix: str) -> bool:
+    return len(existing_outputs(prefix)) == 2 and os.path.exists(prefix + TALLIES_SUFFIX)
 
 
 def tokenized_prefix(
@@ -101,15 +119,18 @@ def tokenized_prefix(
     cache_dir: str,
     max_gb: float,
     what: str = "data.paths",
+    text_documents: str = "file",
 ) -> str:
-    """The cache prefix holding `paths` tokenized (built here when missing)."""
+    """The cache prefix holding `paths` tokenized (built here when missing).
+
+    Malformed records are skipped and counted (`cached_tallies`): the caller checks them."""
     spec, eos_token = tokenizer_spec(tokenizer)
     inputs: list[Input] = resolve_inputs(paths, fmt)
     size = sum(item.size for item in inputs)
     if max_gb and size > max_gb * GB:
         raise DataError(
             f"{what} hold {size / GB:,.1f} GB of {fmt}, more than data.max_tokenize_gb={max_gb:g} GB that train "
-            f"tokenizes itself. Tokenize it once with\n  {_prepare_command(paths, fmt, spec, text_key)}\n"
+            f"tokenizes itself. Tokenize it once with\n  {_prepare_command(paths, fmt, spec, text_key, text_documents)}\n"
             "then train with data.source=megatron and data.paths=[data/corpus] "
             "(or raise data.max_tokenize_gb)"
         )
@@ -117,19 +138,19 @@ def tokenized_prefix(
     os.makedirs(folder, exist_ok=True)
     memo = _load_memo(folder)
     digest = xxhash.xxh3_128()
-    parts = [f"v{CACHE_VERSION}", fmt, text_key, str(max_documents), _tokenizer_identity(spec, tokenizer, memo)]
+    parts = [f"v{CACHE_VERSION}", fmt, text_key, text_documents, str(max_documents)]
+    parts.append(_tokenizer_identity(spec, tokenizer, memo))
     parts += [_file_hash(path, memo) for item in inputs for path in item.files]
     digest.update("\n".join(parts).encode())
     _save_memo(folder, memo)
     prefix = os.path.join(folder, f"{fmt}-{digest.hexdigest()[:20]}")
-    if len(existing_outputs(prefix)) == 2:
+    if _complete(prefix):
         return prefix
     with open(prefix + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be writing this entry: wait for it
-        done = existing_outputs(prefix)
-        if len(done) == 2:
+        if _complete(prefix):
             return prefix
-        for path in done:  # a build killed between its two renames
+        for path in existing_outputs(prefix):  # a build killed between its renames
             os.remove(path)
         from sparsetron.train.data.prepare import default_workers, prepare
 
@@ -140,15 +161,22 @@ def tokenized_prefix(
             file=sys.stderr,
             flush=True,
         )
-        prepare(
+        result = prepare(
             [item.path for item in inputs],
             spec,
             prefix,
             workers=workers,
             text_key=text_key,
             fmt=fmt,
+            max_skipped_fraction=1.0,  # every malformed record counted; the caller applies its limit
+            text_documents=text_documents,
             max_documents=max_documents,
             eos_token=eos_token,
             progress="plain",
         )
+        # Published last, through a private temporary file: its presence completes the entry.
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(prefix) + TALLIES_SUFFIX + ".", dir=folder)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(tallies_to_json(result.tallies), f)
+        os.replace(tmp, prefix + TALLIES_SUFFIX)
     return prefix

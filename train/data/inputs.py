@@ -1,6 +1,6 @@
 """Corpus files for `prepare`: each input's format, and the pieces it is read in.
 
-Formats: `text` (a file is one document), `jsonl` (one JSON object per line, the text
+Formats: `text` (a file is one document, or each paragraph or line is: TEXT_DOCUMENTS), `jsonl` (one JSON object per line, the text
 under a key; also .gz and .zst), `parquet` (a string column), and `hf` (a Hugging Face
 dataset saved with `save_to_disk`: a folder of Arrow stream files). Every input is
 resolved and cheaply checked (exists, not empty, holds the key) before any is read.
@@ -8,7 +8,8 @@ resolved and cheaply checked (exists, not empty, holds the key) before any is re
 Reading is split in two so that it streams and parallelizes: the main process cuts
 each input into tasks of about CHUNK_BYTES (raw lines, a parquet row group, a slice of
 an Arrow column), and a worker turns a task into a `Piece` of tokens with `run_task`.
-A task carries its file and first line (or row), so a bad record is named exactly.
+A task carries its file and first line (or row), so a bad record is named exactly,
+and a piece counts its records and the ones it skipped by reason (`skipped.Tally`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import resource
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,10 +27,12 @@ import numpy as np
 
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.indexed import check_file
+from sparsetron.train.data.skipped import EMPTY
 from sparsetron.train.data.tokenizer import TokenizerLike
 
 __all__ = [
     "FORMATS",
+    "TEXT_DOCUMENTS",
     "Input",
     "Piece",
     "check_input",
@@ -40,6 +44,10 @@ __all__ = [
 ]
 
 FORMATS = ("text", "jsonl", "parquet", "hf")
+# How a text file splits into documents: whole, at blank lines, or one per non-blank line.
+TEXT_DOCUMENTS = ("file", "paragraph", "line")
+# A line of nothing but whitespace between two newlines: where paragraph mode may cut a file.
+BLANK_LINE = re.compile(rb"\n[ \t\r\f\v]*\n")
 CHUNK_BYTES = 4 << 20
 # A text file is cut only at a newline between two visible ASCII characters ("a\nb"): there
 # byte-level tokenizers (GPT-2's and Llama 3's pre-tokenizer rules) split anyway, so the
@@ -85,11 +93,22 @@ class Piece:
     open_end: bool = False
     """The last document goes on in the next piece (a text file read in pieces)."""
     n_bytes: int = 0
-    empty: int = 0
+    records: int = 0
+    """Records read: lines of jsonl and text, rows of parquet and hf."""
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Records skipped, by reason (skipped.EMPTY or a malformation)."""
     bad: list[tuple[str, int, str]] = field(default_factory=list)
     """(file, line or row, what is wrong) of each record skipped as malformed."""
     peak_rss_mb: float = 0.0
     """The worker's peak resident memory so far (0 when tokenized in the main process)."""
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        if n:
+            self.skipped[reason] = self.skipped.get(reason, 0) + n
+
+    def malformed(self, reason: str, path: str, line: int, why: str) -> None:
+        self.skip(reason)
+        self.bad.append((path, line, why))
 
 
 # ---------------------------------------------------------------- resolving
@@ -186,7 +205,9 @@ def _string_column(schema, key: str, where: str) -> None:
     import pyarrow as pa
 
     if key not in schema.names:
-        raise DataError(f"{where} has no column '{key}' (columns: {schema.names}); choose one with --text-key")
+        raise DataError(
+            f"{where} has no column '{key}' (columns: {schema.names}); choose one with --text-key (data.text_key in train)"
+        )
     kind = schema.field(key).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise DataError(f"column '{key}' of {where} holds {kind}, not text")
@@ -202,7 +223,7 @@ def check_input(item: Input, key: str) -> None:
             return  # a malformed line is reported (or skipped) where it is read
         if isinstance(record, dict) and key not in record:
             raise DataError(
-                f"{item.path}:{number}: no key '{key}' (keys: {sorted(record)}); choose one with --text-key"
+                f"{item.path}:{number}: no key '{key}' (keys: {sorted(record)}); choose one with --text-key (data.text_key in train)"
             )
     elif item.format == "parquet":
         import pyarrow.parquet as pq
@@ -275,6 +296,8 @@ class TextTask:
     first: bool
     last: bool
     n_bytes: int
+    documents: str = "file"
+    """TEXT_DOCUMENTS: with paragraph and line the task holds whole documents."""
 
 
 @dataclass
@@ -293,11 +316,13 @@ class ArrowTask:
     n_bytes: int
 
 
-def read_tasks(item: Input, key: str) -> Iterator[JsonlTask | TextTask | ParquetTask | ArrowTask]:
+def read_tasks(
+    item: Input, key: str, text_documents: str = "file"
+) -> Iterator[JsonlTask | TextTask | ParquetTask | ArrowTask]:
     if item.format == "jsonl":
         yield from _jsonl_tasks(item.path)
     elif item.format == "text":
-        yield from _text_tasks(item.path)
+        yield from _text_tasks(item.path, text_documents)
     elif item.format == "parquet":
         yield from _parquet_tasks(item.path)
     else:
@@ -373,7 +398,17 @@ def _safe_cut(data: bytes) -> int:
     return pos + 1 if pos > 0 else 0
 
 
-def _text_tasks(path: str) -> Iterator[TextTask]:
+def _document_cut(data: bytes, documents: str) -> int:
+    """Just after the last document boundary in `data` (0 if none): a newline, or a blank line."""
+    if documents == "line":
+        return data.rfind(b"\n") + 1
+    last = None
+    for last in BLANK_LINE.finditer(data):  # noqa: B007 (the last match is the one wanted)
+        pass
+    return last.end() if last else 0
+
+
+def _text_tasks(path: str, documents: str = "file") -> Iterator[TextTask]:
     carry = b""
     line = 1
     first = True
@@ -381,16 +416,20 @@ def _text_tasks(path: str) -> Iterator[TextTask]:
     for block, n_bytes in _blocks(path):
         data = carry + block
         pending_bytes += n_bytes
-        cut = _safe_cut(data)
-        if cut == 0 and len(data) > MAX_TEXT_PIECE:
-            cut = data.rfind(b"\n") + 1
+        if documents == "file":
+            cut = _safe_cut(data)
+            if cut == 0 and len(data) > MAX_TEXT_PIECE:
+                cut = data.rfind(b"\n") + 1
+        else:
+            # Whole documents per task, whatever their size: no document spans two pieces.
+            cut = _document_cut(data, documents)
         if cut == 0:
             carry = data
             continue
-        yield TextTask(path, line, data[:cut], first, False, pending_bytes)
+        yield TextTask(path, line, data[:cut], first, False, pending_bytes, documents)
         line += data.count(b"\n", 0, cut)
         carry, first, pending_bytes = data[cut:], False, 0
-    yield TextTask(path, line, carry, first, True, pending_bytes)
+    yield TextTask(path, line, carry, first, True, pending_bytes, documents)
 
 
 def _parquet_tasks(path: str) -> Iterator[ParquetTask]:
@@ -447,23 +486,24 @@ def _jsonl_texts(task: JsonlTask, key: str, piece: Piece) -> list[str]:
     for offset, line in enumerate(task.data.split(b"\n")):
         if not line.strip():
             continue
+        piece.records += 1
         number = task.first_line + offset
         try:
             record = json.loads(line)
         except ValueError as e:
-            piece.bad.append((task.path, number, f"not valid JSON: {e}"))
+            piece.malformed("invalid JSON", task.path, number, f"not valid JSON: {e}")
             continue
         if not isinstance(record, dict):
-            piece.bad.append((task.path, number, f"a JSON {type(record).__name__}, not an object"))
+            piece.malformed("not a JSON object", task.path, number, f"a JSON {type(record).__name__}, not an object")
             continue
         if key not in record:
-            piece.bad.append((task.path, number, f"no key '{key}' (keys: {sorted(record)})"))
+            piece.malformed(f"missing key '{key}'", task.path, number, f"no key '{key}' (keys: {sorted(record)})")
             continue
         text = record[key]
         if text is None or text == "":
-            piece.empty += 1
+            piece.skip(EMPTY)
         elif not isinstance(text, str):
-            piece.bad.append((task.path, number, f"'{key}' holds a {type(text).__name__}, not text"))
+            piece.malformed("text not a string", task.path, number, f"'{key}' holds a {type(text).__name__}, not text")
         else:
             texts.append(text)
     return texts
@@ -481,14 +521,44 @@ def _text_of(task: TextTask, piece: Piece) -> str:
         try:
             kept.append(line.decode("utf-8"))
         except UnicodeDecodeError as e:
-            piece.bad.append((task.path, task.first_line + offset, f"not UTF-8 text: {e.reason} at byte {e.start}"))
+            piece.malformed(
+                "not UTF-8", task.path, task.first_line + offset, f"not UTF-8 text: {e.reason} at byte {e.start}"
+            )
     return "\n".join(kept)
+
+
+def _text_documents(text: str, documents: str) -> list[str]:
+    """The documents of whole lines of text: each non-blank line, or each run of them (a paragraph).
+
+    Blank lines (empty or whitespace) separate documents and belong to none; a line's
+    trailing carriage return (Windows line ends) is dropped.
+    """
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
+    if documents == "line":
+        return [line for line in lines if line.strip()]
+    paragraphs, current = [], []
+    for line in lines:
+        if line.strip():
+            current.append(line)
+        elif current:
+            paragraphs.append("\n".join(current))
+            current = []
+    if current:
+        paragraphs.append("\n".join(current))
+    return paragraphs
 
 
 def run_task(task, tokenizer: TokenizerLike, key: str, dtype: np.dtype) -> Piece:
     """Tokenize one task: every document with its eos, bad records listed in `bad`."""
     piece = Piece(np.empty(0, dtype), np.empty(0, np.int64), n_bytes=task.n_bytes)
     if isinstance(task, TextTask):
+        # Lines, counting an unterminated last one.
+        piece.records = task.data.count(b"\n") + (len(task.data) > 0 and not task.data.endswith(b"\n"))
+        if task.documents != "file":
+            piece.tokens, piece.lengths = _pieces_of(
+                _text_documents(_text_of(task, piece), task.documents), tokenizer, dtype
+            )
+            return piece
         ids = tokenizer.encode_batch([_text_of(task, piece)])[0]
         piece.tokens = np.empty(len(ids) + task.last, dtype=dtype)
         piece.tokens[: len(ids)] = ids
@@ -498,7 +568,8 @@ def run_task(task, tokenizer: TokenizerLike, key: str, dtype: np.dtype) -> Piece
         piece.open_end = not task.last
         # An empty file is a document of nothing: skipped like an empty record.
         if task.first and task.last and len(ids) == 0:
-            piece.tokens, piece.empty = piece.tokens[:0], 1
+            piece.tokens = piece.tokens[:0]
+            piece.skip(EMPTY)
         else:
             piece.lengths = np.array([len(piece.tokens)], dtype=np.int64)
     else:
@@ -508,7 +579,8 @@ def run_task(task, tokenizer: TokenizerLike, key: str, dtype: np.dtype) -> Piece
             column = task.column if isinstance(task, ArrowTask) else _parquet_column(task, key)
             values = column.to_pylist()
             texts = [t for t in values if t]
-            piece.empty = len(values) - len(texts)
+            piece.records = len(values)
+            piece.skip(EMPTY, len(values) - len(texts))
         piece.tokens, piece.lengths = _pieces_of(texts, tokenizer, dtype)
     return piece
 

@@ -10,7 +10,7 @@ Shapes: B = micro_batch_size, W = world_size (data-parallel ranks), S = seq_len.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from sparsetron.train.data.batch import Batch, batch_of
 from sparsetron.train.data.blend import BlendedWindows, BlendLoader, source_names
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.packing import PackedDataset, split_train_val
+from sparsetron.train.data.skipped import Tally, skipped_lines
 from sparsetron.train.data.sources import Documents, load_documents, megatron_documents
 from sparsetron.train.data.tokenizer import TokenizerLike
 
@@ -37,15 +38,57 @@ def _split(docs: Documents, cfg: DataConfig) -> tuple[PackedDataset, PackedDatas
     """All of `docs` for training when data.val_paths holds the validation data, else a held-out tail."""
     if cfg.val_paths:
         return _packed(docs, cfg), None
+    if docs.n_documents == 1 and cfg.source == "text" and cfg.text_documents == "file":
+        raise DataError(
+            "need at least 2 documents to split off validation data, got 1: a text file is one document; "
+            "set data.text_documents=paragraph or line to split it (or name validation files in data.val_paths)"
+        )
     return split_train_val(docs.tokens, docs.doc_starts, cfg.seq_len, cfg.val_fraction, cfg.mask_eos_target)
+
+
+@dataclass
+class SourceSplit:
+    """One source as the trainer reads it, for the data summary."""
+
+    name: str
+    weight: float
+    train: PackedDataset
+    val: PackedDataset | None
+    """Its held-out documents; None when data.val_paths holds the validation data."""
+
+
+def _one_source(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[SourceSplit, PackedDataset, list[Tally]]:
+    """The one source's split, its validation windows (held out, else data.val_paths), and the inputs' tallies."""
+    docs = load_documents(cfg, tokenizer)
+    train, val = _split(docs, cfg)
+    tallies = docs.tallies
+    split = SourceSplit(docs.source, 1.0, train, val)
+    if val is None:
+        val_docs = load_documents(cfg, tokenizer, cfg.val_paths)
+        val, tallies = _packed(val_docs, cfg), tallies + val_docs.tallies
+    return split, val, tallies
 
 
 def build_datasets(cfg: DataConfig, tokenizer: TokenizerLike) -> tuple[PackedDataset, PackedDataset]:
     """The (train, val) windows of one source: val is data.val_paths, else the last documents."""
-    train, val = _split(load_documents(cfg, tokenizer), cfg)
-    if val is None:
-        val = _packed(load_documents(cfg, tokenizer, cfg.val_paths), cfg)
-    return train, val
+    split, val, _ = _one_source(cfg, tokenizer)
+    return split.train, val
+
+
+def _count(n: int) -> str:
+    """A count for the console: 1,234 below a million, else 5.6M (or 7.8B)."""
+    for size, suffix in ((1e9, "B"), (1e6, "M")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return f"{n:,}"
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{_count(n)} {noun}{'' if n == 1 else 's'}"
+
+
+def _describe(ds: PackedDataset) -> str:
+    return f"{_counted(ds.n_documents, 'document')}, {_counted(ds.n_tokens, 'token')}, {_counted(len(ds), 'window')}"
 
 
 @dataclass
@@ -57,19 +100,57 @@ class TrainingData:
     train: list[PackedDataset]
     """Each source's training windows (one unless data.blend names several)."""
     val: PackedDataset | BlendedWindows
+    sources: list[SourceSplit] = field(default_factory=list)
+    """Each source: what it is, its weight, its train and held-out windows."""
+    tallies: list[Tally] = field(default_factory=list)
+    """Records read and skipped per input tokenized at train time."""
+
+    def summary(self, steps: int, sequences_per_step: int) -> list[str]:
+        """Console lines: each source's documents, tokens and split, the epochs that `steps`
+        global batches of `sequences_per_step` windows read, and the records skipped.
+
+        Counts come from the document index and the windows' lengths: nothing is scanned.
+        """
+        reads = steps * sequences_per_step
+        total_weight = sum(s.weight for s in self.sources)
+        blend = len(self.sources) > 1
+        lines = []
+        for s in self.sources:
+            documents = s.train.n_documents + (s.val.n_documents if s.val is not None else 0)
+            tokens = s.train.n_tokens + (s.val.n_tokens if s.val is not None else 0)
+            held_out = f"; validation {_describe(s.val)}" if s.val is not None else ""
+            # A blend's source is read in proportion to its weight.
+            share = s.weight / total_weight
+            epochs = f"; {reads * share / len(s.train):.3g} epochs" if blend else ""
+            weight = f" (weight {share:.0%})" if blend else ""
+            lines.append(
+                f"data: {s.name}{weight}: {_counted(documents, 'document')}, {_counted(tokens, 'token')}; "
+                f"train {_describe(s.train)}{held_out}{epochs}"
+            )
+        if all(s.val is None for s in self.sources):
+            lines.append(f"data: validation (data.val_paths): {_describe(self.val)}")
+        what = "windows of all sources" if blend else "windows"
+        train_windows = sum(len(s.train) for s in self.sources)
+        lines.append(
+            f"data: {steps:,} steps x {sequences_per_step:,} sequences = {_count(reads)} of {_count(train_windows)} "
+            f"training {what} ({reads / train_windows:.3g} epochs)"
+        )
+        lines.extend(f"data: {line}" for line in skipped_lines(self.tallies))
+        return lines
 
 
 def build_training_data(
     cfg: DataConfig, tokenizer: TokenizerLike, micro_batch_size: int, n_eval: int, rank: int = 0, world_size: int = 1
 ) -> TrainingData:
     if not cfg.blend:
-        train, val = build_datasets(cfg, tokenizer)
+        split, val, tallies = _one_source(cfg, tokenizer)
+        train = split.train
         loader = TrainLoader(train, micro_batch_size, cfg.seed, rank, world_size)
-        return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), [train], val)
+        return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), [train], val, [split], tallies)
     weights = [w for w, _ in cfg.blend]
     sources = [s for _, s in cfg.blend]
     limit = cfg.max_documents or None
-    trains, vals = [], []
+    trains, vals, splits = [], [], []
     for i, source in enumerate(sources):
         try:
             train, val = _split(megatron_documents([source], tokenizer, limit), cfg)
@@ -77,13 +158,14 @@ def build_training_data(
             raise DataError(f"data.blend[{i}] ({source}): {e}") from e
         trains.append(train)
         vals.append(val)
+        splits.append(SourceSplit(source, weights[i], train, val))
     names = source_names(sources)
     loader = BlendLoader(trains, weights, names, micro_batch_size, cfg.seed, rank, world_size)
     if cfg.val_paths:
         val = _packed(load_documents(cfg, tokenizer, cfg.val_paths), cfg)
     else:
         val = BlendedWindows(vals, weights, max(n_eval, 1) * micro_batch_size)
-    return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), trains, val)
+    return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), trains, val, splits)
 
 
 class TrainLoader:

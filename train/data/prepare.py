@@ -8,9 +8,13 @@ in input order (`indexed.IndexedWriter`). At most 2 N pieces are in flight, so m
 stays bounded whatever the corpus size: about (2 N + 2) pieces of text and tokens, plus
 each process's tokenizer. `workers=0` tokenizes in the main process (small corpora).
 
-Each worker runs its tokenizer on one thread, so N workers use N cores. A malformed
-record stops the run with its file and line, unless `skip_bad_lines` counts and skips
-it; an interrupted run removes its temporary files, and even a killed one leaves only
+Each worker runs its tokenizer on one thread, so N workers use N cores. Malformed
+records are counted and skipped, and an input where more than `max_skipped_fraction`
+of the records are malformed fails once it has been read (the same default as train's
+data.max_skipped_fraction; 1 = any number, --skip-bad-lines; 0 = the first malformed
+record stops the run with its file and line). An input that
+yields no document always fails (`skipped.check_tallies`, which train applies too).
+An interrupted run removes its temporary files, and even a killed one leaves only
 `*.partial-<pid>` names that no reader takes for data.
 """
 
@@ -34,6 +38,7 @@ import numpy as np
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.indexed import PARTIAL, IndexedWriter, existing_outputs
 from sparsetron.train.data.inputs import (
+    TEXT_DOCUMENTS,
     Input,
     Piece,
     check_input,
@@ -43,6 +48,7 @@ from sparsetron.train.data.inputs import (
     resolve_inputs,
     run_task,
 )
+from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION, Tally, check_tallies, skipped_lines
 from sparsetron.train.data.tokenizer import build_tokenizer, token_dtype
 from sparsetron.train.progress import format_duration, format_rate
 
@@ -67,8 +73,8 @@ class PrepareResult:
     tokens: int = 0
     bytes_in: int = 0
     seconds: float = 0.0
-    empty: int = 0
-    """Records with no text (skipped)."""
+    tallies: list[Tally] = field(default_factory=list)
+    """Each input read: its records, documents and skipped records by reason."""
     bad: list[tuple[str, int, str]] = field(default_factory=list)
     """The first BAD_SHOWN malformed records skipped."""
     bad_count: int = 0
@@ -89,10 +95,9 @@ class PrepareResult:
             f"peak memory: main process {self.peak_main_mb:,.0f} MB"
             + (f", each worker at most {self.peak_worker_mb:,.0f} MB" if self.peak_worker_mb else ""),
         ]
-        if self.empty:
-            lines.append(f"skipped {self.empty:,} records with no text")
-        if self.bad_count:
-            lines.append(f"skipped {self.bad_count:,} malformed records, first:")
+        lines.extend(skipped_lines(self.tallies))
+        if self.bad:
+            lines.append("the first malformed records:")
             lines.extend(f"  {path}:{line}: {why}" for path, line, why in self.bad)
         return "\n".join(lines)
 
@@ -224,7 +229,8 @@ def prepare(
     workers: int = 1,
     text_key: str = "text",
     fmt: str = "auto",
-    skip_bad_lines: bool = False,
+    max_skipped_fraction: float = MAX_SKIPPED_FRACTION,
+    text_documents: str = "file",
     per_file: bool = False,
     max_documents: int = 0,
     eos_token: str | None = None,
@@ -234,11 +240,17 @@ def prepare(
     """Tokenize `inputs` into `out` (.bin/.idx), or one prefix per input under the folder `out`.
 
     `tokenizer` is "byte" or a tokenizer.json (or its folder); `eos_token` overrides the
-    end-of-document token it would find itself.
+    end-of-document token it would find itself. `max_skipped_fraction` is the share of an
+    input's records that may be malformed (0 = stop at the first); `text_documents` says
+    how a text file splits into documents (TEXT_DOCUMENTS).
     """
     file = file if file is not None else sys.stderr
     if workers < 0:
         raise DataError(f"--workers must be >= 0, got {workers}")
+    if not 0 <= max_skipped_fraction <= 1:
+        raise DataError(f"--max-skipped-fraction must be in [0, 1], got {max_skipped_fraction}")
+    if text_documents not in TEXT_DOCUMENTS:
+        raise DataError(f"--text-documents must be one of {', '.join(TEXT_DOCUMENTS)}, got '{text_documents}'")
     tok = build_tokenizer(tokenizer, eos_token)
     dtype = token_dtype(tok.vocab_size)
     resolved = resolve_inputs(inputs, fmt)
@@ -259,12 +271,13 @@ def prepare(
         for prefix, items in plan:
             with IndexedWriter(prefix, dtype) as writer:
                 for item in items:
-                    pieces = _pieces(read_tasks(item, text_key), pool, workers, (tok, text_key, dtype))
-                    if _write(pieces, writer, result, max_documents, skip_bad_lines, bar):
+                    pieces = _pieces(read_tasks(item, text_key, text_documents), pool, workers, (tok, text_key, dtype))
+                    tally = Tally(item.path)
+                    result.tallies.append(tally)
+                    reached = _write(pieces, writer, result, tally, max_documents, max_skipped_fraction == 0, bar)
+                    check_tallies([tally], max_skipped_fraction, "--max-skipped-fraction")
+                    if reached:
                         break
-                if writer.n_tokens == 0:
-                    names = ", ".join(item.path for item in items)
-                    raise DataError(f"{names}: no documents ({result.empty} records with no text)")
                 writer.commit()
             result.outputs.append(prefix)
             if max_documents and result.documents >= max_documents:
@@ -278,13 +291,23 @@ def prepare(
     return result
 
 
-def _write(pieces: Iterator[Piece], writer: IndexedWriter, result: PrepareResult, limit: int, skip: bool, bar) -> bool:
-    """Append every piece to `writer`; True once `limit` documents in all (> 0) are written."""
+def _write(
+    pieces: Iterator[Piece],
+    writer: IndexedWriter,
+    result: PrepareResult,
+    tally: Tally,
+    limit: int,
+    fail_fast: bool,
+    bar,
+) -> bool:
+    """Append every piece of one input to `writer`, counted in `tally`; True once `limit`
+    documents in all (> 0) are written. `fail_fast` stops at the first malformed record."""
     for piece in pieces:
         if piece.bad:
-            if not skip:
-                path, line, why = piece.bad[0]
-                raise DataError(f"{path}:{line}: {why} (--skip-bad-lines skips such records)")
+            path, line, why = piece.bad[0]
+            if fail_fast:
+                raise DataError(f"{path}:{line}: {why} (--skip-bad-lines or --max-skipped-fraction skip such records)")
+            tally.first_bad = tally.first_bad or f"{path}:{line}: {why}"
             result.bad_count += len(piece.bad)
             result.bad.extend(piece.bad[: max(BAD_SHOWN - len(result.bad), 0)])
         tokens, lengths = piece.tokens, piece.lengths
@@ -299,7 +322,9 @@ def _write(pieces: Iterator[Piece], writer: IndexedWriter, result: PrepareResult
         result.documents += completed
         result.tokens += len(tokens)
         result.bytes_in += piece.n_bytes
-        result.empty += piece.empty
+        tally.documents += completed
+        tally.records += piece.records
+        tally.add(piece.skipped)
         result.peak_worker_mb = max(result.peak_worker_mb, piece.peak_rss_mb)
         bar.update(result)
         if reached:

@@ -5,7 +5,8 @@ Packing needs the document boundaries (for `doc_ids`), so every source returns a
 
 - stdlib: Python's own sources, tokenized in memory (small, for tests and demos).
 - text, jsonl, parquet, hf: tokenized once into the cache (`cache.tokenized_prefix`,
-  which streams), then read like Megatron data.
+  which streams), then read like Megatron data; malformed records are skipped, counted
+  per input, and checked against data.max_skipped_fraction on every run.
 - megatron: .bin/.idx prefixes (or folders of them) read as memory maps; several
   prefixes read as one stream without copying (`tokens.ConcatTokens`).
 
@@ -17,14 +18,15 @@ from __future__ import annotations
 
 import os
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from sparsetron.train.config import DataConfig
-from sparsetron.train.data.cache import tokenized_prefix
+from sparsetron.train.data.cache import cached_tallies, tokenized_prefix
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.indexed import megatron_prefixes, read_indexed
+from sparsetron.train.data.skipped import Tally, check_tallies
 from sparsetron.train.data.tokenizer import TokenizerLike, token_dtype
 from sparsetron.train.data.tokens import concat_tokens
 
@@ -49,6 +51,8 @@ class Documents:
     tokens: np.ndarray
     doc_starts: np.ndarray
     source: str
+    tallies: list[Tally] = field(default_factory=list)
+    """Each input's records read and skipped (sources tokenized at train time; [] otherwise)."""
 
     @property
     def n_documents(self) -> int:
@@ -80,9 +84,12 @@ def load_documents(cfg: DataConfig, tokenizer: TokenizerLike, paths: list[str] |
             cfg.max_documents,
             cfg.cache_dir,
             cfg.max_tokenize_gb,
+            text_documents=cfg.text_documents,
         )
+        tallies = cached_tallies(prefix)
+        check_tallies(tallies, cfg.max_skipped_fraction, "data.max_skipped_fraction")
         tokens, starts = read_indexed(prefix, None)
-        return Documents(tokens, starts, f"{cfg.source} {paths} (tokenized in {prefix})")
+        return Documents(tokens, starts, f"{cfg.source} {paths} (tokenized in {prefix})", tallies)
     raise DataError(f"unknown data source '{cfg.source}'")
 
 
