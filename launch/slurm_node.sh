@@ -19,7 +19,7 @@ log() { echo "$(date '+%F %T') sparsetron-slurm task $task on $(hostname -s): $*
 
 mkdir -p "$log_dir/task$task"
 trap '' USR1
-"$python" -m torch.distributed.run \
+"$python" -m sparsetron.launch.torchrun \
     --nnodes "${SLURM_NTASKS:-1}" --nproc-per-node "$nproc" --max-restarts "$restarts" \
     --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "sparsetron-${SLURM_JOB_ID:-0}" \
     --log-dir "$log_dir/task$task" --redirects 3 --tee 3 \
