@@ -295,9 +295,14 @@ def _train(args: argparse.Namespace, restart: bool) -> int:
         if result.checkpoint is not None:
             summary += f", checkpoint {result.checkpoint}"
         print(summary)
+    return finished_status(result.stopped_by)
+
+
+def finished_status(stopped_by: str | None) -> int:
+    """The exit status of a run that ended with a save, by what stopped it (TrainResult.stopped_by)."""
     if "TORCHELASTIC_RUN_ID" in os.environ:
-        return 0  # torchrun itself reports the signal it stopped the ranks with
-    return STOPPED_BY_SIGNAL.get(result.stopped_by, 0)
+        return 0  # torchrun reports the signal it stopped the ranks with; a rank's own must not restart them
+    return STOPPED_BY_SIGNAL.get(stopped_by, 0)
 
 
 def _config(args: argparse.Namespace) -> int:

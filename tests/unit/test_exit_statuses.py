@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from sparsetron.launch.cli import main
+from sparsetron.launch.cli import finished_status, main
 from sparsetron.model.config import ConfigError
 from sparsetron.parallel.memory import MemoryPlan
 from sparsetron.train import memory_fit
@@ -77,6 +77,19 @@ def test_ctrl_c_saves_and_exits_130_and_a_second_one_during_the_save_keeps_the_e
     assert not _error_lines(err)
     assert [step_of(p) for p in list_complete(checkpoints)] == [2, 4]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000002", "step_00000004"]  # no leftovers
+
+
+@pytest.mark.parametrize("torchrun", [False, True], ids=["alone", "torchrun"])
+def test_a_stop_that_saved_exits_0_unless_a_signal_ended_the_process(monkeypatch, torchrun):
+    if torchrun:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    else:
+        monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    for resumable in (None, "trainer.stop_at", "trainer.max_hours", "signal SIGUSR1", "another rank's stop request"):
+        assert finished_status(resumable) == 0
+    # Under torchrun a rank's non-zero status would make torchrun restart the group.
+    assert finished_status("signal SIGINT") == (0 if torchrun else 130)
+    assert finished_status("signal SIGTERM") == (0 if torchrun else 143)
 
 
 def test_an_out_of_memory_step_is_one_line_with_the_plan_and_status_1(tmp_path, monkeypatch, capsys):
