@@ -60,16 +60,18 @@ def test_an_error_every_rank_hits_is_printed_once_as_it_is(ranks):
     assert summarize(ranks.failures(exitcodes)) == ("error: unknown key moe.topk", 2)
 
 
-def test_one_failing_rank_is_named_and_the_ranks_it_took_down_are_not(ranks):
+@pytest.mark.parametrize("broken", [False, True], ids=["stopped", "stopped-and-broken"])
+def test_one_failing_rank_is_named_and_the_ranks_it_took_down_are_not(ranks, broken):
     world = random.randint(3, 8)
     culprit = random.randrange(world)
     ranks.fail(culprit, "data file /d/part-3.bin does not exist", when=100.5)
     others = [r for r in range(world) if r != culprit]
-    for rank in others[: len(others) // 2]:  # a collective broke on some: only a consequence, even if earlier
+    # Some saw a collective break (only a consequence, even if earlier); torchrun stopped the rest
+    # (SIGTERM, without a message).
+    peers = random.sample(others, random.randint(1, len(others) - 1)) if broken else []
+    for rank in peers:
         ranks.fail(rank, f"rank {rank}, step 3: a collective failed: Connection closed by peer", 100.1, peer=True)
-    # The rest were stopped by torchrun (SIGTERM), without a message.
-    exitcodes = {culprit: 2, **dict.fromkeys(others[: len(others) // 2], 1)}
-    exitcodes.update(dict.fromkeys(others[len(others) // 2 :], -signal.SIGTERM))
+    exitcodes = {r: 2 if r == culprit else 1 if r in peers else -signal.SIGTERM for r in range(world)}
     line, status = summarize(ranks.failures(exitcodes))
     assert (line, status) == (f"error: rank {culprit}: data file /d/part-3.bin does not exist", 2)
 
