@@ -10,6 +10,8 @@
 # loop; a signal that comes while a rank is still starting is therefore not lost but resent here
 # every second until torchrun exits. (srun passes a signal on to every process of the step, as
 # seen with proctrack/linuxproc: torchrun ignores it, the ranks take it, so both ways end the same.)
+# torchrun runs as sparsetron.launch.torchrun, which ends a failed job with one `error:` line, that
+# of the rank that failed first, and exits with its status (launch/cli.py lists the statuses).
 set -uo pipefail
 endpoint="$1" nproc="$2" restarts="$3" log_dir="$4" job_log="$5"
 shift 5

@@ -1,4 +1,5 @@
-"""`launch/torchrun.sh` runs the real command line on two processes: one console, one set of outputs."""
+"""`launch/torchrun.sh` runs the real command line on two processes: one console, one set of outputs;
+its launcher (sparsetron.launch.torchrun) ends a failed job with one line."""
 
 import json
 import os
