@@ -16,6 +16,25 @@
 
 Bad input (config, data, checkpoint) prints one `error:` message and exits with status 2.
 
+Exit statuses of `sparsetron train`, as a scheduler sees them:
+
+    0    finished trainer.steps, or stopped with a checkpoint to resume from: at trainer.stop_at,
+         at trainer.max_hours or by SIGUSR1 (SLURM's warning); <run_dir>/status.json says which
+    1    failed while training: out of memory, a diverged loss (trainer.max_nonfinite_steps), a
+         lost or hung rank (parallel.step_timeout_s), or an unexpected error (with its traceback)
+    2    bad input: config, data, checkpoint, or a memory plan larger than the device (--force
+         starts anyway)
+    130  stopped by Ctrl-C (SIGINT): saved at the end of the step (resume with --resume auto), or,
+         after a second Ctrl-C during the save, not saved (earlier checkpoints are intact)
+    143  stopped by SIGTERM, saved at the end of the step
+
+Under torchrun a rank exits 0 after a stop by a signal that it saved for, so that torchrun does not
+restart the group (SPARSETRON_MAX_RESTARTS) for it. launch/torchrun.sh (`python -m
+sparsetron.launch.torchrun`, also started by launch/slurm_node.sh) exits with the status of the
+rank that failed first, after one `error:` line naming it (a rank killed by signal N: 128 + N),
+or with 128 + N when it was stopped by signal N itself (Ctrl-C 130, SIGTERM 143), after the ranks
+saved.
+
 On a CPU, `train` runs with torch's transparent-huge-page allocator (THP_MEM_ALLOC_ENABLE=1,
 see `use_cpu_huge_pages`); THP_MEM_ALLOC_ENABLE=0 in the environment opts out.
 """
@@ -24,13 +43,21 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import traceback
 
+from sparsetron.launch.failures import report
 from sparsetron.model.config import ConfigError
 from sparsetron.train.config_io import describe, dump_yaml, load_job_config, recipe_names
 from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION
 
+EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+# A stop by one of these signals that saved exits 128 + the signal's number, like a shell's status
+# for a process the signal ended; a stop by SIGUSR1 or by a limit exits 0 (see the table above).
+STOPPED_BY_SIGNAL = {"signal SIGINT": 128 + signal.SIGINT, "signal SIGTERM": 128 + signal.SIGTERM}
+EXIT_INTERRUPTED = STOPPED_BY_SIGNAL["signal SIGINT"]
 THP_VAR = "THP_MEM_ALLOC_ENABLE"
 
 
@@ -64,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         metavar="auto|PATH",
         help="continue from the latest complete checkpoint (auto) or from a checkpoint folder",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="start even when the memory plan exceeds the device's available memory (warns instead)",
     )
 
     config = commands.add_parser(
@@ -242,34 +274,52 @@ def _train(args: argparse.Namespace, restart: bool) -> int:
     # Imported here so that `sparsetron --help` and `config` stay fast.
     from sparsetron.train.checkpoint import CheckpointError
     from sparsetron.train.data import DataError
+    from sparsetron.train.memory_fit import OutOfMemory
     from sparsetron.train.trainer import Trainer, TrainingDiverged
     from sparsetron.train.watchdog import CollectiveFailure
 
     try:
         job = load_job_config(args.config, args.overrides)
+    except ConfigError as err:
+        report(str(err), every_rank=True)  # the same command line on every rank
+        return EXIT_BAD_INPUT
+    try:
         if restart:
             use_cpu_huge_pages(job.trainer.device)
-        result = Trainer(job, resume=args.resume).run()
+        result = Trainer(job, resume=args.resume, force=args.force).run()
     except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(str(err))
         return EXIT_BAD_INPUT
-    except (TrainingDiverged, CollectiveFailure) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    except CollectiveFailure as err:
+        report(str(err), peer=True)
+        return EXIT_FAILED
+    except (TrainingDiverged, OutOfMemory) as err:
+        report(str(err))
+        return EXIT_FAILED
     except KeyboardInterrupt:
-        # A second Ctrl-C: the first one's save was abandoned; earlier checkpoints are intact.
-        print("interrupted before the checkpoint was written; earlier checkpoints are intact", file=sys.stderr)
-        return 130
-    if int(os.environ.get("RANK", "0")) != 0:
-        return 0
-    final = result.eval_losses.get(result.step)
-    summary = f"done: step {result.step}, {result.tokens_seen:,} tokens"
-    if final is not None:
-        summary += f", eval loss {final:.4f}"
-    if result.checkpoint is not None:
-        summary += f", checkpoint {result.checkpoint}"
-    print(summary)
-    return 0
+        # A second Ctrl-C (or one before training started): nothing was saved.
+        report("interrupted: stopped without saving; earlier checkpoints are intact", error=False)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        # A bug: its traceback follows; torchrun's launcher learns which rank it was.
+        report(f"{type(err).__name__}: {err}", callstack=traceback.format_exc())
+        raise
+    if int(os.environ.get("RANK", "0")) == 0:
+        final = result.eval_losses.get(result.step)
+        summary = f"done: step {result.step}, {result.tokens_seen:,} tokens"
+        if final is not None:
+            summary += f", eval loss {final:.4f}"
+        if result.checkpoint is not None:
+            summary += f", checkpoint {result.checkpoint}"
+        print(summary)
+    return finished_status(result.stopped_by)
+
+
+def finished_status(stopped_by: str | None) -> int:
+    """The exit status of a run that ended with a save, by what stopped it (TrainResult.stopped_by)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return 0  # torchrun reports the signal it stopped the ranks with; a rank's own must not restart them
+    return STOPPED_BY_SIGNAL.get(stopped_by, 0)
 
 
 def _config(args: argparse.Namespace) -> int:

@@ -10,6 +10,8 @@
 # loop; a signal that comes while a rank is still starting is therefore not lost but resent here
 # every second until torchrun exits. (srun passes a signal on to every process of the step, as
 # seen with proctrack/linuxproc: torchrun ignores it, the ranks take it, so both ways end the same.)
+# torchrun runs as sparsetron.launch.torchrun, which ends a failed job with one `error:` line, that
+# of the rank that failed first, and exits with its status (launch/cli.py lists the statuses).
 set -uo pipefail
 endpoint="$1" nproc="$2" restarts="$3" log_dir="$4" job_log="$5"
 shift 5
@@ -19,7 +21,7 @@ log() { echo "$(date '+%F %T') sparsetron-slurm task $task on $(hostname -s): $*
 
 mkdir -p "$log_dir/task$task"
 trap '' USR1
-"$python" -m torch.distributed.run \
+"$python" -m sparsetron.launch.torchrun \
     --nnodes "${SLURM_NTASKS:-1}" --nproc-per-node "$nproc" --max-restarts "$restarts" \
     --rdzv-backend c10d --rdzv-endpoint "$endpoint" --rdzv-id "sparsetron-${SLURM_JOB_ID:-0}" \
     --log-dir "$log_dir/task$task" --redirects 3 --tee 3 \

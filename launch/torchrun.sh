@@ -12,5 +12,7 @@ shift
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 # On SIGTERM/Ctrl-C the ranks finish their step and save; torchrun's default 30 s before
 # SIGKILL is too short for a large model's save, hence the longer grace period.
-exec torchrun --standalone --max-restarts "${SPARSETRON_MAX_RESTARTS:-0}" --nproc-per-node "$nproc" --shutdown-timeout "${SPARSETRON_SHUTDOWN_TIMEOUT:-600}" \
+# sparsetron.launch.torchrun is torchrun that prints one line for failed ranks (the first to
+# fail) and exits with its status; see launch/cli.py for the statuses.
+exec python -m sparsetron.launch.torchrun --standalone --max-restarts "${SPARSETRON_MAX_RESTARTS:-0}" --nproc-per-node "$nproc" --shutdown-timeout "${SPARSETRON_SHUTDOWN_TIMEOUT:-600}" \
     -m sparsetron.launch.cli train "$@"

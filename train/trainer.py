@@ -48,6 +48,7 @@ from sparsetron.train.distributed import (
     world_size_from_env,
 )
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
+from sparsetron.train.memory_fit import check_plan_fits, is_out_of_memory, out_of_memory
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
@@ -101,10 +102,12 @@ def resolve_vocab(job: JobConfig, tokenizer_vocab: int) -> None:
 
 
 class Trainer:
-    """One training run of `job`, optionally resumed (`resume` = "auto" or a checkpoint folder)."""
+    """One training run of `job`, optionally resumed (`resume` = "auto" or a checkpoint folder);
+    `force` starts it even when the memory plan exceeds the device's memory (with a warning)."""
 
-    def __init__(self, job: JobConfig, resume: str | None = None):
+    def __init__(self, job: JobConfig, resume: str | None = None, force: bool = False):
         self.job = job
+        self.force = force
         self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
@@ -196,6 +199,9 @@ class Trainer:
                 cp_style=job.parallel.context_style,
             ),
         )
+        warning = check_plan_fits(self.memory_plan, self.device, self.force)
+        if warning is not None and self.is_main:
+            print(f"warning: {warning}", file=sys.stderr)
         self.model.to_empty(device=self.device)
         split = self.pipeline_split
         with (
@@ -402,6 +408,8 @@ class Trainer:
                     self.checkpoints.wait()
                 except CheckpointError as save_error:
                     err.add_note(f"and a background checkpoint save failed too: {save_error}")
+                if is_out_of_memory(err):
+                    raise out_of_memory(err, self.memory_plan, self.device, self.step) from err
                 raise
 
     def _run(self) -> TrainResult:

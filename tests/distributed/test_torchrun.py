@@ -1,7 +1,10 @@
-"""`launch/torchrun.sh` runs the real command line on two processes: one console, one set of outputs."""
+"""`launch/torchrun.sh` runs the real command line on two processes: one console, one set of outputs;
+its launcher (sparsetron.launch.torchrun) ends a failed job with one line."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from sparsetron.train.config_io import load_job_config
 from sparsetron.train.flops import flops_per_token
 
 SCRIPT = Path(__file__).resolve().parents[2] / "launch" / "torchrun.sh"
+FAILING_RANK = Path(__file__).resolve().parent / "failing_rank.py"
 
 
 def test_two_process_fsdp_run_from_the_command_line(tmp_path):
@@ -57,15 +61,21 @@ def test_two_process_fsdp_run_from_the_command_line(tmp_path):
     ]
 
 
-def test_bad_input_under_torchrun_fails_fast_with_the_error(tmp_path):
+def test_a_bad_input_on_one_rank_is_one_line_naming_it(tmp_path):
+    # Rank 1 alone is given a checkpoint that does not exist (tests/distributed/failing_rank.py);
+    # rank 0 is stopped by torchrun, or fails in a collective when rank 1 is gone.
     missing = tmp_path / "no-such-checkpoint"
     run = subprocess.run(
-        ["bash", str(SCRIPT), "2", "debug-dense", "--set", "parallel.data_parallel_shard=2"]
-        + ["--set", f"trainer.run_dir={tmp_path}", "--resume", str(missing)],
+        [sys.executable, "-m", "sparsetron.launch.torchrun", "--standalone", "--nproc-per-node", "2"]
+        + [str(FAILING_RANK), "1", str(missing), "train", "debug-dense", "--set", "parallel.data_parallel_shard=2"]
+        + ["--set", f"trainer.run_dir={tmp_path}"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
+        env={**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
     )
-    assert run.returncode != 0
-    assert f"error: checkpoint {missing} does not exist" in run.stderr
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: rank 1: checkpoint {missing} does not exist"], run.stderr[-3000:]
+    assert "Traceback" not in run.stderr
     assert "terminate called" not in run.stderr and "SIGABRT" not in run.stderr

@@ -146,6 +146,7 @@ class CheckpointManager(ResumeFinder):
                     try:
                         dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
                     except CheckpointException as err:
+                        _reraise_interrupt(err)
                         raise CheckpointError(f"saving {final} failed: {_summary(err)}") from err
             if fresh:
                 # get_state_dict filled the optimizer's state by a zero step; undo it so
@@ -313,6 +314,7 @@ class CheckpointManager(ResumeFinder):
                 with _single_process_dcp():
                     dcp.load(state, checkpoint_id=path, process_group=self.group, no_dist=not _distributed())
             except (Exception, CheckpointException) as err:
+                _reraise_interrupt(err)
                 raise CheckpointError(
                     f"checkpoint {path}: reading the tensor data files (*.distcp) failed, corrupt? {_summary(err)}"
                 ) from err
@@ -341,6 +343,15 @@ class CheckpointManager(ResumeFinder):
         if not isinstance(loaded, dict):
             raise CheckpointError(f"checkpoint {Path(path)}: {CONFIG_FILE} does not hold a mapping of sections")
         return loaded
+
+
+def _reraise_interrupt(err: BaseException) -> None:
+    """Raise the Ctrl-C that DCP caught on this rank and wrapped into a CheckpointException: an
+    interrupted save or load is the user's stop, not a checkpoint error."""
+    if isinstance(err, CheckpointException):
+        exc, _trace = err.failures.get(_rank(), (None, None))
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc from None
 
 
 def _summary(err: BaseException) -> str:
