@@ -78,7 +78,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Plots:
     run_dir = Path(run_dir).expanduser()
     metrics = run_dir / JSONL_FILE
     if not run_dir.is_dir():
-        raise PlotError(f"run folder {run_dir} does not exist")
+        raise PlotError(f"run folder {run_dir} {'is a file' if run_dir.exists() else 'does not exist'}")
     if not metrics.is_file():
         raise PlotError(f"{run_dir} holds no {JSONL_FILE} (not a run folder, or metrics.jsonl was false)")
     try:
@@ -91,12 +91,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Plots:
     if not scalars:
         raise PlotError(f"{metrics} holds no loss, eval/loss, lr or grad_norm values yet")
     folder = Path(out).expanduser() if out is not None else run_dir / PLOTS_DIR
-    if folder.exists() and not folder.is_dir():
-        raise PlotError(f"--out {folder} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _draw(series, folder, run_dir.resolve().name)
+    except OSError as err:
+        raise PlotError(f"cannot write the plots into {folder}: {err.strerror or err}") from err
 
+
+def _draw(series: dict, folder: Path, title: str) -> Plots:
+    """Each PNG whose metrics `series` holds, into `folder`, titled `title` (the run folder's name)."""
     plots = Plots()
-    title = run_dir.resolve().name
     if series.get("loss") or series.get("eval/loss"):
         plots.written.append(
             _lines(

@@ -19,7 +19,13 @@ LAYOUTS = {
 def job(run_dir, overrides):
     return load_job_config(
         "debug-deepseek",
-        ["model.n_layers=4", "data.max_documents=100", "metrics.console=none", f"trainer.run_dir={run_dir}", *overrides],
+        [
+            "model.n_layers=4",
+            "data.max_documents=100",
+            "metrics.console=none",
+            f"trainer.run_dir={run_dir}",
+            *overrides,
+        ],
     )
 
 

@@ -79,7 +79,7 @@ def test_a_resumed_run_replaces_the_steps_it_logged_again(tmp_path):
     assert list(series["eval/loss"]) == [10, 20]
 
 
-@pytest.mark.parametrize("case", ["no-folder", "no-metrics", "malformed", "empty"])
+@pytest.mark.parametrize("case", ["no-folder", "no-metrics", "malformed", "empty", "out-is-a-file"])
 def test_bad_input_is_one_error_line(tmp_path, case, capsys):
     run_dir = tmp_path / "run"
     if case != "no-folder":
@@ -90,7 +90,12 @@ def test_bad_input_is_one_error_line(tmp_path, case, capsys):
         (run_dir / "metrics.jsonl").write_text("\n".join([text[0], "{oops", *text[1:]]) + "\n")
     if case == "empty":
         (run_dir / "metrics.jsonl").write_text("")
-    assert main(["plot", str(run_dir)]) == 2
+    out = []
+    if case == "out-is-a-file":
+        write_metrics(run_dir, 4)
+        (run_dir / "taken").write_text("")
+        out = ["--out", str(run_dir / "taken")]
+    assert main(["plot", str(run_dir), *out]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and str(run_dir) in err, err
     assert case != "malformed" or "line 2" in err
