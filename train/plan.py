@@ -159,6 +159,9 @@ def _posing_as(rank: int, world_size: int):
         return
     if dist.is_initialized():
         raise ConfigError("plan runs in a process of its own: start it with python or sparsetron, not torchrun")
+    if "fake" not in dist.Backend.backend_list:
+        # torch before 2.11 registers the backend in its testing package.
+        import torch.testing._internal.distributed.fake_pg  # noqa: F401
     dist.init_process_group("fake", store=dist.HashStore(), rank=rank, world_size=world_size)
     try:
         yield
