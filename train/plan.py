@@ -33,7 +33,7 @@ from sparsetron.train.flops import model_flops_per_token
 from sparsetron.train.layout import rank_memory_plan, resolve_layout
 from sparsetron.train.trainer import resolve_device, resolve_vocab
 
-__all__ = ["Plan", "plan_job"]
+__all__ = ["Plan", "plan_job", "stage_memory_plans"]
 
 
 @dataclass
@@ -118,15 +118,7 @@ def plan_job(job: JobConfig, world_size: int) -> Plan:
         whole = Transformer(job.model, job.attention, job.moe)
     embedding = whole.tok_embeddings.weight
     tied = whole.output is not None and whole.output.weight is embedding
-    stage_size = world_size // dims.pp
-    memory = {}
-    for rank in range(0, world_size, stage_size):
-        with _posing_as(rank, world_size):
-            mesh = dims.build_mesh("cpu") if world_size > 1 else None
-            with torch.device("meta"):
-                model = Transformer(job.model, job.attention, job.moe)
-            parallelize(model, job.parallel, dims, mesh, job.data.seq_len, precision)
-            memory[rank] = rank_memory_plan(model, job, dims, precision, device)
+    memory = stage_memory_plans(job, dims, precision, device)
 
     tc = job.trainer
     data = build_training_data(job.data, tokenizer, tc.micro_batch_size, tc.eval_batches, 0, dims.dp)
@@ -148,6 +140,23 @@ def plan_job(job: JobConfig, world_size: int) -> Plan:
         memory=memory,
         data=data,
     )
+
+
+def stage_memory_plans(
+    job: JobConfig, dims: ParallelDims, precision: Precision, device: torch.device
+) -> dict[int, MemoryPlan]:
+    """The memory plan of the first rank of each pipeline stage (rank 0's is what `train` prints),
+    each from the model built on the meta device and parallelized as that rank would. Needs
+    model.vocab_size resolved (`resolve_vocab`)."""
+    plans = {}
+    for rank in range(0, dims.world_size, dims.world_size // dims.pp):
+        with _posing_as(rank, dims.world_size):
+            mesh = dims.build_mesh("cpu") if dims.world_size > 1 else None
+            with torch.device("meta"):
+                model = Transformer(job.model, job.attention, job.moe)
+            parallelize(model, job.parallel, dims, mesh, job.data.seq_len, precision)
+            plans[rank] = rank_memory_plan(model, job, dims, precision, device)
+    return plans
 
 
 @contextmanager
