@@ -28,6 +28,8 @@ setup(
         "xxhash",
         # .zst corpora for `sparsetron prepare` (Python 3.11 has no zstd in its standard library).
         "zstandard",
+        # `sparsetron plot` (PNGs of a run's curves, Agg backend): wheels for every platform.
+        "matplotlib",
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "datasets"],

@@ -6,6 +6,9 @@
     sparsetron config tiny --set moe.top_k=4           # print the resolved config
     sparsetron config tiny --get trainer.run_dir       # print one resolved value (for scripts)
     sparsetron config --doc                            # every key, its default and meaning
+    sparsetron plan tiny --nproc 4 --set parallel.tensor=2   # layout, parameters, batch, memory: a dry run
+    sparsetron eval runs/tiny                          # loss and perplexity of its latest checkpoint
+    sparsetron plot runs/tiny                          # PNGs of its curves and expert loads (runs/tiny/plots)
     sparsetron recipes                                 # the shipped recipes
     sparsetron convert --from HF_DIR --to CKPT_DIR --format sparsetron   # import a Hugging Face checkpoint
     sparsetron convert --from CKPT_DIR --to HF_DIR --format hf           # export one
@@ -97,6 +100,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start even when the memory plan exceeds the device's available memory (warns instead)",
     )
+    train.add_argument(
+        "--dry-run", action="store_true", help="print the plan for WORLD_SIZE processes (as `plan`) and stop"
+    )
+
+    plan = commands.add_parser(
+        "plan",
+        help="a dry run: layout, parameters, batch, FLOPs and memory per rank, without training",
+        description="Resolve a config as `train` would for N processes and print its layout, parameters, "
+        "batch, FLOPs per token and per-rank memory plan, without starting processes or allocating the model.",
+    )
+    _add_config_args(plan, required=True)
+    plan.add_argument(
+        "--nproc", type=int, default=1, metavar="N", help="processes the run will have, its WORLD_SIZE (default 1)"
+    )
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="loss and perplexity of a checkpoint on validation data",
+        description="Evaluate a checkpoint (a step folder, or a run or checkpoint folder: its newest complete "
+        "checkpoint) on its config's validation batches, or on --data files.",
+    )
+    evaluate.add_argument("checkpoint", metavar="CKPT", help="step folder, checkpoint folder or run folder")
+    evaluate.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="validation files in the checkpoint config's data.source format (they become data.val_paths)",
+    )
+    evaluate.add_argument(
+        "--batches", type=int, metavar="N", help="micro-batches to evaluate (default: trainer.eval_batches)"
+    )
+    evaluate.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a value of the checkpoint's config (repeatable), e.g. trainer.device=cpu",
+    )
+
+    plot = commands.add_parser(
+        "plot",
+        help="PNGs of a run's loss, learning rate, gradient norm and expert load",
+        description="Draw a run's metrics.jsonl: loss and eval loss, learning rate, gradient norm, and per "
+        "MoE layer the expert load over steps.",
+    )
+    plot.add_argument("run_dir", metavar="RUN_DIR", help="the run folder (trainer.run_dir), holding metrics.jsonl")
+    plot.add_argument("--out", metavar="DIR", help="folder for the PNGs (default RUN_DIR/plots)")
 
     config = commands.add_parser(
         "config", help="print a resolved config, or document every key", description="Print a resolved config."
@@ -348,6 +399,51 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace, world_size: int) -> int:
+    from sparsetron.train.data import DataError
+    from sparsetron.train.plan import plan_job
+
+    try:
+        if world_size < 1:
+            raise ConfigError(f"--nproc must be at least 1, got {world_size}")
+        job = load_job_config(args.config, args.overrides)
+        plan = plan_job(job, world_size)
+    except (ConfigError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"plan of {args.config} (nothing started, nothing allocated):")
+    for line in plan.lines():
+        print(f"  {line}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sparsetron.train.checkpoint import CheckpointError
+    from sparsetron.train.data import DataError
+    from sparsetron.train.evaluate import evaluate_checkpoint
+
+    try:
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.overrides, args.batches)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(result.describe())
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from sparsetron.train.plot import PlotError, plot_run
+
+    try:
+        written = plot_run(args.run_dir, args.out)
+    except PlotError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line in written.lines():
+        print(line)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from sparsetron.model.hf import HFFormatError
     from sparsetron.train.checkpoint import CheckpointError
@@ -426,6 +522,16 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one command; argv None means this process's own command line, which `train` may
     re-execute (see `use_cpu_huge_pages`); a caller passing argv keeps its process."""
     args = build_parser().parse_args(argv)
+    if args.command == "train" and args.dry_run:
+        from sparsetron.train.distributed import world_size_from_env
+
+        return _plan(args, world_size_from_env())
+    if args.command == "plan":
+        return _plan(args, args.nproc)
+    if args.command == "eval":
+        return _eval(args)
+    if args.command == "plot":
+        return _plot(args)
     if args.command == "train":
         return _train(args, restart=argv is None)
     if args.command == "config":

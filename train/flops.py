@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["PEAK_BF16_TFLOPS", "flops_per_token", "mfu", "peak_tflops"]
+from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
+from sparsetron.model.params import active_params
+
+__all__ = ["PEAK_BF16_TFLOPS", "flops_per_token", "mfu", "model_flops_per_token", "peak_tflops"]
 
 # Dense (no 2:4 sparsity) bf16 tensor-core peaks from the vendor datasheets, by a
 # substring of torch.cuda.get_device_name. Checked in order: specific names first.
@@ -66,6 +69,21 @@ def flops_per_token(
     dense = 6.0 * n_active_params
     attention = 12.0 * n_heads * head_dim * sum(keys)
     return dense + attention
+
+
+def model_flops_per_token(
+    model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig, seq_len: int, moba: bool = True
+) -> float:
+    """`flops_per_token` of a model training on sequences of `seq_len`; with `moba` False its MoBA
+    layers count full attention (after attention.moba_full_after switches them)."""
+    return flops_per_token(
+        active_params(model_cfg, attn_cfg, moe_cfg),
+        model_cfg.n_layers,
+        attn_cfg.n_heads,
+        attn_cfg.head_size(model_cfg.dim),
+        seq_len,
+        attn_cfg.attended_keys(model_cfg.n_layers, seq_len, moba=moba),
+    )
 
 
 def peak_tflops(device: torch.device | str) -> float | None:

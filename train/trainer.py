@@ -25,15 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sparsetron.kernels.varlen import flash_varlen_available
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
-from sparsetron.model.transformer import Transformer, active_params
-from sparsetron.parallel.dims import ParallelDims
+from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.init import SingleProcessInit
-from sparsetron.parallel.memory import AttentionPaths, memory_plan
-from sparsetron.parallel.parallelize import check_supported, parallelize
+from sparsetron.parallel.parallelize import parallelize
 from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
@@ -47,7 +44,8 @@ from sparsetron.train.distributed import (
     set_collective_timeout,
     world_size_from_env,
 )
-from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
+from sparsetron.train.flops import mfu, model_flops_per_token, peak_tflops
+from sparsetron.train.layout import rank_memory_plan, resolve_layout
 from sparsetron.train.memory_fit import check_plan_fits, is_out_of_memory, out_of_memory
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
@@ -110,11 +108,7 @@ class Trainer:
         self.force = force
         self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
-        self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
-        self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
-        check_supported(
-            job.parallel, self.dims, job.model, job.attention, job.data.seq_len, job.trainer.grad_accum_steps
-        )
+        self.dims = resolve_layout(job, world_size_from_env())
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.precision = Precision.from_config(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
@@ -181,24 +175,7 @@ class Trainer:
         self.pipeline_split = parallelize(
             self.model, job.parallel, self.dims, self.mesh, job.data.seq_len, self.precision
         )
-        self.memory_plan = memory_plan(
-            self.model,
-            job.model,
-            job.attention,
-            job.moe,
-            self.dims,
-            tc.micro_batch_size,
-            job.data.seq_len,
-            self.precision.activation_dtype.itemsize,
-            job.parallel.activation_checkpointing == "full",
-            # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
-            min(tc.grad_accum_steps, self.dims.pp),
-            paths=AttentionPaths(
-                flash=flash_varlen_available(self.device.type, self.precision.activation_dtype),
-                moba_kernels=self.device.type == "cuda",  # kernels.moba.moba_attention's own switch
-                cp_style=job.parallel.context_style,
-            ),
-        )
+        self.memory_plan = rank_memory_plan(self.model, job, self.dims, self.precision, self.device)
         warning = check_plan_fits(self.memory_plan, self.device, self.force)
         if warning is not None and self.is_main:
             print(f"warning: {warning}", file=sys.stderr)
@@ -235,18 +212,9 @@ class Trainer:
             self.set_aside = self.checkpoints.set_aside_after(self.step)
 
         self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * self.dims.dp * job.data.seq_len
-        head_dim = job.attention.head_size(job.model.dim)
         # MoBA layers attend fewer keys until the schedule switches them to full attention.
         self.flops_per_token_moba, self.flops_per_token_full = (
-            flops_per_token(
-                active_params(job.model, job.attention, job.moe),
-                job.model.n_layers,
-                job.attention.n_heads,
-                head_dim,
-                job.data.seq_len,
-                job.attention.attended_keys(job.model.n_layers, job.data.seq_len, moba=moba),
-            )
-            for moba in (True, False)
+            model_flops_per_token(job.model, job.attention, job.moe, job.data.seq_len, moba) for moba in (True, False)
         )
         self.flops_per_token = self.flops_per_token_moba
         self.peak_tflops = job.metrics.peak_tflops or peak_tflops(self.device)
