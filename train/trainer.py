@@ -48,6 +48,7 @@ from sparsetron.train.distributed import (
     world_size_from_env,
 )
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
+from sparsetron.train.global_batch import accumulation_key, describe_global_batch, resolve_global_batch
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
@@ -109,8 +110,12 @@ class Trainer:
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
         self.dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
+        # From here on trainer.grad_accum_steps and global_batch_size hold what this layout trains.
+        self.global_batch_from_layout = job.trainer.global_batch_size == 0
+        resolve_global_batch(job.trainer, self.dims.dp)
+        accum_key = accumulation_key(job.trainer, self.dims.dp, from_global_batch=not self.global_batch_from_layout)
         check_supported(
-            job.parallel, self.dims, job.model, job.attention, job.data.seq_len, job.trainer.grad_accum_steps
+            job.parallel, self.dims, job.model, job.attention, job.data.seq_len, job.trainer.grad_accum_steps, accum_key
         )
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.precision = Precision.from_config(job.trainer.precision, self.device)
@@ -156,7 +161,7 @@ class Trainer:
         self.changed_settings: list[str] = []
         if self.resume_from is not None:
             saved = self.checkpoints.read_config(self.resume_from)
-            self.changed_settings = compare_with_checkpoint(job, saved, self.resume_from)
+            self.changed_settings = compare_with_checkpoint(job, saved, self.resume_from, self.global_batch_from_layout)
         elif not resume and self.checkpoints.latest() is not None:
             raise CheckpointError(
                 f"{self.checkpoints.folder} already holds checkpoints (newest: {self.checkpoints.latest().name}); "
@@ -168,7 +173,7 @@ class Trainer:
         # micro_batch_size is per rank: each data-parallel rank reads its own slice of every global batch.
         # Every rank evaluates the same batches with the same weights, so no reduction is needed.
         self.data = build_training_data(
-            job.data, self.tokenizer, tc.micro_batch_size, tc.eval_batches, dp_rank, self.dims.dp
+            job.data, self.tokenizer, tc.micro_batch_size, tc.eval_batches, dp_rank, self.dims.dp, tc.grad_accum_steps
         )
         self.loader, self.eval_set = self.data.loader, self.data.eval_set
 
@@ -228,7 +233,7 @@ class Trainer:
             self._load(self.resume_from)
             self.set_aside = self.checkpoints.set_aside_after(self.step)
 
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * self.dims.dp * job.data.seq_len
+        self.tokens_per_step = tc.global_batch_size * job.data.seq_len
         head_dim = job.attention.head_size(job.model.dim)
         # MoBA layers attend fewer keys until the schedule switches them to full attention.
         self.flops_per_token_moba, self.flops_per_token_full = (
@@ -326,7 +331,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
         self._phase(f"step {self.step + 1}")
         self._set_attention_mode(self.step)
-        micro_batches = [next(self.loader) for _ in range(self.job.trainer.grad_accum_steps)]
+        micro_batches = next(self.loader)
         loss_value, grad_norm = self.runner.train_step(micro_batches, self.job.optimizer.grad_clip)
         self.last_lr = self.scheduler.get_last_lr()[0]
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
@@ -419,6 +424,7 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
+            progress.message(f"global batch: {describe_global_batch(tc, self.dims.dp)}")
             for line in _launch_facts() + self.resume_messages:
                 progress.message(line)
             if self.resume_from is not None:
