@@ -47,11 +47,13 @@ def check_supported(
     attn_cfg: AttentionConfig,
     seq_len: int,
     accum: int,
+    accum_key: str = "trainer.grad_accum_steps",
 ) -> None:
-    """Refuse, before any process group exists, what this version cannot apply (errors name the key)."""
+    """Refuse, before any process group exists, what this version cannot apply (errors name the key;
+    `accum_key` names the micro-batches per step, `accum`)."""
     check_tp(dims.tp, seq_len)
     check_cp(dims.cp, dims.tp, cfg.context_style, seq_len, attn_cfg, model_cfg.n_layers)
-    check_pipeline(cfg, accum, model_cfg)
+    check_pipeline(cfg, accum, model_cfg, accum_key)
 
 
 def parallelize(

@@ -101,8 +101,11 @@ from sparsetron.parallel.precision import FP32, Precision, cross_entropy
 # Checks before any process group exists.
 
 
-def check_pipeline(cfg: ParallelConfig, grad_accum_steps: int, model_cfg: ModelConfig) -> None:
+def check_pipeline(
+    cfg: ParallelConfig, grad_accum_steps: int, model_cfg: ModelConfig, accum_key: str = "trainer.grad_accum_steps"
+) -> None:
     """Refuse, naming the keys, a pipeline layout that cannot run (nothing to check at pipeline 1).
+    `accum_key` names the micro-batch count (trainer.global_batch_size may have set it).
 
     Cheap and collective-free: call it with the other config checks.
     """
@@ -127,7 +130,7 @@ def check_pipeline(cfg: ParallelConfig, grad_accum_steps: int, model_cfg: ModelC
     if schedule == "1f1b":
         check(
             M >= pp,
-            "trainer.grad_accum_steps",
+            accum_key,
             f"the 1f1b schedule needs at least parallel.pipeline={pp} micro-batches per step, got {M}",
         )
     elif schedule == "interleaved_1f1b":
@@ -135,7 +138,7 @@ def check_pipeline(cfg: ParallelConfig, grad_accum_steps: int, model_cfg: ModelC
         rounds = max(1, M // pp)
         check(
             M % rounds == 0,
-            "trainer.grad_accum_steps",
+            accum_key,
             f"interleaved_1f1b runs the micro-batches in rounds of parallel.pipeline={pp}; {M} does not split "
             f"into {rounds} equal rounds (use fewer than {2 * pp} or a multiple of {pp})",
         )

@@ -228,7 +228,9 @@ class TrainerConfig:
     micro_batch_size: int = 8
     """Sequences per forward/backward."""
     grad_accum_steps: int = 1
-    """Micro-batches accumulated into one optimizer step."""
+    """Micro-batches accumulated into one optimizer step. With trainer.global_batch_size set it is derived from the layout: leave it at 1 (or give the derived value)."""
+    global_batch_size: int = 0
+    """Sequences per optimizer step over all data-parallel ranks (0 = micro_batch_size x grad_accum_steps x the data-parallel degree). When set, grad_accum_steps = global_batch_size / (micro_batch_size x data-parallel degree) for the layout the run starts on, so another layout, or a resume on one, trains the same batch on the same data order."""
     seed: int = 0
     """Seed of the weight initialisation and of torch's random state."""
     eval_interval: int = 50
@@ -252,7 +254,7 @@ class TrainerConfig:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "eval_batches", "max_nonfinite_steps"):
             value = getattr(self, name)
             check(value >= 1, f"{prefix}.{name}", f"must be >= 1, got {value}")
-        for name in ("eval_interval", "stop_at"):
+        for name in ("eval_interval", "stop_at", "global_batch_size"):
             value = getattr(self, name)
             check(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")
         check(self.max_hours >= 0, f"{prefix}.max_hours", f"must be >= 0, got {self.max_hours}")

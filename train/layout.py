@@ -15,14 +15,22 @@ from sparsetron.parallel.memory import AttentionPaths, MemoryPlan, memory_plan
 from sparsetron.parallel.parallelize import check_supported
 from sparsetron.parallel.precision import Precision
 from sparsetron.train.config import JobConfig
+from sparsetron.train.global_batch import accumulation_key, resolve_global_batch
 
 
 def resolve_layout(job: JobConfig, world_size: int) -> ParallelDims:
     """The layout `job` asks for on `world_size` ranks, with every check that needs no process
-    group (degrees, heads, experts, sequence splits, pipeline schedule); errors name the key."""
+    group (degrees, heads, experts, sequence splits, pipeline schedule); errors name the key.
+
+    Resolves the global batch for the layout in place (train/global_batch.py): afterwards
+    trainer.grad_accum_steps and trainer.global_batch_size hold what this layout trains."""
     dims = ParallelDims.from_config(job.parallel, world_size)
     dims.validate(job.attention.n_heads, job.attention.kv_heads(), job.moe.routed_experts)
-    check_supported(job.parallel, dims, job.model, job.attention, job.data.seq_len, job.trainer.grad_accum_steps)
+    tc = job.trainer
+    from_global_batch = tc.global_batch_size != 0
+    resolve_global_batch(tc, dims.dp)
+    accum_key = accumulation_key(tc, dims.dp, from_global_batch=from_global_batch)
+    check_supported(job.parallel, dims, job.model, job.attention, job.data.seq_len, tc.grad_accum_steps, accum_key)
     return dims
 
 

@@ -5,6 +5,9 @@ A resumed job may change how it trains (learning rate, schedule length, balancin
 coefficients, logging): those changes take effect and are listed. It may not change
 what the checkpoint's tensors or saved read position mean: parameter shapes, or the
 data that the read position indexes. Those are refused, naming every key at fault.
+The global batch may change only when trainer.global_batch_size says so: one that a new
+layout would change by itself (trainer.global_batch_size 0) is refused. The same global
+batch on another layout reads on exactly where the checkpoint stopped (train/data/batch.py).
 """
 
 from __future__ import annotations
@@ -68,24 +71,31 @@ def _fixed_fields(section: object) -> tuple[str, ...]:
     return getattr(cls, "SHAPE_FIELDS", ()) + getattr(cls, "POSITION_FIELDS", ())
 
 
-def compare_with_checkpoint(job: JobConfig, saved: dict, path: Path) -> list[str]:
+def compare_with_checkpoint(
+    job: JobConfig, saved: dict, path: Path, global_batch_from_layout: bool = False
+) -> list[str]:
     """Refuse a checkpoint that `job` cannot continue; return the settings it changes.
 
-    `saved` is the checkpoint's config.yaml as a mapping. Raises ConfigError listing every
-    field that fixes parameter shapes or the data position and differs; returns lines
-    "section.key: old -> new" for every other difference.
+    `saved` is the checkpoint's config.yaml as a mapping, and `job` has its global batch resolved
+    (train/global_batch.py); `global_batch_from_layout` says that the job's trainer.global_batch_size
+    was 0, so that its layout set the batch. Raises ConfigError listing every field that fixes
+    parameter shapes or the data position and differs, or naming a global batch the layout
+    changed; returns lines "section.key: old -> new" for every other difference.
     """
     try:
         previous = from_dict(JobConfig, saved, "")
     except ConfigError as err:
         raise ConfigError(f"checkpoint {path}: its saved config.yaml does not load: {err}") from err
+    old_batch = previous.trainer.global_batch_size  # 0: a checkpoint that did not record it
+    if global_batch_from_layout and old_batch not in (0, job.trainer.global_batch_size):
+        _refuse_global_batch_change(old_batch, job, path)
     refused, changed = [], []
     for section in dataclasses.fields(JobConfig):
         old, new = getattr(previous, section.name), getattr(job, section.name)
         fixed = _fixed_fields(new)
         for key, new_value in to_dict(new).items():
             old_value = getattr(old, key)
-            if old_value == new_value:
+            if old_value == new_value or (section.name, key, old_value) == ("trainer", "global_batch_size", 0):
                 continue
             line = f"{section.name}.{key}: checkpoint {old_value!r}, config {new_value!r}"
             if key in fixed:
@@ -102,3 +112,14 @@ def compare_with_checkpoint(job: JobConfig, saved: dict, path: Path) -> list[str
             + "\n  ".join(refused)
         )
     return changed
+
+
+def _refuse_global_batch_change(old_batch: int, job: JobConfig, path: Path) -> None:
+    tc = job.trainer
+    dp = tc.global_batch_size // (tc.micro_batch_size * tc.grad_accum_steps)
+    raise ConfigError(
+        f"trainer.global_batch_size: checkpoint {path} trained {old_batch} sequences per step, and this layout "
+        f"would train {tc.global_batch_size} (micro_batch_size {tc.micro_batch_size} x grad_accum_steps "
+        f"{tc.grad_accum_steps} x data-parallel degree {dp}); set trainer.global_batch_size={old_batch} to keep "
+        f"the batch, or trainer.global_batch_size={tc.global_batch_size} to change it"
+    )

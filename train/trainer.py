@@ -45,6 +45,7 @@ from sparsetron.train.distributed import (
     world_size_from_env,
 )
 from sparsetron.train.flops import mfu, model_flops_per_token, peak_tflops
+from sparsetron.train.global_batch import describe_global_batch
 from sparsetron.train.layout import rank_memory_plan, resolve_layout
 from sparsetron.train.memory_fit import check_plan_fits, is_out_of_memory, out_of_memory
 from sparsetron.train.metrics import MetricsLogger, memory_stats
@@ -108,6 +109,8 @@ class Trainer:
         self.force = force
         self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
+        # From here on trainer.grad_accum_steps and global_batch_size hold what this layout trains.
+        self.global_batch_from_layout = job.trainer.global_batch_size == 0
         self.dims = resolve_layout(job, world_size_from_env())
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.precision = Precision.from_config(job.trainer.precision, self.device)
@@ -153,7 +156,7 @@ class Trainer:
         self.changed_settings: list[str] = []
         if self.resume_from is not None:
             saved = self.checkpoints.read_config(self.resume_from)
-            self.changed_settings = compare_with_checkpoint(job, saved, self.resume_from)
+            self.changed_settings = compare_with_checkpoint(job, saved, self.resume_from, self.global_batch_from_layout)
         elif not resume and self.checkpoints.latest() is not None:
             raise CheckpointError(
                 f"{self.checkpoints.folder} already holds checkpoints (newest: {self.checkpoints.latest().name}); "
@@ -165,7 +168,7 @@ class Trainer:
         # micro_batch_size is per rank: each data-parallel rank reads its own slice of every global batch.
         # Every rank evaluates the same batches with the same weights, so no reduction is needed.
         self.data = build_training_data(
-            job.data, self.tokenizer, tc.micro_batch_size, tc.eval_batches, dp_rank, self.dims.dp
+            job.data, self.tokenizer, tc.micro_batch_size, tc.eval_batches, dp_rank, self.dims.dp, tc.grad_accum_steps
         )
         self.loader, self.eval_set = self.data.loader, self.data.eval_set
 
@@ -211,7 +214,7 @@ class Trainer:
             self._load(self.resume_from)
             self.set_aside = self.checkpoints.set_aside_after(self.step)
 
-        self.tokens_per_step = tc.micro_batch_size * tc.grad_accum_steps * self.dims.dp * job.data.seq_len
+        self.tokens_per_step = tc.global_batch_size * job.data.seq_len
         # MoBA layers attend fewer keys until the schedule switches them to full attention.
         self.flops_per_token_moba, self.flops_per_token_full = (
             model_flops_per_token(job.model, job.attention, job.moe, job.data.seq_len, moba) for moba in (True, False)
@@ -300,7 +303,7 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
         self._phase(f"step {self.step + 1}")
         self._set_attention_mode(self.step)
-        micro_batches = [next(self.loader) for _ in range(self.job.trainer.grad_accum_steps)]
+        micro_batches = next(self.loader)
         loss_value, grad_norm = self.runner.train_step(micro_batches, self.job.optimizer.grad_clip)
         self.last_lr = self.scheduler.get_last_lr()[0]
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
@@ -395,7 +398,8 @@ class Trainer:
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
-            for line in self.data.summary(tc.steps, self.tokens_per_step // job.data.seq_len):
+            progress.message(f"global batch: {describe_global_batch(tc, self.dims.dp)}")
+            for line in self.data.summary(tc.steps, tc.global_batch_size):
                 progress.message(line)
             for line in _launch_facts() + self.resume_messages:
                 progress.message(line)

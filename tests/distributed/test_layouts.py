@@ -2,7 +2,9 @@
 (tests/distributed/training.py runs both). The first steps' losses agree within
 1e-5 relative, and so do the gathered parameters after them (fp32; lr 1e-3 and eps 1e-6 keep
 AdamW's first steps from magnifying the reduction-order rounding of near-zero gradients).
-Checkpoints written at one layout resume at another. The overlapped dispatcher trains like the
+Checkpoints written at one layout resume at another; with trainer.global_batch_size set, a dp2
+run resumes in one process with the same global batch (twice the micro-batches) and reads every
+step's sequences exactly as an uninterrupted one-process run does. The overlapped dispatcher trains like the
 plain all-to-all at ep2, ep2 x tp2 (with activation checkpointing and compile) and pp2 x ep2
 (with activation checkpointing), dropless and with capacity drops, with and without shared
 experts (ep4 and every routing corner: tests/distributed/test_overlapped_dispatch.py).
@@ -11,15 +13,20 @@ ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: 
 layout and reshard moves them like any other).
 """
 
+from pathlib import Path
+
 import pytest
+import yaml
 from training import (
     BF16,
+    STEPS,
     Layout,
     TrainedLayouts,
     assert_resumed_like_straight,
     assert_same_training,
     assert_within_bf16_error,
     single_process,
+    step_data,
 )
 
 # One spawn trains every layout of a world size, inside the first test that needs it (minutes on
@@ -81,7 +88,11 @@ RESHARDS = {
     "ep2->ep4": ("ep2", "ep4"),
     "pp2->one process": ("pp2-1f1b", None),
     "pp2-zero_bubble->pp2xtp2": ("pp2-zero_bubble", "pp2xtp2"),
+    "dp2->one process, global batch": ("dp2-global-batch", "one process-global-batch"),
 }
+# trainer.global_batch_size 8 at micro_batch_size 2: dp2 accumulates 2 micro-batches, one process 4.
+# Dense, so that how a step's sequences group into micro-batches moves only rounding.
+GLOBAL_BATCH_SIZE = ["trainer.micro_batch_size=2", "trainer.grad_accum_steps=1", "trainer.global_batch_size=8"]
 
 
 def all_layouts() -> dict[str, Layout]:
@@ -111,6 +122,8 @@ def all_layouts() -> dict[str, Layout]:
         layouts[f"{name}-dispatch-dim"] = Layout(world, dp, [*overrides, *DISPATCH_DIM])
     world, dp, overrides = LAYOUTS["ep2xtp2"]
     layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
+    layouts["dp2-global-batch"] = Layout(2, 2, ["parallel.data_parallel_shard=2", *GLOBAL_BATCH_SIZE], "debug-dense")
+    layouts["one process-global-batch"] = Layout(1, 1, GLOBAL_BATCH_SIZE, "debug-dense")  # only resumed at
     return layouts
 
 
@@ -179,6 +192,23 @@ def test_layout_with_dispatch_dim_trains_like_one_process(trained, reference, la
     assert_same_training(run, single, load_flips=1 if layout.endswith("overlapped") else 0)
 
 
-@pytest.mark.parametrize("reshard", list(RESHARDS))
+@pytest.mark.parametrize("reshard", [name for name in RESHARDS if not name.endswith("global batch")])
 def test_checkpoint_resumes_at_another_layout(trained, reference, reshard):
     assert_resumed_like_straight(trained[reshard], reference())
+
+
+def test_a_global_batch_resumes_on_another_layout_with_the_same_data(trained, tmp_path):
+    name = "dp2->one process, global batch"
+    resumed = trained[name]
+    source, run_dir = trained.results[f"{name} (source)"], Path(trained.checkpoints[name])
+    straight = single_process(tmp_path, *GLOBAL_BATCH_SIZE, recipe="debug-dense")
+    # Every step read the same 8 sequences, bitwise, on two ranks as in one process.
+    data = step_data(run_dir)
+    assert data == step_data(tmp_path) and [len(data[s]) for s in data] == [8] * STEPS
+    saved = yaml.safe_load((run_dir / "checkpoints" / "step_00000002" / "config.yaml").read_text())["trainer"]
+    assert (saved["global_batch_size"], saved["grad_accum_steps"]) == (8, 2)
+    resumed_config = yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]
+    assert (resumed_config["global_batch_size"], resumed_config["grad_accum_steps"]) == (8, 4)
+    for step in range(1, STEPS):
+        assert source[0][step] == pytest.approx(straight[0][step], rel=1e-5), step
+    assert_resumed_like_straight(resumed, straight)

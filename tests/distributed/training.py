@@ -10,12 +10,14 @@ on the same process group (a spawn of four ranks costs seconds on two cores), in
 checkpoint moves between layouts.
 """
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from harness import run_distributed
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -66,8 +68,44 @@ def full_parameters(model):
     }
 
 
+class RecordingLoader:
+    """A trainer's loader that appends each step's sequences this rank reads (a digest of each
+    one's token ids) to <run_dir>/data.rank<R>.jsonl, for `step_data`."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, self.loader = trainer, trainer.loader
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.path = Path(trainer.job.trainer.run_dir) / f"data.rank{rank}.jsonl"
+
+    def __next__(self):
+        micro_batches = next(self.loader)
+        digests = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for b in micro_batches for row in b.tokens]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": self.trainer.step + 1, "sequences": digests}) + "\n")
+        return micro_batches
+
+    def __getattr__(self, name):
+        return getattr(self.loader, name)
+
+
+def recorded(trainer: Trainer) -> Trainer:
+    trainer.loader = RecordingLoader(trainer)
+    return trainer
+
+
+def step_data(run_dir) -> dict[int, list[str]]:
+    """Every step's sequences (their digests, sorted) read by all the ranks that trained in `run_dir`."""
+    steps: dict[int, list[str]] = {}
+    for path in Path(run_dir).glob("data.rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            steps.setdefault(record["step"], []).extend(record["sequences"])
+    return {step: sorted(digests) for step, digests in sorted(steps.items())}
+
+
 def train_worker(run_dir, dp, overrides, resume=None, recipe=RECIPE, save=False):
-    trainer = Trainer(job(run_dir, dp, *overrides, recipe=recipe, save=save), resume=resume)
+    trainer = recorded(Trainer(job(run_dir, dp, *overrides, recipe=recipe, save=save), resume=resume))
     result = trainer.run()
     # The plan counts exactly what this rank holds between steps, sharded: FSDP2 keeps the root
     # module's parameters gathered after a forward with no backward (the last evaluation).
@@ -87,7 +125,7 @@ def expert_loads(run_dir):
 
 
 def single_process(run_dir, *overrides, resume=None, recipe=RECIPE, save=False):
-    trainer = Trainer(job(run_dir, 1, *overrides, recipe=recipe, save=save), resume=resume)
+    trainer = recorded(Trainer(job(run_dir, 1, *overrides, recipe=recipe, save=save), resume=resume))
     result = trainer.run()
     return result.losses, result.eval_losses, full_parameters(trainer.model), expert_loads(run_dir)
 
@@ -190,8 +228,8 @@ def merged(per_rank, run_dir):
 class TrainedLayouts:
     """Results of `layouts` (name -> Layout) trained, and of `reshards` (name -> (source, target),
     layout names or None for one process): the source trains two steps and writes a checkpoint,
-    the target resumes it for the third. Every run of one world size trains in one spawn, on
-    first use; a source is never at a larger world size than its target.
+    the target resumes it for the third (a target of world 1 in this process). Every run of one
+    world size trains in one spawn, on first use; a source's results are "<name> (source)".
     """
 
     def __init__(self, tmp_path_factory, layouts: dict[str, Layout], reshards: dict | None = None, timeout=1800):
@@ -207,7 +245,7 @@ class TrainedLayouts:
         return self.layouts[name].world if name is not None else 1
 
     def __getitem__(self, name: str):
-        world = self.world(self.reshards[name][1]) if name in self.reshards else self.layouts[name].world
+        world = max(map(self.world, self.reshards[name])) if name in self.reshards else self.layouts[name].world
         for w in sorted({*(lay.world for lay in self.layouts.values()), 1}):
             if w <= world:
                 self._train(w)
@@ -233,15 +271,18 @@ class TrainedLayouts:
                     single_process(run_dir, "trainer.stop_at=2", save=True)
                 else:
                     runs[f"{name} (source)"] = self._run(source, run_dir, extra=["trainer.stop_at=2"], save=True)
-            if self.world(target) == world and target is not None:
+            if self.world(target) == world > 1:
                 runs[name] = self._run(target, self.checkpoints[name], resume="auto")
         if runs:
             per_rank = run_distributed(several_worker, world, list(runs.values()), timeout=self.timeout)
             for i, (name, run) in enumerate(runs.items()):
                 self.results[name] = merged([rank_results[i] for rank_results in per_rank], run.run_dir)
         for name, (source, target) in self.reshards.items():
-            if target is None and self.world(source) == world:
-                self.results[name] = single_process(self.checkpoints[name], resume="auto")
+            if self.world(target) == 1 and self.world(source) == world:
+                lay = self.layouts[target] if target is not None else Layout(1, 1, [])
+                self.results[name] = single_process(
+                    self.checkpoints[name], *lay.overrides, resume="auto", recipe=lay.recipe
+                )
 
 
 def assert_resumed_like_straight(resumed, straight):

@@ -58,9 +58,9 @@ def test_blend_is_deterministic_resumes_exactly_and_splits_ranks():
     (a,) = loaders(datasets, weights, seed=7)
     (b,) = loaders(datasets, weights, seed=7)
     (c,) = loaders(datasets, weights, seed=8)
-    first = [next(a) for _ in range(30)]
-    assert all(batches_equal(x, next(b)) for x in first)
-    assert not all(batches_equal(x, next(c)) for x in first)
+    first = [next(a)[0] for _ in range(30)]
+    assert all(batches_equal(x, next(b)[0]) for x in first)
+    assert not all(batches_equal(x, next(c)[0]) for x in first)
     # Resume from the state after 13 batches: the next 17 are bitwise those of the straight run.
     (d,) = loaders(datasets, weights, seed=7)
     for _ in range(13):
@@ -68,12 +68,12 @@ def test_blend_is_deterministic_resumes_exactly_and_splits_ranks():
     state = d.state_dict()
     (resumed,) = loaders(datasets, weights, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(state)))
-    assert all(batches_equal(x, next(resumed)) for x in first[13:])
+    assert all(batches_equal(x, next(resumed)[0]) for x in first[13:])
     # Two ranks read disjoint halves of the same global batch.
     (whole,) = loaders(datasets, weights, seed=7, micro=6)
     ranks = loaders(datasets, weights, seed=7, world=2)
     for _ in range(10):
-        full, r0, r1 = next(whole), next(ranks[0]), next(ranks[1])
+        (full,), (r0,), (r1,) = next(whole), next(ranks[0]), next(ranks[1])
         assert np.array_equal(full.tokens[0::2].numpy(), r0.tokens.numpy())
         assert np.array_equal(full.tokens[1::2].numpy(), r1.tokens.numpy())
 

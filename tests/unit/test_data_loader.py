@@ -1,4 +1,5 @@
-"""Loaders: seeded epochs, exact resume from a saved state, disjoint ranks, in-order evaluation."""
+"""Loaders: seeded epochs, exact resume from a saved state, disjoint ranks, the same windows per step
+for every layout of a global batch (also across epochs and a resume), in-order evaluation."""
 
 from __future__ import annotations
 
@@ -32,6 +33,12 @@ def window_ids(batch: Batch) -> list[int]:
     return (batch.tokens[:, 0] // S).tolist()
 
 
+def one(step: list[Batch]) -> Batch:
+    """The only micro-batch of a step without accumulation."""
+    (batch,) = step
+    return batch
+
+
 def assert_same(a: Batch, b: Batch) -> None:
     for x, y in ((a.tokens, b.tokens), (a.targets, b.targets), (a.doc_ids, b.doc_ids)):
         assert x.dtype == y.dtype == torch.int64
@@ -41,15 +48,15 @@ def assert_same(a: Batch, b: Batch) -> None:
 def test_epochs_are_seeded_permutations():
     ds = numbered_dataset(37)
     loader = TrainLoader(ds, micro_batch_size=4, seed=3)
-    assert loader.batches_per_epoch == 9
-    epochs = [[w for _ in range(9) for w in window_ids(next(loader))] for _ in range(3)]
+    assert loader.steps_per_epoch == 9
+    epochs = [[w for _ in range(9) for w in window_ids(one(next(loader)))] for _ in range(3)]
     for e, seen in enumerate(epochs):
         assert len(set(seen)) == 36  # no window twice in an epoch
         expected = np.random.default_rng((3, e)).permutation(37)[:36].tolist()
         assert seen == expected
     assert epochs[0] != epochs[1]
     other = TrainLoader(ds, micro_batch_size=4, seed=4)
-    assert [w for _ in range(9) for w in window_ids(next(other))] != epochs[0]
+    assert [w for _ in range(9) for w in window_ids(one(next(other)))] != epochs[0]
 
 
 @pytest.mark.parametrize("k", [0, 5, 9, 13])
@@ -67,7 +74,7 @@ def test_resume_yields_the_same_batches(k):
     restored = TrainLoader(ds, 4, seed)
     restored.load_state_dict(state)
     for _ in range(12):  # 9 batches per epoch: every k crosses an epoch boundary here
-        assert_same(next(original), next(restored))
+        assert_same(one(next(original)), one(next(restored)))
     assert original.state_dict() == restored.state_dict()
 
 
@@ -77,8 +84,8 @@ def test_ranks_take_disjoint_slices_of_the_global_batch():
     whole = TrainLoader(ds, micro * world, seed=7)
     ranks = [TrainLoader(ds, micro, seed=7, rank=r, world_size=world) for r in range(world)]
     for _ in range(20):  # 8 steps an epoch: crosses two epoch boundaries
-        global_batch = next(whole)
-        parts = [next(loader) for loader in ranks]
+        global_batch = one(next(whole))
+        parts = [one(next(loader)) for loader in ranks]
         for r, part in enumerate(parts):
             assert part.tokens.shape == (micro, S)
             assert torch.equal(part.tokens, global_batch.tokens[r::world])
@@ -101,7 +108,7 @@ def test_eval_batches_in_order():
 
 def test_loader_errors():
     ds = numbered_dataset(5)
-    with pytest.raises(DataError, match=r"5 windows.*3 x world_size 2 = 6"):
+    with pytest.raises(DataError, match=r"5 windows.*micro_batch_size 3 x grad_accum_steps 1 x data-parallel 2 = 6"):
         TrainLoader(ds, 3, seed=0, rank=0, world_size=2)
     with pytest.raises(DataError, match="rank 2"):
         TrainLoader(ds, 1, seed=0, rank=2, world_size=2)
@@ -122,7 +129,7 @@ def test_build_datasets_end_to_end(tmp_path):
     assert train.seq_len == val.seq_len == 32
     first_val = (tmp_path / "27.txt").read_bytes()
     assert bytes(val.tokens[: len(first_val)].astype(np.uint8)) == first_val
-    batch = next(TrainLoader(train, 2, seed=0))
+    batch = one(next(TrainLoader(train, 2, seed=0)))
     assert batch.tokens.shape == batch.targets.shape == batch.doc_ids.shape == (2, 32)
     assert batch.to("cpu").tokens.dtype == torch.int64
     assert all(t.is_contiguous() for t in (batch.tokens, batch.targets, batch.doc_ids))

@@ -14,7 +14,8 @@ is megatron-core's blending rule (its `build_blending_indices` picks by the same
 error), written here over windows so that the loader's state stays a few integers
 instead of an index array the length of the run.
 
-Shapes: S sources, B = micro_batch_size, W = data-parallel ranks, G = B * W.
+Shapes: S sources, B = micro_batch_size, W = data-parallel ranks, A = grad_accum_steps,
+G = B * W * A (the global batch).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import os
 
 import numpy as np
 
-from sparsetron.train.data.batch import batch_of
+from sparsetron.train.data.batch import Batch, StepShape, batch_of
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.packing import PackedDataset
 
@@ -93,11 +94,13 @@ class BlendedWindows:
 
 
 class BlendLoader:
-    """Endless micro-batches drawn from several sources in proportion to `weights`.
+    """Endless steps of micro-batches drawn from several sources in proportion to `weights`.
 
-    Every step consumes one global batch of G draws; rank r keeps draws r, r+W, ...
-    `notices` collects one message per source when it first runs out (the trainer
-    prints them); `scalars()` gives each source's consumed tokens and epochs.
+    Every step consumes one global batch of G draws, and each rank keeps its A micro-batches of
+    B of them (`StepShape`): the schedule is a function of the draw counts alone, so what a step
+    reads depends on G, not on how a layout splits it. `notices` collects one message per source
+    when it first runs out (the trainer prints them); `scalars()` gives each source's consumed
+    tokens and epochs.
     """
 
     def __init__(
@@ -109,20 +112,17 @@ class BlendLoader:
         seed: int,
         rank: int = 0,
         world_size: int = 1,
+        grad_accum_steps: int = 1,
     ):
-        if micro_batch_size < 1:
-            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} out of range for world_size {world_size}")
+        shape = StepShape(micro_batch_size, grad_accum_steps, rank, world_size)
         if not len(datasets) == len(weights) == len(names) or not datasets:
             raise DataError(f"a blend needs one weight and name per source, got {len(datasets)} sources")
         self.datasets = datasets
         self.weights = np.asarray(weights, dtype=np.float64)
         self.names = names
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.global_batch = micro_batch_size * world_size
+        self.global_batch = shape.global_batch
+        self._positions = shape.positions()
         self.lengths = np.array([len(d) for d in datasets], dtype=np.int64)
         self.counts = np.zeros(len(datasets), dtype=np.int64)
         self.notices: list[str] = []
@@ -139,10 +139,11 @@ class BlendLoader:
     def __iter__(self) -> BlendLoader:
         return self
 
-    def __next__(self):
+    def __next__(self) -> list[Batch]:
+        """This rank's micro-batches of the next step, in order."""
         before = self.counts.copy()
         sources = blend_schedule(self.weights, self.counts, self.global_batch)
-        # The c-th draw of source s in this batch is its draw before[s] + c.
+        # The c-th draw of source s in this step is its draw before[s] + c.
         draws = np.empty_like(sources)
         for s in np.unique(sources).tolist():
             mask = sources == s
@@ -152,9 +153,11 @@ class BlendLoader:
                 f"data: blend source {self.names[s]} ran out after {int(self.lengths[s])} windows "
                 f"({int(self.lengths[s]) * self.datasets[s].seq_len:,} tokens) and wraps around into its next epoch"
             )
-        mine = slice(self.rank, None, self.world_size)
-        windows = np.array([self._window(s, d) for s, d in zip(sources[mine], draws[mine], strict=True)])
-        return batch_of(_gather(self.datasets, sources[mine], windows))
+        micro_batches = []
+        for row in self._positions:
+            windows = np.array([self._window(s, d) for s, d in zip(sources[row], draws[row], strict=True)])
+            micro_batches.append(batch_of(_gather(self.datasets, sources[row], windows)))
+        return micro_batches
 
     def scalars(self) -> dict[str, float]:
         """Each source's tokens consumed (all ranks) and epochs, for TensorBoard."""

@@ -5,7 +5,8 @@ The training order is a pure function of (seed, epoch), and the loader's state i
 interrupted one would have yielded next, with no data skipped or repeated. A blend of
 several sources (`data.blend`) is read by `blend.BlendLoader`, whose state is as small.
 
-Shapes: B = micro_batch_size, W = world_size (data-parallel ranks), S = seq_len.
+Shapes: B = micro_batch_size, W = world_size (data-parallel ranks), A = grad_accum_steps,
+G = B * W * A (the global batch), S = seq_len.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sparsetron.train.config import DataConfig
-from sparsetron.train.data.batch import Batch, batch_of
+from sparsetron.train.data.batch import Batch, StepShape, batch_of
 from sparsetron.train.data.blend import BlendedWindows, BlendLoader, source_names
 from sparsetron.train.data.errors import DataError
 from sparsetron.train.data.packing import PackedDataset, split_train_val
@@ -140,12 +141,18 @@ class TrainingData:
 
 
 def build_training_data(
-    cfg: DataConfig, tokenizer: TokenizerLike, micro_batch_size: int, n_eval: int, rank: int = 0, world_size: int = 1
+    cfg: DataConfig,
+    tokenizer: TokenizerLike,
+    micro_batch_size: int,
+    n_eval: int,
+    rank: int = 0,
+    world_size: int = 1,
+    grad_accum_steps: int = 1,
 ) -> TrainingData:
     if not cfg.blend:
         split, val, tallies = _one_source(cfg, tokenizer)
         train = split.train
-        loader = TrainLoader(train, micro_batch_size, cfg.seed, rank, world_size)
+        loader = TrainLoader(train, micro_batch_size, cfg.seed, rank, world_size, grad_accum_steps)
         return TrainingData(loader, eval_batches(val, micro_batch_size, n_eval), [train], val, [split], tallies)
     weights = [w for w, _ in cfg.blend]
     sources = [s for _, s in cfg.blend]
@@ -160,7 +167,7 @@ def build_training_data(
         vals.append(val)
         splits.append(SourceSplit(source, weights[i], train, val))
     names = source_names(sources)
-    loader = BlendLoader(trains, weights, names, micro_batch_size, cfg.seed, rank, world_size)
+    loader = BlendLoader(trains, weights, names, micro_batch_size, cfg.seed, rank, world_size, grad_accum_steps)
     if cfg.val_paths:
         val = _packed(load_documents(cfg, tokenizer, cfg.val_paths), cfg)
     else:
@@ -169,37 +176,41 @@ def build_training_data(
 
 
 class TrainLoader:
-    """Endless micro-batches of `dataset`, epoch after epoch, each epoch freshly shuffled.
+    """Endless steps of micro-batches of `dataset`, epoch after epoch, each epoch freshly shuffled.
 
-    Every step consumes one global batch of B*W windows from the epoch's permutation;
-    rank r keeps windows r, r+W, r+2W, ... of it, so ranks never overlap. An epoch ends
-    when fewer than B*W windows remain (those few wait for the next epoch's shuffle).
+    Every step consumes one global batch of G = B*W*A windows from the epoch's permutation, and
+    each rank keeps its A micro-batches of B windows (`StepShape`), so ranks never overlap. An
+    epoch ends when fewer than G windows remain (those few wait for the next epoch's shuffle).
+    What a step reads thus depends on G alone: a layout with other B, W, A and the same G reads
+    the same windows at every step, and resumes from the other's state.
     """
 
-    def __init__(self, dataset: PackedDataset, micro_batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if micro_batch_size < 1:
-            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        if not 0 <= rank < world_size:
-            raise DataError(f"rank {rank} out of range for world_size {world_size}")
-        self.global_batch = micro_batch_size * world_size
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        grad_accum_steps: int = 1,
+    ):
+        self.shape = StepShape(micro_batch_size, grad_accum_steps, rank, world_size)
+        self.global_batch = self.shape.global_batch
         if len(dataset) < self.global_batch:
             raise DataError(
                 f"training split has {len(dataset)} windows of seq_len {dataset.seq_len} "
-                f"({dataset.n_tokens} tokens), fewer than one global batch of "
-                f"micro_batch_size {micro_batch_size} x world_size {world_size} = {self.global_batch}"
+                f"({dataset.n_tokens} tokens), fewer than one global batch of {self.shape.describe()}"
             )
         self.dataset = dataset
-        self.micro_batch_size = micro_batch_size
         self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
         self.epoch = 0
         self.index = 0  # windows of this epoch's permutation already consumed (all ranks)
+        self._positions = self.shape.positions()
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
     @property
-    def batches_per_epoch(self) -> int:
+    def steps_per_epoch(self) -> int:
         return len(self.dataset) // self.global_batch
 
     def _permutation(self, epoch: int) -> np.ndarray:
@@ -211,15 +222,16 @@ class TrainLoader:
     def __iter__(self) -> TrainLoader:
         return self
 
-    def __next__(self) -> Batch:
+    def __next__(self) -> list[Batch]:
+        """This rank's micro-batches of the next step, in order."""
         # Roll over lazily, on the next read: the state saved after an epoch's last
-        # batch then still reads (epoch, end), and resuming from it rolls identically.
+        # step then still reads (epoch, end), and resuming from it rolls identically.
         if self.index + self.global_batch > len(self.dataset):
             self.epoch += 1
             self.index = 0
-        chunk = self._permutation(self.epoch)[self.index : self.index + self.global_batch]
+        step = self._permutation(self.epoch)[self.index : self.index + self.global_batch]
         self.index += self.global_batch
-        return _batch(self.dataset, chunk[self.rank :: self.world_size])
+        return [_batch(self.dataset, step[row]) for row in self._positions]
 
     @property
     def notices(self) -> list[str]:
@@ -230,7 +242,8 @@ class TrainLoader:
         return {"data/epochs": self.epoch + self.index / len(self.dataset)}
 
     def state_dict(self) -> dict[str, int]:
-        """The read position: where the next batch comes from (same on every rank)."""
+        """The read position: windows of the epoch's order consumed, where the next step begins (the
+        same on every rank and for every layout of the same global batch)."""
         return {"epoch": int(self.epoch), "index": int(self.index)}
 
     def load_state_dict(self, state: dict) -> None:
