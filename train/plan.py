@@ -125,7 +125,9 @@ def plan_job(job: JobConfig, world_size: int) -> Plan:
     memory = stage_memory_plans(job, dims, precision, device)
 
     tc = job.trainer
-    data = build_training_data(job.data, tokenizer, tc.micro_batch_size, tc.eval_batches, 0, dims.dp)
+    data = build_training_data(
+        job.data, tokenizer, tc.micro_batch_size, tc.eval_batches, 0, dims.dp, tc.grad_accum_steps
+    )
     switch = job.attention.moba_switch_step(tc.steps)
     return Plan(
         job=job,
