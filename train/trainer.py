@@ -25,14 +25,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from sparsetron.kernels.varlen import flash_varlen_available
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
 from sparsetron.model.transformer import Transformer, active_params
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.init import SingleProcessInit
-from sparsetron.parallel.memory import AttentionPaths, memory_plan
 from sparsetron.parallel.parallelize import check_supported, parallelize
 from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
@@ -48,6 +46,7 @@ from sparsetron.train.distributed import (
     world_size_from_env,
 )
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
+from sparsetron.train.layout_plan import job_memory_plan
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
@@ -178,24 +177,7 @@ class Trainer:
         self.pipeline_split = parallelize(
             self.model, job.parallel, self.dims, self.mesh, job.data.seq_len, self.precision
         )
-        self.memory_plan = memory_plan(
-            self.model,
-            job.model,
-            job.attention,
-            job.moe,
-            self.dims,
-            tc.micro_batch_size,
-            job.data.seq_len,
-            self.precision.activation_dtype.itemsize,
-            job.parallel.activation_checkpointing == "full",
-            # The first stage of a pipeline keeps up to one micro-batch per stage in flight.
-            min(tc.grad_accum_steps, self.dims.pp),
-            paths=AttentionPaths(
-                flash=flash_varlen_available(self.device.type, self.precision.activation_dtype),
-                moba_kernels=self.device.type == "cuda",  # kernels.moba.moba_attention's own switch
-                cp_style=job.parallel.context_style,
-            ),
-        )
+        self.memory_plan = job_memory_plan(self.model, job, self.dims, self.precision, self.device.type)
         self.model.to_empty(device=self.device)
         split = self.pipeline_split
         with (
