@@ -23,6 +23,9 @@ setup(
         "megatron-core",
         "tokenizers",
         "rich",
+        # `sparsetron convert` reads and writes Hugging Face checkpoints (model.safetensors);
+        # transformers itself is not needed to convert, only to run the exported model.
+        "safetensors",
         # Checkpoint checksums (XXH3): maintained, wheels for every platform, and hashing
         # outruns reading the file, so verifying a checkpoint costs about one read of it.
         "xxhash",

@@ -18,6 +18,8 @@ from sparsetron.model.hf import HFFormatError, config_from_hf, config_to_hf, loa
 from sparsetron.model.params import active_params, num_params  # noqa: E402
 from sparsetron.model.transformer import Transformer  # noqa: E402
 from sparsetron.train.checkpoint import CheckpointManager  # noqa: E402
+from sparsetron.train.config import JobConfig  # noqa: E402
+from sparsetron.train.config_io import from_dict  # noqa: E402
 
 VOCAB = 96
 COMMON = dict(
@@ -367,6 +369,33 @@ def test_imported_checkpoint_resumes_training(tmp_path, capsys):
     assert main(["train", config, "--resume", "auto", *run]) == 0
     assert "done: step 1" in capsys.readouterr().out
     assert (ck / "step_00000001").is_dir()
+
+
+def test_a_trained_shipped_moe_recipe_exports_to_what_transformers_runs_alike(tmp_path, capsys):
+    # debug-qwen-moe, shrunk in data only, trained a step: its q/k/v biases have left their
+    # initial zeros, so the export carries trained values.
+    run = tmp_path / "run"
+    overrides = [
+        *("trainer.steps=1", "schedule.warmup_steps=0", "trainer.micro_batch_size=2", "trainer.eval_interval=0"),
+        *("data.max_documents=40", "data.seq_len=32", "metrics.console=none", "metrics.tensorboard=false"),
+        f"trainer.run_dir={run}",
+    ]
+    assert main(["train", "debug-qwen-moe", *(arg for item in overrides for arg in ("--set", item))]) == 0
+    out = tmp_path / "hf"
+    assert main(["convert", "--from", str(run / "checkpoints"), "--to", str(out), "--format", "hf"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+
+    manager = CheckpointManager(run / "checkpoints")
+    step = manager.latest()
+    job = from_dict(JobConfig, manager.read_config(step), "")
+    ours = Transformer(job.model, job.attention, job.moe).eval()
+    manager.load(step, ours)
+    assert ours.layers["0"].attention.wq.bias.abs().max() > 0
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    assert type(theirs) is transformers.Qwen2MoeForCausalLM
+    with torch.no_grad():
+        err = logits_error(ours(TOKENS), theirs(TOKENS).logits)
+    assert err <= 1e-5, f"relative error {err:.2e}"
 
 
 def test_cli_refuses_model_overrides(saved, tmp_path, capsys):

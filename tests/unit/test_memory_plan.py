@@ -78,7 +78,7 @@ def op_kept_bytes(op, attn_cfg, B, S, cp, rank, device="cpu", dtype=torch.float3
         ("tiny", ["attention.document_masking=false"]),  # SDPA, causal
         ("debug-dense", []),
         ("debug-deepseek", []),  # one k/v head per query head
-        ("debug-qwen-moe", []),  # qk-norm
+        ("debug-qwen-moe", ["attention.qk_norm=true"]),  # qk-norm, q/k/v biases, a gated shared expert
         ("tiny-moba", MOBA),  # MoBA's reference, then a full-attention layer
     ],
 )
