@@ -3,8 +3,9 @@
 Launch: `sparsetron train tiny` (see launch/cli.py), or from Python
 `Trainer(load_job_config("tiny")).run()`.
 
-Cheap checks come first (config, tokenizer, checkpoint to resume, data paths), so bad
-input fails before the model is built or anything is written.
+Cheap checks come first (config, that the run and checkpoint folders can be written, tokenizer,
+the run folder's lock, checkpoint to resume, disk space for a checkpoint, data paths), so bad
+input fails before the model is built; a refused run removes its lock and any folder it made.
 """
 
 from __future__ import annotations
