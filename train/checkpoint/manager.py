@@ -115,7 +115,10 @@ class CheckpointManager(ResumeFinder):
         renames of the swap is undone by the next manager built on this folder). After the
         commit the oldest complete checkpoints beyond `keep_last` are deleted (never the one
         just written, whose checksums were computed from the disk while committing it).
-        A rank failing at any point makes every rank raise the same CheckpointError.
+        A rank failing at any point makes every rank raise the same CheckpointError. Once
+        `require_space` has been called, a save that would not fit on some rank's disk raises
+        DiskFullError on every rank before anything is written, and a write that runs out of
+        space raises DiskFullError in one line (see disk_space.py).
         """
         self.wait()
         rank = _rank()
