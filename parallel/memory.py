@@ -75,8 +75,8 @@ TOKEN_ID = 8  # int64
 GIB = 1 << 30
 
 
-def format_size(n: int) -> str:
-    """Bytes in GiB (from 1 GiB on) or MiB, as the plan prints them."""
+def format_bytes(n: int) -> str:
+    """A byte count as people read it: GiB from 1 GiB on, MiB below."""
     return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / (1 << 20):.1f} MiB"
 
 
@@ -97,7 +97,7 @@ class MemoryPlan:
         return self.parameter_bytes + self.gradient_bytes + self.optimizer_bytes + self.activation_bytes
 
     def describe(self) -> str:
-        size = format_size
+        size = format_bytes
         return (
             f"memory per rank: parameters {self.parameters / 1e6:.2f}M = {size(self.parameter_bytes)}, "
             f"gradients {size(self.gradient_bytes)}, AdamW states {size(self.optimizer_bytes)}, "

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from sparsetron.model.config import ConfigError
-from sparsetron.parallel.memory import MemoryPlan, format_size
+from sparsetron.parallel.memory import MemoryPlan, format_bytes
 
 MEMINFO = Path("/proc/meminfo")
 REMEDY = (
@@ -56,16 +56,16 @@ def device_memory(device: torch.device) -> DeviceMemory | None:
     """What this rank may use on `device` now; None where it cannot be measured."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return DeviceMemory(free, total, f"{device} has {format_size(free)} free of {format_size(total)}")
+        return DeviceMemory(free, total, f"{device} has {format_bytes(free)} free of {format_bytes(total)}")
     if device.type != "cpu":
         return None
     available, total = _meminfo_bytes("MemAvailable"), _meminfo_bytes("MemTotal")
     if available is None or total is None:
         return None
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    source = f"this node has {format_size(available)} available of {format_size(total)} (MemAvailable)"
+    source = f"this node has {format_bytes(available)} available of {format_bytes(total)} (MemAvailable)"
     if ranks > 1:
-        source += f", {format_size(available // ranks)} for each of its {ranks} ranks"
+        source += f", {format_bytes(available // ranks)} for each of its {ranks} ranks"
     return DeviceMemory(available // ranks, total // ranks, source)
 
 

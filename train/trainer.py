@@ -3,8 +3,9 @@
 Launch: `sparsetron train tiny` (see launch/cli.py), or from Python
 `Trainer(load_job_config("tiny")).run()`.
 
-Cheap checks come first (config, tokenizer, checkpoint to resume, data paths), so bad
-input fails before the model is built or anything is written.
+Cheap checks come first (config, that the run and checkpoint folders can be written, tokenizer,
+the run folder's lock, checkpoint to resume, disk space for a checkpoint, data paths), so bad
+input fails before the model is built; a refused run removes its lock and any folder it made.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ import torch.distributed as dist
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
+from sparsetron.model.params import num_params
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.parallelize import parallelize
 from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
+from sparsetron.train.checkpoint.disk_space import checkpoint_bytes
 from sparsetron.train.config import JobConfig
 from sparsetron.train.config_io import dump_yaml
 from sparsetron.train.data import build_tokenizer, build_training_data
@@ -52,6 +55,7 @@ from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
 from sparsetron.train.progress import Progress
 from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
+from sparsetron.train.run_folder import RunLock, check_writable
 from sparsetron.train.schedule import build_scheduler
 from sparsetron.train.watchdog import Watchdog
 
@@ -112,6 +116,9 @@ class Trainer:
         # From here on trainer.grad_accum_steps and global_batch_size hold what this layout trains.
         self.global_batch_from_layout = job.trainer.global_batch_size == 0
         self.dims = resolve_layout(job, world_size_from_env())
+        # Every rank writes its checkpoint shard; rank 0 also the run folder's files.
+        check_writable(job.trainer.run_dir, "trainer.run_dir")
+        check_writable(job.checkpoint_folder(), "checkpoint.folder")
         self.device = local_device(resolve_device(job.trainer.device).type)
         self.precision = Precision.from_config(job.trainer.precision, self.device)
         self.tokenizer = build_tokenizer(job.data.tokenizer)
@@ -144,6 +151,9 @@ class Trainer:
         # The mesh's groups start with torch's default timeouts; start-up runs under init_timeout_s.
         set_collective_timeout(job.parallel.init_timeout_s)
         self.is_main = rank() == 0
+        # Held from before anything in the run folder is touched (the checkpoints' recovery too).
+        lock = self._closing.enter_context(RunLock(job.trainer.run_dir)) if self.is_main else None
+        self.run_folder_notes = [lock.notice] if lock is not None and lock.notice else []
 
         cc = job.checkpoint
         self.checkpoints = CheckpointManager(
@@ -162,6 +172,11 @@ class Trainer:
                 f"{self.checkpoints.folder} already holds checkpoints (newest: {self.checkpoints.latest().name}); "
                 "continue that run with --resume auto, or start a new one in another trainer.run_dir"
             )
+        if cc.interval or cc.save_final:
+            # Before the data is read: the size needs only the parameter count of the model on the meta device.
+            with torch.device("meta"):
+                parameters = num_params(Transformer(job.model, job.attention, job.moe))
+            self.checkpoints.require_space(checkpoint_bytes(parameters))
 
         tc = job.trainer
         dp_rank = self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
@@ -401,7 +416,7 @@ class Trainer:
             progress.message(f"global batch: {describe_global_batch(tc, self.dims.dp)}")
             for line in self.data.summary(tc.steps, tc.global_batch_size):
                 progress.message(line)
-            for line in _launch_facts() + self.resume_messages:
+            for line in _launch_facts() + self.run_folder_notes + self.resume_messages:
                 progress.message(line)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")

@@ -5,10 +5,12 @@ the verification over ranks and a rank failing inside a save are in tests/distri
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,13 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint.filesystem as dcp_filesystem
 import xxhash
 from torch import nn
 
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_of
 from sparsetron.train.checkpoint import manager as ckpt
 from sparsetron.train.checkpoint.checksums import share
+from sparsetron.train.checkpoint.disk_space import DiskFullError, checkpoint_bytes
 
+MIB = 1 << 20
 CONFIG_YAML = "model:\n  dim: 16\ntrainer:\n  steps: 10\n"
 
 
@@ -610,3 +615,120 @@ def test_kill_9_during_async_saves_never_leaves_a_checkpoint_auto_picks_and_cann
     assert loaded >= 1
     # The kills did land inside saves: their temporary folders are left (and never picked).
     assert any(p.name.startswith(".tmp_step_") for p in folder.iterdir())
+
+
+# ---- a full disk (the run-level checks are in test_disk_space.py) ----------------------------
+
+
+def failing_write(error: BaseException):
+    def write_item(*args, **kwargs):
+        raise error
+
+    return write_item
+
+
+@pytest.mark.parametrize(
+    "error, free, async_save, cause",
+    [
+        (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), None, False, "disk full"),
+        (OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), None, True, "disk quota exceeded"),
+        # torch's zip writer after a short write; the errno is lost, the disk is left full.
+        (
+            RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+            MIB,
+            False,
+            "disk full",
+        ),
+        # The same message with plenty of space is some other failure: reported as it is.
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), 1 << 40, False, None),
+    ],
+    ids=["ENOSPC", "EDQUOT-async", "zip-writer-full", "zip-writer-not-full"],
+)
+def test_a_write_that_runs_out_of_space_is_one_line_and_keeps_the_previous_checkpoint(
+    tmp_path, monkeypatch, error, free, async_save, cause
+):
+    model, opt = trained(seed=int.from_bytes(os.urandom(2), "little"))
+    manager = CheckpointManager(tmp_path, keep_last=1, async_save=async_save)
+    first = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    manager.wait()
+    expected = snapshot(model)
+    train_step(model, opt)
+
+    monkeypatch.setattr(dcp_filesystem, "_write_item", failing_write(error))
+    if free is not None:
+        monkeypatch.setattr(ckpt, "free_bytes", lambda folder: free)
+    with pytest.raises(CheckpointError) as raised:
+        manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+        manager.wait()
+    monkeypatch.undo()
+
+    message = str(raised.value)
+    if cause is None:
+        assert not isinstance(raised.value, DiskFullError)
+        assert "unexpected pos" in message
+    else:
+        assert isinstance(raised.value, DiskFullError)
+        assert message == (
+            f"{cause} at {tmp_path}; step_00000002 was not saved and its partial files are removed; "
+            "the newest checkpoint, step_00000001, is intact (free space, then --resume auto)"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+    model2, opt2 = fresh()
+    assert manager.load(manager.resolve("auto"), model2, opt2) == {"step": 1}
+    assert manager.resolve("auto") == first
+    assert_same(expected, snapshot(model2))
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """An 8 MiB tmpfs: a real filesystem that fills up (needs root allowed to mount, not every container)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk(small_tmpfs):
+    folder = small_tmpfs / "checkpoints"
+    torch.manual_seed(int.from_bytes(os.urandom(2), "little"))
+    model = saver_model()  # about 3 MB of weights and AdamW moments
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_step_2d(model, opt)
+    params = sum(p.numel() for p in model.parameters())
+
+    # Measured on the real filesystem: 8 MiB cannot hold the estimate (3 MB + the margin).
+    with pytest.raises(DiskFullError, match=rf"^checkpoint\.folder {folder} has [\d.]+ MiB free, a checkpoint needs"):
+        CheckpointManager(folder).require_space(checkpoint_bytes(params))
+
+    manager = CheckpointManager(folder)  # size unknown: no check before saving, as a racing writer would defeat it
+    first = manager.save(1, model, opt, {"step": 1}, CONFIG_YAML)
+    expected = snapshot(model)
+    train_step_2d(model, opt)
+    filler = small_tmpfs / "filler"
+    filler.write_bytes(bytes(shutil.disk_usage(small_tmpfs).free - MIB))
+    with pytest.raises(DiskFullError) as raised:
+        manager.save(2, model, opt, {"step": 2}, CONFIG_YAML)
+    assert str(raised.value) == (
+        f"disk full at {folder}; step_00000002 was not saved and its partial files are removed; "
+        "the newest checkpoint, step_00000001, is intact (free space, then --resume auto)"
+    )
+    assert sorted(p.name for p in folder.iterdir()) == ["step_00000001"]
+    filler.unlink()
+    restored = saver_model()
+    assert manager.load(first, restored, torch.optim.AdamW(restored.parameters(), lr=1e-3)) == {"step": 1}
+    assert_same(expected, snapshot(restored))
+
+
+def train_step_2d(model, opt):
+    model(torch.randn(4, 256)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)

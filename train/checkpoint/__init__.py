@@ -40,6 +40,7 @@ The package, one concern a module:
     state.py       the state dicts saved and loaded, and whether a checkpoint fits the model
     staging.py     the stager of asynchronous saves, reusing its CPU buffers
     checksums.py   file sizes and checksums in the marker, hashing split over the ranks
+    disk_space.py  a checkpoint's size, free space before each save, a full disk's one-line error
     group.py       the process-group helpers every collective here goes through
 """
 

@@ -23,6 +23,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
 from sparsetron.train.checkpoint.checksums import digest_share, marker_entries
+from sparsetron.train.checkpoint.disk_space import (
+    NO_SPACE,
+    DiskFullError,
+    disk_full,
+    disk_full_cause,
+    free_bytes,
+    too_small_at_start,
+)
 from sparsetron.train.checkpoint.folders import (
     CONFIG_FILE,
     DELETING_PREFIX,
@@ -77,6 +85,8 @@ class CheckpointManager(ResumeFinder):
         self._committer: ThreadPoolExecutor | None = None
         self._pending: tuple[Path, Future] | None = None
         self._stager = _ReusedBuffers() if async_save else None
+        self.checkpoint_bytes = 0
+        """Estimated bytes of one checkpoint (`require_space`); 0 = unknown, saves do not check free space."""
         if _rank() == 0:
             self._recover()
         # Every rank looks for checkpoints only after rank 0 has finished restoring them.
@@ -105,12 +115,20 @@ class CheckpointManager(ResumeFinder):
         renames of the swap is undone by the next manager built on this folder). After the
         commit the oldest complete checkpoints beyond `keep_last` are deleted (never the one
         just written, whose checksums were computed from the disk while committing it).
-        A rank failing at any point makes every rank raise the same CheckpointError.
+        A rank failing at any point makes every rank raise the same CheckpointError. Once
+        `require_space` has been called, a save that would not fit on some rank's disk raises
+        DiskFullError on every rank before anything is written, and a write that runs out of
+        space raises DiskFullError in one line (see disk_space.py).
         """
         self.wait()
         rank = _rank()
         final = self.folder / step_folder_name(step)
         tmp = self.folder / f"{TMP_PREFIX}{final.name}"
+        if self.checkpoint_bytes:
+            free = self.least_free_bytes()
+            if free < self.checkpoint_bytes:
+                what = f"{final.name} was not saved; {self._newest_intact()}"
+                raise DiskFullError(disk_full(NO_SPACE[1], self.folder, self.checkpoint_bytes, free, what))
 
         def prepare() -> None:
             if rank == 0:
@@ -147,7 +165,7 @@ class CheckpointManager(ResumeFinder):
                         dcp.save(state, checkpoint_id=tmp, process_group=self.group, no_dist=not _distributed())
                     except CheckpointException as err:
                         _reraise_interrupt(err)
-                        raise CheckpointError(f"saving {final} failed: {_summary(err)}") from err
+                        raise self._save_error(final, f"saving {final} failed: {_summary(err)}") from err
             if fresh:
                 # get_state_dict filled the optimizer's state by a zero step; undo it so
                 # that saving does not change what the next optimizer step computes.
@@ -180,8 +198,8 @@ class CheckpointManager(ResumeFinder):
             future.result()
         except CheckpointError:
             raise
-        except Exception as err:
-            raise CheckpointError(f"saving {final} in the background failed: {_summary(err)}") from err
+        except (Exception, CheckpointException) as err:
+            raise self._save_error(final, f"saving {final} in the background failed: {_summary(err)}") from err
         return final
 
     def _finish(self, step: int, tmp: Path, final: Path, fresh: bool, written: Future | None) -> None:
@@ -234,13 +252,41 @@ class CheckpointManager(ResumeFinder):
         result = None
         try:
             result = fn()
-        except Exception as err:
+        except (Exception, CheckpointException) as err:  # DCP's CheckpointException is a BaseException
             error = err
         pooled = _gather(self.group, (None if error is None else _summary(error), result))
         failed = [f"rank {r}: {message}" for r, (message, _) in enumerate(pooled) if message is not None]
         if failed:
-            raise CheckpointError(f"saving {final} failed while {what}: {'; '.join(failed)}") from error
+            raise self._save_error(final, f"saving {final} failed while {what}: {'; '.join(failed)}") from error
         return [value for _, value in pooled]
+
+    # ---- disk space (disk_space.py) --------------------------------------------------
+
+    def require_space(self, nbytes: int) -> None:
+        """Refuse now (DiskFullError, on every rank) unless one checkpoint of `nbytes` fits in the folder,
+        and check again before every later save."""
+        self.checkpoint_bytes = nbytes
+        refusal = too_small_at_start(self.folder, nbytes, self.least_free_bytes())
+        if refusal is not None:
+            raise DiskFullError(refusal)
+
+    def least_free_bytes(self) -> int:
+        """The least free space any rank sees at the folder (a collective)."""
+        return min(_gather(self.group, free_bytes(self.folder)))
+
+    def _newest_intact(self) -> str:
+        newest = self.latest()
+        if newest is None:
+            return "no earlier checkpoint exists"
+        return f"the newest checkpoint, {newest.name}, is intact (free space, then --resume auto)"
+
+    def _save_error(self, final: Path, message: str) -> CheckpointError:
+        """The error of a failed save of `final`: a one-line DiskFullError where its disk ran out, else `message`."""
+        cause = disk_full_cause(message, free_bytes(self.folder), self.checkpoint_bytes)
+        if cause is None:
+            return CheckpointError(message)
+        what = f"{final.name} was not saved and its partial files are removed; {self._newest_intact()}"
+        return DiskFullError(disk_full(cause, self.folder, self.checkpoint_bytes, None, what))
 
     def _prune(self, keep: Path) -> None:
         if self.keep_last <= 0:
