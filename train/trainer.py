@@ -416,7 +416,7 @@ class Trainer:
         # resumed run is about to write again.
         start_step = self.step if self.resume_from else None
         metrics = MetricsLogger(job.metrics, run_dir, enabled=self.is_main, start_step=start_step)
-        progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
+        progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, started=self._started)
         with self._stop_on_signals(), metrics, contextlib.closing(progress):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
             for line in _launch_facts() + self.resume_messages:
@@ -457,9 +457,9 @@ class Trainer:
                         "stopping without saving. Lower optimizer.lr or resume from the last checkpoint."
                     )
                 last = self.step == stop_at
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 if self.step % job.metrics.log_interval == 0 or last:
-                    elapsed = time.perf_counter() - window_start
-                    scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
+                    scalars = self._scalars(loss, grad_norm, tokens_per_s)
                     metrics.log(
                         self.step,
                         {**scalars, **self.loader.scalars()},
@@ -467,6 +467,11 @@ class Trainer:
                     )
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
+                else:
+                    # Figures already on the host: the redraw adds no device sync and writes no metrics.
+                    progress.update(
+                        self.step, {"loss": loss, "lr": self.last_lr, "tokens_per_s": tokens_per_s}, logged=False
+                    )
                 paused = time.perf_counter()
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.steps:
                     result.eval_losses[self.step] = self.evaluate()
@@ -476,7 +481,9 @@ class Trainer:
                 if interval and self.step % interval == 0:
                     result.checkpoint = self.save()
                 # Evaluation and saving are not training throughput.
-                window_start += time.perf_counter() - paused
+                pause = time.perf_counter() - paused
+                window_start += pause
+                progress.add_pause(pause)
             result.stopped_early = self.step < tc.steps
             if result.stopped_early:
                 result.stopped_by = self._stop_reason(stop_at)
