@@ -38,7 +38,7 @@ from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.config import JobConfig
-from sparsetron.train.config_io import dump_yaml
+from sparsetron.train.config_io import dump_yaml, to_dict
 from sparsetron.train.data import build_tokenizer, build_training_data
 from sparsetron.train.distributed import (
     local_device,
@@ -50,9 +50,11 @@ from sparsetron.train.distributed import (
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
+from sparsetron.train.profiling import StepProfiler
 from sparsetron.train.progress import Progress
 from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
 from sparsetron.train.schedule import build_scheduler
+from sparsetron.train.wandb_run import require_wandb
 from sparsetron.train.watchdog import Watchdog
 
 # Signals that stop a run at the end of the current step, with a save: SIGTERM (torchrun, a
@@ -105,6 +107,7 @@ class Trainer:
 
     def __init__(self, job: JobConfig, resume: str | None = None):
         self.job = job
+        require_wandb(job.metrics)
         self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
         self.dims = ParallelDims.from_config(job.parallel, world_size_from_env())
@@ -415,12 +418,19 @@ class Trainer:
         # Rank 0 alone writes metrics and the console. start_step drops TensorBoard points a
         # resumed run is about to write again.
         start_step = self.step if self.resume_from else None
-        metrics = MetricsLogger(job.metrics, run_dir, enabled=self.is_main, start_step=start_step)
+        metrics = MetricsLogger(
+            job.metrics, run_dir, enabled=self.is_main, start_step=start_step, run_config=to_dict(job)
+        )
         progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, started=self._started)
-        with self._stop_on_signals(), metrics, contextlib.closing(progress):
+        profiler = StepProfiler(
+            job.metrics.profile_steps, self.step, run_dir, self.device, rank(), self.dims.world_size
+        )
+        with self._stop_on_signals(), metrics, contextlib.closing(progress), contextlib.closing(profiler):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
             for line in _launch_facts() + self.resume_messages:
                 progress.message(line)
+            if profiler.notice:
+                progress.message(profiler.notice)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:
@@ -445,6 +455,7 @@ class Trainer:
                         f"step {self.step + 1}: MoBA layers switch to full attention for the last "
                         f"{tc.steps - self.step} steps (attention.moba_full_after={job.attention.moba_full_after})"
                     )
+                profiler.before_step(self.step + 1)
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
                 while self.loader.notices:
@@ -473,6 +484,9 @@ class Trainer:
                         self.step, {"loss": loss, "lr": self.last_lr, "tokens_per_s": tokens_per_s}, logged=False
                     )
                 paused = time.perf_counter()
+                written = profiler.after_step(self.step)
+                if written:
+                    progress.message(written)
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.steps:
                     result.eval_losses[self.step] = self.evaluate()
                     metrics.log(self.step, {"eval/loss": result.eval_losses[self.step]})
