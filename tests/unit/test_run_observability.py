@@ -15,7 +15,9 @@ from fake_terminal import FakeTerminal
 from sparsetron.launch.cli import main
 from sparsetron.model.config import ConfigError
 from sparsetron.train import progress as progress_module
+from sparsetron.train.config import MetricsConfig
 from sparsetron.train.config_io import load_job_config
+from sparsetron.train.metrics import MetricsLogger
 from sparsetron.train.profiling import StepProfiler
 from sparsetron.train.trainer import Trainer
 from sparsetron.train.wandb_run import ID_FILE
@@ -32,6 +34,30 @@ SHORT = [
 ]
 
 
+def wandb_in(folder, monkeypatch):
+    """W&B's files (runs, settings, caches) in `folder`, no API key, and its console quiet."""
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(folder))
+    monkeypatch.setenv("NETRC", str(folder / "netrc"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def wandb_teardown():
+    """Wait for wandb's service process to write its files and stop it: the next run starts
+    another, which reads the environment again (one process's settings are read once)."""
+    import wandb
+
+    wandb.teardown()
+
+
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    wandb_in(tmp_path / "wandb", monkeypatch)
+    yield tmp_path / "wandb"
+    wandb_teardown()
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Steps 1-3 (stopped at 3, profiling steps 2-3), then the resumed step 4, logging to W&B offline;
@@ -40,10 +66,8 @@ def runs(tmp_path_factory):
     run_dir, wandb_dir = tmp / "run", tmp / "wandb"
     consoles = []
     with pytest.MonkeyPatch.context() as mp:
+        wandb_in(wandb_dir, mp)
         mp.setenv("WANDB_MODE", "offline")
-        for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-            mp.setenv(name, str(wandb_dir))
-        mp.setenv("WANDB_SILENT", "true")
         mp.setattr(progress_module, "REDRAW_SECONDS", 0.0)
         results = []
         for extra, resume in ((["trainer.stop_at=3"], None), ([], "auto")):
@@ -54,6 +78,7 @@ def runs(tmp_path_factory):
                 [*SHORT, f"trainer.run_dir={run_dir}", "metrics.profile_steps=[2, 3]", "metrics.wandb=true", *extra],
             )
             results.append(Trainer(job, resume=resume).run())
+        wandb_teardown()
     return run_dir, wandb_dir, consoles, results
 
 
@@ -118,7 +143,7 @@ def test_profile_steps_are_checked(steps):
 
 
 def wandb_records(path):
-    """The records of a .wandb file: W&B's record log (LevelDB's log format: 32 KiB blocks of
+    """The records of a complete .wandb file: W&B's record log (LevelDB's log format: 32 KiB blocks of
     checksum, length and type headers) of protobuf Records."""
     from wandb.proto import wandb_internal_pb2
 
@@ -177,3 +202,23 @@ def test_wandb_without_the_package_is_refused_before_anything_is_built(tmp_path,
         "(or pip install wandb), or set metrics.wandb=false\n"
     )
     assert not (tmp_path / "run").exists()
+
+
+def test_wandb_mode_offline_wins_over_the_environment(tmp_path, wandb_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")
+    cfg = MetricsConfig(tensorboard=False, jsonl=False, wandb=True, wandb_mode="offline")
+    with MetricsLogger(cfg, tmp_path / "run") as logger:
+        logger.log(1, {"loss": 2.5})
+    wandb_teardown()
+    (folder,) = (wandb_dir / "wandb").glob("offline-run-*")
+    assert wandb_history(folder) == {1: {"loss": 2.5}}
+
+
+def test_wandb_that_cannot_start_says_how_to_log_offline(tmp_path, wandb_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "online")  # and no API key
+    with pytest.raises(
+        ConfigError,
+        match=r"^metrics.wandb: W&B did not start a run \(.*API key.*\); log in with `wandb login`, or log offline with WANDB_MODE=offline or metrics.wandb_mode=offline$",
+    ):
+        MetricsLogger(MetricsConfig(wandb=True), tmp_path / "run")
+    assert not (tmp_path / "run" / "tensorboard").exists()
