@@ -35,7 +35,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "datasets"],
+        # wandb: the tests check offline logging (tests/unit/test_run_observability.py).
+        "dev": ["pytest", "pytest-timeout", "ruff", "transformers", "datasets", "wandb"],
+        # metrics.wandb: Weights & Biases logging beside TensorBoard.
+        "wandb": ["wandb"],
     },
     entry_points={"console_scripts": ["sparsetron = sparsetron.launch.cli:main"]},
 )

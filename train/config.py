@@ -211,10 +211,26 @@ class MetricsConfig:
     """live: a progress line redrawn in place. plain: one line per log interval. auto: live on a terminal, plain otherwise."""
     peak_tflops: float = 0.0
     """Peak dense bf16 TFLOP/s of one accelerator for MFU (0 = look the device up; MFU is not reported on CPUs)."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[first, last]: record a torch.profiler trace of these steps (1-based, inclusive) on every rank into <trainer.run_dir>/profile/rank<r>_steps<first>-<last>.pt.trace.json, for Perfetto (ui.perfetto.dev) or TensorBoard's profiler plugin ([] = off). A resumed run records the part of the range it still runs."""
+    wandb: bool = False
+    """Also log the scalars to Weights & Biases (rank 0; needs `pip install 'sparsetron[wandb]'`). The W&B run is named after the run folder, and a resumed run continues it (its id is kept in <trainer.run_dir>/wandb_run_id)."""
+    wandb_project: str = "sparsetron"
+    """W&B project of metrics.wandb."""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    """auto: $WANDB_MODE if set (e.g. WANDB_MODE=offline), else online. offline: write the W&B run under $WANDB_DIR (else <trainer.run_dir>) with no network, for `wandb sync` later."""
 
-    def validate(self, prefix: str = "metrics") -> None:
+    def validate(self, steps: int, prefix: str = "metrics") -> None:
         check(self.log_interval >= 1, f"{prefix}.log_interval", f"must be >= 1, got {self.log_interval}")
         check(self.peak_tflops >= 0, f"{prefix}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
+        if self.profile_steps:
+            window = self.profile_steps
+            check(
+                len(window) == 2 and 1 <= window[0] <= window[1] <= steps,
+                f"{prefix}.profile_steps",
+                f"must be [first, last] with 1 <= first <= last <= trainer.steps={steps}, got {self.profile_steps}",
+            )
+        check(bool(self.wandb_project), f"{prefix}.wandb_project", "must not be empty")
 
 
 @dataclass
@@ -303,7 +319,7 @@ class JobConfig:
         self.optimizer.validate()
         self.schedule.validate(self.trainer.steps)
         self.checkpoint.validate()
-        self.metrics.validate()
+        self.metrics.validate(self.trainer.steps)
         self.parallel.validate()
         if self.moe.enabled:
             self.moe.dispatcher_for(self.parallel.expert)

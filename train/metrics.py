@@ -1,6 +1,7 @@
-"""Metric sinks: TensorBoard scalars and a JSONL file under the run folder.
+"""Metric sinks: TensorBoard scalars and a JSONL file under the run folder, and optionally
+Weights & Biases (train/wandb_run.py).
 
-Both append, so a resumed run continues the same files. Only one process (rank 0)
+All append, so a resumed run continues the same files (and W&B run). Only one process (rank 0)
 should write; others construct the logger with `enabled=False` and every call is a
 no-op there.
 """
@@ -18,6 +19,7 @@ from typing import Any
 import torch
 
 from sparsetron.train.config import MetricsConfig
+from sparsetron.train.wandb_run import WandbRun
 
 __all__ = ["MetricsLogger", "memory_stats"]
 
@@ -40,15 +42,21 @@ class MetricsLogger:
         run_dir: str | Path,
         enabled: bool = True,
         start_step: int | None = None,
+        run_config: dict[str, Any] | None = None,
     ):
+        """`run_config` (the whole job, as a dict) is logged to W&B with metrics.wandb."""
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self._writer = None
         self._jsonl = None
+        self._wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.wandb:
+            # First: it is the one sink that can refuse to start (no login), before files are opened.
+            self._wandb = WandbRun(cfg, self.run_dir, run_config or {}, resumed=start_step is not None)
         if cfg.tensorboard:
             # Imported here: tensorboard is slow to import and absent from some installs.
             from torch.utils.tensorboard import SummaryWriter
@@ -70,6 +78,8 @@ class MetricsLogger:
             for name, vector in vectors.items():
                 self._writer.add_histogram(name, vector, global_step=step)
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(step, values)
         if self._jsonl is not None:
             # Strict JSON has no NaN/inf: they become null so that any reader can parse the line.
             record = {"step": step, **{k: v if math.isfinite(v) else None for k, v in values.items()}}
@@ -78,7 +88,11 @@ class MetricsLogger:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """`failed`: the run ends with an error (W&B marks the run failed)."""
+        if self._wandb is not None:
+            self._wandb.finish(failed)
+            self._wandb = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -89,8 +103,8 @@ class MetricsLogger:
     def __enter__(self) -> MetricsLogger:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)
 
 
 def _to_float(value: Any) -> float:

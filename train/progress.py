@@ -1,7 +1,7 @@
-"""The console: one progress line per logged step, redrawn in place or printed plainly.
+"""The console: a progress line redrawn in place after every step, or printed plainly per logged step.
 
 Modes: "live" redraws a rich progress line (and an MoE line) in place; "plain" prints
-one compact line per `update`, fit for log files; "none" prints nothing; "auto" is
+one compact line per logged `update`, fit for log files; "none" prints nothing; "auto" is
 live on a terminal and plain otherwise.
 
 `update` looks for these scalar names (others are only logged): loss, lr,
@@ -32,24 +32,32 @@ NAMES = {
     "mfu": ("mfu", "train/mfu"),
     "eval_loss": ("eval/loss", "eval_loss", "train/eval_loss"),
 }
+# Between log intervals a live line is redrawn at most this often (seconds).
+REDRAW_SECONDS = 0.1
 # moe/<name> or moe/layer<i>/<name>
 MOE_KEY = re.compile(r"^moe/(?:layer(\d+)/)?(load_imbalance|aux_loss|z_loss|dropped_tokens)$")
 
 
 class Progress:
-    """Reports training progress; ETA comes from the steps run in this process only.
+    """Reports training progress: step, loss, learning rate, tokens/s, elapsed time and ETA.
 
-    The rate is measured from the first `update` on, so start-up work done before it
-    (compilation, data loading, a resumed run's earlier steps) does not distort it;
-    before a second update it falls back to the time since construction.
+    The loop calls `update` after every step: with all its scalars at a log interval, and with
+    `logged=False` (loss, learning rate, tokens/s so far) in between. Live mode redraws on each
+    (between log intervals at most every REDRAW_SECONDS, as a frame costs about a millisecond);
+    plain mode prints the logged ones only.
+
+    Elapsed time counts from `started` (the run's start; default: construction). The ETA's
+    rate counts only this process's training steps, from the end of its first one: start-up,
+    the step-0 evaluation and the first step's compilation and warm-up are left out, and so is
+    time passed to `add_pause` (evaluations, saves). There is no ETA before a second step ends.
     """
 
     def __init__(
         self,
         mode: str,
         total_steps: int,
-        start_step: int = 0,
         *,
+        started: float | None = None,
         file: TextIO | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -58,51 +66,58 @@ class Progress:
         self.file = file if file is not None else sys.stdout
         self.mode = _resolve_mode(mode, self.file)
         self.total_steps = total_steps
-        self.start_step = start_step
         self._clock = clock
-        self._t0 = clock()
-        self._first: tuple[float, int] | None = None
-        self._eval_loss: float | None = None
+        self._started = clock() if started is None else started
+        # (time, step, paused seconds so far) at the end of this process's first step.
+        self._first: tuple[float, int, float] | None = None
+        self._paused = 0.0
+        # Live mode shows each field's latest value (an evaluation's update carries only its loss).
+        self._latest: dict[str, float] = {}
+        self._moe: str | None = None
+        self._drawn_at = -math.inf
         self._live = None
         if self.mode == "live":
             self._start_live()
 
     # ---- timing --------------------------------------------------------------------
 
-    def elapsed(self) -> float:
-        return self._clock() - self._t0
+    def elapsed(self, now: float | None = None) -> float:
+        return (self._clock() if now is None else now) - self._started
+
+    def add_pause(self, seconds: float) -> None:
+        """Leave `seconds` spent outside training steps (evaluating, saving) out of the ETA's rate."""
+        self._paused += seconds
 
     def eta_seconds(self, step: int, now: float | None = None) -> float | None:
-        """Seconds left to `total_steps` at the rate of this process's steps so far."""
-        now = self._clock() if now is None else now
-        if self._first is not None and step > self._first[1]:
-            seconds_per_step = (now - self._first[0]) / (step - self._first[1])
-        elif step > self.start_step:
-            seconds_per_step = (now - self._t0) / (step - self.start_step)
-        else:
+        """Seconds left to `total_steps` at the rate of this process's steps since its first one."""
+        if self._first is None or step <= self._first[1]:
             return None
+        now = self._clock() if now is None else now
+        since, first_step, paused_then = self._first
+        seconds_per_step = (now - since - (self._paused - paused_then)) / (step - first_step)
         return max(self.total_steps - step, 0) * seconds_per_step
 
     # ---- output --------------------------------------------------------------------
 
-    def update(self, step: int, scalars: dict[str, Any]) -> None:
+    def update(self, step: int, scalars: dict[str, Any], *, logged: bool = True) -> None:
+        """Report the end of `step`; `logged=False` between log intervals (see the class)."""
         now = self._clock()
-        eval_loss = _lookup(scalars, "eval_loss")
-        if eval_loss is not None:
-            self._eval_loss = eval_loss
-        line = self.format_line(step, scalars, now)
-        moe = format_moe(scalars)
         if self._first is None:
-            self._first = (now, step)
-        if self.mode == "plain":
-            print(line, file=self.file, flush=True)
+            self._first = (now, step, self._paused)
+        if self.mode == "plain" and logged:
+            print(self.format_line(step, scalars, now), file=self.file, flush=True)
+            moe = format_moe(scalars)
             if moe:
                 print(moe, file=self.file, flush=True)
         elif self.mode == "live":
-            self._draw(step, line, moe)
+            self._latest.update({name: value for name in NAMES if (value := _lookup(scalars, name)) is not None})
+            self._moe = format_moe(scalars) or self._moe
+            if logged or now - self._drawn_at >= REDRAW_SECONDS:
+                self._drawn_at = now
+                self._draw(step, self.format_line(step, self._latest, now), self._moe)
 
     def format_line(self, step: int, scalars: dict[str, Any], now: float | None = None) -> str:
-        """`step   40/300 | loss 2.4512 | lr 2.9e-03 | 41.2k tok/s | eta 1m02s`, fields present only when known."""
+        """`step  40/300 | loss 2.4512 | lr 2.9e-03 | 41.2k tok/s | elapsed 1m02s | eta 6m43s`, fields present only when known."""
         now = self._clock() if now is None else now
         width = len(str(self.total_steps))
         parts = [f"step {step:>{width}}/{self.total_steps}"]
@@ -110,8 +125,6 @@ class Progress:
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         eval_loss = _lookup(scalars, "eval_loss")
-        if eval_loss is None and self.mode == "live":
-            eval_loss = self._eval_loss
         if eval_loss is not None:
             parts.append(f"eval {eval_loss:.4f}")
         lr = _lookup(scalars, "lr")
@@ -123,8 +136,7 @@ class Progress:
         mfu = _lookup(scalars, "mfu")
         if mfu is not None:
             parts.append(f"mfu {100 * mfu:.1f}%")
-        if self.mode == "live":
-            parts.append(f"elapsed {format_duration(now - self._t0)}")
+        parts.append(f"elapsed {format_duration(self.elapsed(now))}")
         eta = self.eta_seconds(step, now)
         if eta is not None:
             parts.append(f"eta {format_duration(eta)}")

@@ -38,7 +38,7 @@ from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.checkpoint.disk_space import checkpoint_bytes
 from sparsetron.train.config import JobConfig
-from sparsetron.train.config_io import dump_yaml
+from sparsetron.train.config_io import dump_yaml, to_dict
 from sparsetron.train.data import build_tokenizer, build_training_data
 from sparsetron.train.distributed import (
     local_device,
@@ -53,10 +53,12 @@ from sparsetron.train.layout import rank_memory_plan, resolve_layout
 from sparsetron.train.memory_fit import check_plan_fits, is_out_of_memory, out_of_memory
 from sparsetron.train.metrics import MetricsLogger, memory_stats
 from sparsetron.train.optim import build_optimizer
+from sparsetron.train.profiling import StepProfiler
 from sparsetron.train.progress import Progress
 from sparsetron.train.resume import compare_with_checkpoint, set_rng_state, train_state
 from sparsetron.train.run_folder import RunLock, check_writable
 from sparsetron.train.schedule import build_scheduler
+from sparsetron.train.wandb_run import require_wandb
 from sparsetron.train.watchdog import Watchdog
 
 # Signals that stop a run at the end of the current step, with a save: SIGTERM (torchrun, a
@@ -111,6 +113,7 @@ class Trainer:
     def __init__(self, job: JobConfig, resume: str | None = None, force: bool = False):
         self.job = job
         self.force = force
+        require_wandb(job.metrics)
         self._started = time.monotonic()  # trainer.max_hours counts from here
         # The layout is checked before any process group exists.
         # From here on trainer.grad_accum_steps and global_batch_size hold what this layout trains.
@@ -409,15 +412,22 @@ class Trainer:
         # Rank 0 alone writes metrics and the console. start_step drops TensorBoard points a
         # resumed run is about to write again.
         start_step = self.step if self.resume_from else None
-        metrics = MetricsLogger(job.metrics, run_dir, enabled=self.is_main, start_step=start_step)
-        progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, self.step)
-        with self._stop_on_signals(), metrics, contextlib.closing(progress):
+        metrics = MetricsLogger(
+            job.metrics, run_dir, enabled=self.is_main, start_step=start_step, run_config=to_dict(job)
+        )
+        progress = Progress(job.metrics.console if self.is_main else "none", tc.steps, started=self._started)
+        profiler = StepProfiler(
+            job.metrics.profile_steps, self.step, run_dir, self.device, rank(), self.dims.world_size
+        )
+        with self._stop_on_signals(), metrics, contextlib.closing(progress), contextlib.closing(profiler):
             progress.message(f"layout: {self.dims.describe()}; {self.memory_plan.describe()}")
             progress.message(f"global batch: {describe_global_batch(tc, self.dims.dp)}")
             for line in self.data.summary(tc.steps, tc.global_batch_size):
                 progress.message(line)
             for line in _launch_facts() + self.run_folder_notes + self.resume_messages:
                 progress.message(line)
+            if profiler.notice:
+                progress.message(profiler.notice)
             if self.resume_from is not None:
                 progress.message(f"resumed from {self.resume_from} at step {self.step}")
                 for line in self.changed_settings:
@@ -442,6 +452,7 @@ class Trainer:
                         f"step {self.step + 1}: MoBA layers switch to full attention for the last "
                         f"{tc.steps - self.step} steps (attention.moba_full_after={job.attention.moba_full_after})"
                     )
+                profiler.before_step(self.step + 1)
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
                 while self.loader.notices:
@@ -454,9 +465,9 @@ class Trainer:
                         "stopping without saving. Lower optimizer.lr or resume from the last checkpoint."
                     )
                 last = self.step == stop_at
+                tokens_per_s = window_tokens / max(time.perf_counter() - window_start, 1e-9)
                 if self.step % job.metrics.log_interval == 0 or last:
-                    elapsed = time.perf_counter() - window_start
-                    scalars = self._scalars(loss, grad_norm, window_tokens / max(elapsed, 1e-9))
+                    scalars = self._scalars(loss, grad_norm, tokens_per_s)
                     metrics.log(
                         self.step,
                         {**scalars, **self.loader.scalars()},
@@ -464,7 +475,15 @@ class Trainer:
                     )
                     progress.update(self.step, scalars)
                     window_start, window_tokens = time.perf_counter(), 0
+                else:
+                    # Figures already on the host: the redraw adds no device sync and writes no metrics.
+                    progress.update(
+                        self.step, {"loss": loss, "lr": self.last_lr, "tokens_per_s": tokens_per_s}, logged=False
+                    )
                 paused = time.perf_counter()
+                written = profiler.after_step(self.step)
+                if written:
+                    progress.message(written)
                 if (tc.eval_interval and self.step % tc.eval_interval == 0) or self.step == tc.steps:
                     result.eval_losses[self.step] = self.evaluate()
                     metrics.log(self.step, {"eval/loss": result.eval_losses[self.step]})
@@ -473,7 +492,9 @@ class Trainer:
                 if interval and self.step % interval == 0:
                     result.checkpoint = self.save()
                 # Evaluation and saving are not training throughput.
-                window_start += time.perf_counter() - paused
+                pause = time.perf_counter() - paused
+                window_start += pause
+                progress.add_pause(pause)
             result.stopped_early = self.step < tc.steps
             if result.stopped_early:
                 result.stopped_by = self._stop_reason(stop_at)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 import torch
+from fake_terminal import FakeTerminal
 
 from sparsetron.train.config import MetricsConfig
 from sparsetron.train.flops import flops_per_token, mfu, peak_tflops, peak_tflops_for_name
@@ -158,13 +160,23 @@ class FakeClock:
         return self.now
 
 
+@pytest.fixture
+def terminal(monkeypatch):
+    return FakeTerminal(monkeypatch)
+
+
 def test_plain_lines(capsys):
     clock = FakeClock()
-    progress = Progress("plain", total_steps=300, start_step=0, clock=clock)
-    clock.now += 62.0
+    progress = Progress("plain", total_steps=300, started=clock.now - 30.0, clock=clock)
+    clock.now += 2.0
+    # Between log intervals plain mode prints nothing; the ETA's rate counts from here.
+    progress.update(1, {"loss": 5.0}, logged=False)
+    clock.now += 39 * 2.0
     progress.update(40, {"loss": 2.45123, "lr": 2.9e-3, "tokens_per_s": 41_234.0})
     progress.message("saved step_00000040")
     clock.now += 10.0
+    progress.add_pause(10.0)  # the save
+    clock.now += 20.0
     progress.update(
         50,
         {
@@ -183,44 +195,98 @@ def test_plain_lines(capsys):
     )
     progress.close()
     lines = capsys.readouterr().out.splitlines()
-    # 62 s for 40 steps -> 1.55 s/step, 260 left -> 403 s.
-    assert lines[0] == "step  40/300 | loss 2.4512 | lr 2.9e-03 | 41.2k tok/s | eta 6m43s"
+    # 2 s per step since step 1, 260 left; elapsed counts from `started`.
+    assert lines[0] == "step  40/300 | loss 2.4512 | lr 2.9e-03 | 41.2k tok/s | elapsed 1m50s | eta 8m40s"
     assert lines[1] == "saved step_00000040"
-    # From the first update on: 10 s for 10 steps, 250 left.
-    assert lines[2] == "step  50/300 | loss 2.4000 | eval 2.3000 | eta 4m10s"
+    # The save's 10 s are not in the rate: (78 + 20) s for 49 steps, 250 left.
+    assert lines[2] == "step  50/300 | loss 2.4000 | eval 2.3000 | elapsed 2m20s | eta 8m20s"
     # Worst layer's imbalance, mean aux over layers, z left out (off), dropped summed.
     assert lines[3] == "  moe | load max/mean 1.35 (layer 2) | aux 1.5e-02 | dropped 7"
     assert len(lines) == 4
 
 
+def test_live_line_redraws_every_step_with_elapsed_time_and_an_eta_free_of_start_up(terminal):
+    rng = random.Random()
+    clock = FakeClock()
+    started = clock.now
+    clock.now += rng.uniform(60, 600)  # data and model before the console starts
+    progress = Progress("auto", total_steps=100, started=started, file=terminal, clock=clock)
+    assert progress.mode == "live"
+    clock.now += rng.uniform(60, 600)  # the step-0 evaluation
+    clock.now += rng.uniform(30, 300)  # the first step, compiling
+    progress.update(1, {"loss": 5.0, "lr": 1e-4, "tokens_per_s": 100.0}, logged=False)
+    seconds = rng.uniform(0.2, 5.0)
+    losses = {step: rng.uniform(1, 5) for step in range(2, 8)}
+    for step, loss in losses.items():
+        clock.now += seconds
+        progress.update(step, {"loss": loss, "lr": 1e-3, "tokens_per_s": 2000.0}, logged=False)
+    progress.close()
+
+    by_step = dict(zip(terminal.drawn_steps(), terminal.drawn_lines(), strict=True))
+    assert sorted(by_step) == list(range(1, 8))  # every step redrawn
+    assert "eta" not in by_step[1]  # no rate yet
+    for step, loss in losses.items():
+        line = by_step[step]
+        assert f"loss {loss:.4f}" in line and "2.0k tok/s" in line
+        assert f"elapsed {format_duration(clock.now - started - (7 - step) * seconds)}" in line
+        # The rate is that of the steps since the first: start-up, evaluation and compilation are left out.
+        assert line.endswith(f"eta {format_duration((100 - step) * seconds)}")
+
+
+def test_live_line_redraws_at_most_every_tenth_of_a_second_between_log_intervals(terminal):
+    clock = FakeClock()
+    progress = Progress("live", total_steps=1000, file=terminal, clock=clock)
+    for step in range(1, 101):
+        clock.now += 0.004
+        progress.update(step, {"loss": 2.0}, logged=step == 100)
+    progress.close()
+    steps = terminal.drawn_steps()
+    assert 4 <= len(set(steps)) <= 6  # 0.4 s of steps: the first, one per 0.1 s, the logged one
+    assert steps[0] == 1 and steps[-1] == 100
+
+
+def test_an_evaluation_keeps_the_live_line_fields(terminal):
+    clock = FakeClock()
+    progress = Progress("live", total_steps=10, file=terminal, clock=clock)
+    progress.update(5, {"loss": 2.5, "lr": 1e-3, "moe/layer0/load_imbalance": 1.5})
+    progress.update(5, {"eval/loss": 2.25})
+    clock.now += 1.0
+    progress.update(6, {"loss": 2.4}, logged=False)
+    progress.close()
+    lines = terminal.drawn_lines()
+    assert "loss 2.5000 | lr 1.0e-03" in lines[0]
+    assert "loss 2.5000 | eval 2.2500 | lr 1.0e-03" in lines[1]
+    assert "loss 2.4000 | eval 2.2500 | lr 1.0e-03" in lines[2]
+    assert terminal.getvalue().count("load max/mean 1.50") >= 3
+
+
 def test_eta_counts_only_this_process_steps():
     clock = FakeClock()
-    progress = Progress("none", total_steps=1000, start_step=900, clock=clock)
+    progress = Progress("none", total_steps=1000, clock=clock)
     assert progress.eta_seconds(900) is None
     clock.now += 20.0
-    # A resumed run: 10 steps in 20 s; 90 steps left -> 180 s (not 2 s/step over 910 steps).
-    assert progress.eta_seconds(910) == pytest.approx(180.0)
-    progress.update(910, {})
+    progress.update(901, {}, logged=False)  # a resumed run's first step
+    assert progress.eta_seconds(901) is None
     clock.now += 5.0
-    # After the first update the rate excludes start-up: 5 s for 10 steps.
-    assert progress.eta_seconds(920) == pytest.approx(40.0)
+    # 5 s for 10 steps; 89 left (not the time since construction, nor the 900 earlier steps).
+    assert progress.eta_seconds(911) == pytest.approx(44.5)
 
 
 def test_none_mode_is_silent_and_auto_is_plain_off_a_terminal(capsys):
-    quiet = Progress("none", total_steps=10, start_step=0)
+    quiet = Progress("none", total_steps=10)
     quiet.update(1, {"loss": 1.0})
     quiet.message("hello")
     assert capsys.readouterr().out == ""
-    assert Progress("auto", total_steps=10, start_step=0).mode == "plain"
+    assert Progress("auto", total_steps=10).mode == "plain"
     with pytest.raises(ValueError, match="progress mode"):
-        Progress("fancy", total_steps=10, start_step=0)
+        Progress("fancy", total_steps=10)
 
 
 def test_live_mode_draws_and_prints_messages():
     import io
 
     buffer = io.StringIO()
-    progress = Progress("live", total_steps=100, start_step=0, file=buffer)
+    progress = Progress("live", total_steps=100, file=buffer)
     progress.update(10, {"loss": 1.5, "moe/layer0/aux_loss": 0.01})
     progress.message("checkpoint saved")
     progress.close()
