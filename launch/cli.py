@@ -64,6 +64,11 @@ EXIT_INTERRUPTED = STOPPED_BY_SIGNAL["signal SIGINT"]
 THP_VAR = "THP_MEM_ALLOC_ENABLE"
 
 
+def _add_set_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    """The repeatable `--set SECTION.KEY=VALUE` of every command that reads a config."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE", help=help)
+
+
 def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
     parser.add_argument(
         "config",
@@ -71,14 +76,7 @@ def _add_config_args(parser: argparse.ArgumentParser, required: bool) -> None:
         metavar="CONFIG_OR_NAME",
         help=f"a YAML file or a shipped recipe ({', '.join(recipe_names())})",
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config value (repeatable); the value is read as YAML",
-    )
+    _add_set_arg(parser, "override one config value (repeatable); the value is read as YAML")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,14 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--batches", type=int, metavar="N", help="micro-batches to evaluate (default: trainer.eval_batches)"
     )
-    evaluate.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a value of the checkpoint's config (repeatable), e.g. trainer.device=cpu",
-    )
+    _add_set_arg(evaluate, "override a value of the checkpoint's config (repeatable), e.g. trainer.device=cpu")
 
     plot = commands.add_parser(
         "plot",
@@ -246,13 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", dest="target", required=True, metavar="DIR", help="new (or empty) folder to write")
     convert.add_argument("--format", required=True, choices=("hf", "sparsetron"), help="format to write")
     convert.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="tensor dtype of an hf export")
-    convert.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="sparsetron target: set a data/trainer/... value of its config.yaml (repeatable), as `train --set`",
+    _add_set_arg(
+        convert, "sparsetron target: set a data/trainer/... value of its config.yaml (repeatable), as `train --set`"
     )
 
     upcycle = commands.add_parser(
@@ -266,14 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upcycle.add_argument("--recipe", required=True, metavar="CONFIG_OR_NAME", help="the MoE recipe to upcycle into")
     upcycle.add_argument("--out", required=True, metavar="DIR", help="new (or empty) checkpoint folder to write")
-    upcycle.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one value of the recipe (repeatable); give the same ones to `train`",
-    )
+    _add_set_arg(upcycle, "override one value of the recipe (repeatable); give the same ones to `train`")
     upcycle.add_argument(
         "--router",
         choices=("auto", "virtual_groups", "zero"),

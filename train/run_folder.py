@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sparsetron.model.config import ConfigError
+from sparsetron.train.processes import pid_alive
 
 LOCK_FILE = "run.lock"
 # torchrun's TORCHELASTIC_RUN_ID when no --rdzv-id was given: the same for unrelated launches.
@@ -106,20 +107,10 @@ class LockHolder:
         return f"host {self.host}, PID {self.pid}, started {self.started}" + (f" ({', '.join(jobs)})" if jobs else "")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def stale_reason(holder: LockHolder, me: LockHolder) -> str | None:
     """Why `holder`'s lock may be taken over by `me` (see the module docstring), or None when it may not."""
     if holder.host == me.host:
-        return None if _alive(holder.pid) else "whose process is gone"
+        return None if pid_alive(holder.pid) else "whose process is gone"
     if holder.slurm_job and holder.slurm_job == me.slurm_job:
         return f"of this same SLURM job {me.slurm_job} (requeued)"
     if holder.torchrun_run and holder.torchrun_run == me.torchrun_run:

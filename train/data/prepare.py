@@ -50,6 +50,7 @@ from sparsetron.train.data.inputs import (
 )
 from sparsetron.train.data.skipped import MAX_SKIPPED_FRACTION, Tally, check_tallies, skipped_lines
 from sparsetron.train.data.tokenizer import build_tokenizer, token_dtype
+from sparsetron.train.processes import pid_alive
 from sparsetron.train.progress import format_duration, format_rate
 
 __all__ = ["PrepareResult", "default_workers", "prepare"]
@@ -204,18 +205,8 @@ def _remove_stale_partials(prefix: str) -> None:
     pattern = re.compile(re.escape(os.path.basename(prefix)) + r"\.(bin|idx|lengths)" + re.escape(PARTIAL) + r"(\d+)$")
     for name in os.listdir(folder):
         match = pattern.match(name)
-        if match and not _alive(int(match.group(2))):
+        if match and not pid_alive(int(match.group(2))):
             os.remove(os.path.join(folder, name))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, under another user
-    return True
 
 
 # ---------------------------------------------------------------- the run
