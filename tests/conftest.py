@@ -2,7 +2,7 @@
 without one Triton kernels run in its interpreter (decided when a kernel is defined, so here,
 before any test imports one). Data tokenized at train time is cached in a temporary folder of
 this session (SPARSETRON_DATA_CACHE, inherited by the processes tests launch), never in ~/.cache. Time-outs scale by
-SPARSETRON_TEST_TIMEOUT_SCALE (tests/slowdown.py). The tests' shared helpers (tolerance.py, moba_tolerance.py), and
+SPARSETRON_TEST_TIMEOUT_SCALE (tests/slowdown.py); the summary ends with each tier's time. The tests' shared helpers (tolerance.py, moba_tolerance.py), and
 benchmarks/report.py which the benchmark scripts the tests load import, are importable by name."""
 
 import os
@@ -42,6 +42,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_TIER_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Adds up each tier's time (tests/unit, tests/distributed, tests/gpu: set-up, call and tear-down)."""
+    parts = report.nodeid.split("/")
+    tier = parts[1] if len(parts) > 2 and parts[0] == "tests" else parts[0]
+    _TIER_SECONDS[tier] = _TIER_SECONDS.get(tier, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line of each tier's time, for the README's account of what the suite costs."""
+    if _TIER_SECONDS:
+        tiers = ", ".join(f"{tier} {seconds / 60:.1f} min" for tier, seconds in sorted(_TIER_SECONDS.items()))
+        terminalreporter.write_line(f"time per tier: {tiers}")
 
 
 @pytest.fixture(autouse=True)
