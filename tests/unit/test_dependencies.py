@@ -1,6 +1,8 @@
 """Every third-party module the package imports is installed by `pip install .` (setup.py's
 install_requires), so no command fails with a missing module after the README's install: the
-test and dev tools (transformers, datasets, pytest) stay out of the package's own code."""
+test and dev tools (transformers, datasets, pytest) stay out of the package's own code. The one
+exception is an optional feature's package, named by an extra of its own (`wandb`), which the
+feature asks for by name when it is missing (tests/unit/test_run_observability.py)."""
 
 import ast
 import importlib.metadata
@@ -12,12 +14,27 @@ ROOT = Path(__file__).resolve().parents[2]
 NOT_INSTALLED = {"tests", "benchmarks"}  # setup.py's find_packages excludes them
 
 
+def setup_keyword(name: str):
+    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
+        if isinstance(node, ast.keyword) and node.arg == name:
+            return ast.literal_eval(node.value)
+    raise AssertionError(f"setup.py has no {name}")
+
+
+def distributions(requirements: list[str]) -> set[str]:
+    return {normalised(re.split(r"[<>=;\[ ]", req)[0]) for req in requirements}
+
+
 def install_requires() -> set[str]:
     """The distribution names of setup.py's install_requires, normalised."""
-    for node in ast.walk(ast.parse((ROOT / "setup.py").read_text())):
-        if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            return {normalised(re.split(r"[<>=;\[ ]", ast.literal_eval(req))[0]) for req in node.value.elts}
-    raise AssertionError("setup.py has no install_requires")
+    return distributions(setup_keyword("install_requires"))
+
+
+def optional_features() -> set[str]:
+    """The distributions of setup.py's extras other than `dev`: each an optional feature's own."""
+    return distributions(
+        [req for extra, reqs in setup_keyword("extras_require").items() if extra != "dev" for req in reqs]
+    )
 
 
 def normalised(distribution: str) -> str:
@@ -46,7 +63,7 @@ def imported_modules() -> dict[str, set[str]]:
 
 
 def test_every_imported_package_is_an_install_requirement():
-    required = install_requires()
+    required = install_requires() | optional_features()
     providers = importlib.metadata.packages_distributions()
     missing = {
         module: sorted(files)
@@ -54,4 +71,5 @@ def test_every_imported_package_is_an_install_requirement():
         if not {normalised(d) for d in providers.get(module, [module])} & required
     }
     assert not missing, f"imported but not in setup.py's install_requires: {missing}"
-    assert "safetensors" in required  # `convert` reads and writes model.safetensors
+    assert "safetensors" in install_requires()  # `convert` reads and writes model.safetensors
+    assert optional_features() == {"wandb"}
