@@ -25,7 +25,14 @@ def check(condition: bool, key: str, message: str) -> None:
 class ModelConfig:
     """Shape of the decoder-only transformer."""
 
-    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = ("vocab_size", "dim", "n_layers", "ffn_hidden", "tie_embeddings")
+    SHAPE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "vocab_size",
+        "dim",
+        "n_layers",
+        "ffn_hidden",
+        "tie_embeddings",
+        "mtp_depth",
+    )
 
     vocab_size: int = 0
     """Embedding rows. 0 = the tokenizer's vocabulary, rounded up to a multiple of 64."""
@@ -43,6 +50,10 @@ class ModelConfig:
     """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2 n_layers)."""
     max_seq_len: int = 4096
     """Longest sequence the rotary tables are built for."""
+    mtp_depth: int = 0
+    """Multi-token prediction (DeepSeek-V3, Ling 2.0): this many sequential modules after the last block, module k predicting the token k + 1 positions ahead (norms of the previous depth's hidden state and of the next token's embedding, a 2D -> D projection of both, one transformer block like the model's last, its own final norm and the shared output head). Training adds their loss; the next-token loss, eval and generation are unchanged. 0 = off."""
+    mtp_loss_weight: float = 0.3
+    """Multi-token prediction: the training loss adds mtp_loss_weight / mtp_depth x the sum of the depths' losses (DeepSeek-V3: 0.3, later 0.1)."""
 
     def validate(self, prefix: str = "model") -> None:
         check(self.vocab_size >= 0, f"{prefix}.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")
@@ -51,6 +62,8 @@ class ModelConfig:
             check(value > 0, f"{prefix}.{name}", f"must be a positive integer, got {value}")
         check(self.norm_eps > 0, f"{prefix}.norm_eps", f"must be > 0, got {self.norm_eps}")
         check(self.init_std > 0, f"{prefix}.init_std", f"must be > 0, got {self.init_std}")
+        check(self.mtp_depth >= 0, f"{prefix}.mtp_depth", f"must be >= 0 (0 = off), got {self.mtp_depth}")
+        check(self.mtp_loss_weight >= 0, f"{prefix}.mtp_loss_weight", f"must be >= 0, got {self.mtp_loss_weight}")
 
 
 @dataclass

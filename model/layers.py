@@ -1,4 +1,5 @@
-"""Building blocks shared by the transformer: RMSNorm, the SwiGLU FFN, rotary positions.
+"""Building blocks shared by the transformer: RMSNorm, the SwiGLU FFN, rotary positions, and
+`AttachLoss`, which adds a side loss to the backward.
 
 Shape legend: B batch, S sequence, D model dim, H heads, d head dim, F FFN hidden.
 """
@@ -18,6 +19,24 @@ def as_computed(weight: torch.Tensor) -> torch.Tensor:
     if torch.is_autocast_enabled(device_type):
         return weight.to(torch.get_autocast_dtype(device_type))
     return weight
+
+
+class AttachLoss(torch.autograd.Function):
+    """`AttachLoss.apply(y, loss, scale)` returns y unchanged; in backward, gives `loss` the gradient `scale`.
+
+    This puts a side loss (MoE balancing losses, multi-token prediction) into the backward pass
+    without changing what forward returns, so no caller (step runner, pipeline schedule,
+    evaluation) has to collect and add it.
+    """
+
+    @staticmethod
+    def forward(ctx, y, loss, scale):
+        ctx.loss_dtype, ctx.loss_device, ctx.scale = loss.dtype, loss.device, scale
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        return grad_y, torch.full((), ctx.scale, dtype=ctx.loss_dtype, device=ctx.loss_device), None
 
 
 class RMSNorm(nn.Module):

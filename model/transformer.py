@@ -27,48 +27,13 @@ import math
 import torch
 from torch import nn
 
-from sparsetron.model.attention import Attention
+from sparsetron.model.block import Block, uses_moe
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
-from sparsetron.model.layers import FeedForward, RMSNorm
-from sparsetron.model.moe.layer import MoE
+from sparsetron.model.layers import RMSNorm
 from sparsetron.model.params import active_params, num_params
 from sparsetron.model.sequence import SequenceInfo
 
 __all__ = ["Block", "SequenceInfo", "Transformer", "active_params", "num_params", "run_pieces", "uses_moe"]
-
-
-def uses_moe(layer_id: int, moe_cfg: MoEConfig | None) -> bool:
-    """Whether block `layer_id` has a MoE layer rather than a dense FFN."""
-    return moe_cfg is not None and moe_cfg.enabled and layer_id >= moe_cfg.first_k_dense
-
-
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
-
-    def __init__(
-        self, layer_id: int, model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None
-    ):
-        super().__init__()
-        self.layer_id = layer_id
-        self.is_moe = uses_moe(layer_id, moe_cfg)
-        self.attention_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
-        self.attention = Attention(model_cfg.dim, attn_cfg, model_cfg, layer_id)
-        self.ffn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
-        if self.is_moe:
-            self.feed_forward = MoE(model_cfg.dim, model_cfg, moe_cfg)
-        else:
-            self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
-
-    def forward(self, x_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), seq)
-        return h_BSD + self.feed_forward(self.ffn_norm(h_BSD))
-
-    @torch.no_grad()
-    def init_weights(self, std: float, out_std: float) -> None:
-        self.attention_norm.init_weights()
-        self.attention.init_weights(std, out_std)
-        self.ffn_norm.init_weights()
-        self.feed_forward.init_weights(std, out_std)
 
 
 class Transformer(nn.Module):

@@ -50,8 +50,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from sparsetron.model.block import uses_moe
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
-from sparsetron.model.transformer import uses_moe
 
 __all__ = ["TIE_BREAK", "UpcycleError", "UpcyclePlan", "UpcycleWarning", "plan_upcycle", "upcycle"]
 

@@ -63,8 +63,8 @@ from dataclasses import dataclass
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from sparsetron.model.block import uses_moe
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
-from sparsetron.model.transformer import uses_moe
 from sparsetron.parallel.dims import ParallelDims
 
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 like the parameters

@@ -53,10 +53,11 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
+from sparsetron.model.block import Block
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import TokenSplit
 from sparsetron.model.moe.layer import MoE
-from sparsetron.model.transformer import Block, Transformer
+from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.collectives import sum_over
 
 __all__ = ["apply_tp", "check_tp", "sum_grads_over_tp"]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from sparsetron.model.config import ConfigError, ModelConfig, MoEConfig
-from sparsetron.model.layers import FeedForward
+from sparsetron.model.layers import AttachLoss, FeedForward
 from sparsetron.model.moe.balancing import Reducer, TokenSplit, expert_counts, load_balancing_loss, router_z_loss
 from sparsetron.model.moe.dispatch import Dispatcher, LocalDispatcher
 from sparsetron.model.moe.experts import GroupedExperts
@@ -37,23 +37,6 @@ class MoEStats:
     """Set by `accumulate_stats` once these numbers are in the step accumulators."""
     micro_batches: int = 1
     """Forwards these numbers cover: 1 for a forward, the micro-batches accumulated for a step."""
-
-
-class _AttachLoss(torch.autograd.Function):
-    """Returns y unchanged; in backward, gives `loss` the gradient `scale`.
-
-    This puts the balancing losses into the backward pass without changing what forward
-    returns, so no caller (trainer, pipeline schedule) has to collect and add them.
-    """
-
-    @staticmethod
-    def forward(ctx, y, loss, scale):
-        ctx.loss_dtype, ctx.loss_device, ctx.scale = loss.dtype, loss.device, scale
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        return grad_y, torch.full((), ctx.scale, dtype=ctx.loss_dtype, device=ctx.loss_device), None
 
 
 class MoE(nn.Module):
@@ -144,7 +127,7 @@ class MoE(nn.Module):
         losses = [loss for loss in (aux_loss, z_loss) if loss is not None]
         if losses and torch.is_grad_enabled():
             averaged = self.token_split.averaged if self.token_split is not None else 1
-            y_TD = _AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale * averaged)
+            y_TD = AttachLoss.apply(y_TD, sum(losses), self.aux_loss_scale * averaged)
 
         training = self.training and torch.is_grad_enabled()
         with torch.no_grad():
