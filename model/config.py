@@ -117,14 +117,15 @@ class AttentionConfig:
         """Whether layer `layer_id` of `n_layers` runs MoBA (before the moba_full_after switch)."""
         return layer_id not in self.full_attention_layers(n_layers)
 
-    def attended_keys(self, n_layers: int, seq_len: int, moba: bool = True) -> list[float]:
+    def attended_keys(self, n_layers: int, seq_len: int, moba: bool = True, extra_layers: int = 0) -> list[float]:
         """Per layer, the mean number of keys a query of a causal sequence of `seq_len` tokens
         attends: seq_len / 2 under full attention (the FLOP-count convention), and for a MoBA layer
         (unless `moba` is False: after the switch) its current block's keys up to the query plus
-        topk - 1 whole past blocks where it has them, never more than seq_len / 2."""
+        topk - 1 whole past blocks where it has them, never more than seq_len / 2. `extra_layers`
+        appends the layers numbered n_layers and up (multi-token prediction blocks)."""
         full = seq_len / 2
         if not moba or self.backend != "moba":
-            return [full] * n_layers
+            return [full] * (n_layers + extra_layers)
         B, K = self.moba_block_size, self.moba_topk
         total = 0
         for start in range(0, seq_len, B):
@@ -132,7 +133,7 @@ class AttentionConfig:
             # Query i of block b reads i + 1 keys of its own block and min(K - 1, b) past blocks.
             total += size * (size + 1) // 2 + size * min(K - 1, start // B) * B
         sparse = min(full, total / seq_len)
-        return [sparse if self.uses_moba(i, n_layers) else full for i in range(n_layers)]
+        return [sparse if self.uses_moba(i, n_layers) else full for i in range(n_layers + extra_layers)]
 
     def moba_switch_step(self, steps: int) -> int | None:
         """The first (0-based) optimizer step of `steps` at which MoBA layers run full attention,

@@ -31,29 +31,40 @@ def _swiglu(dim: int, hidden: int) -> int:
 def active_params(model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None) -> int:
     """Parameters one token's forward multiplies with: every dense weight, the router, the shared
     experts, the dispatch projections (moe.dispatch_dim) and top_k x granularity routed experts
-    per MoE layer, and the output head. The input
-    embedding is left out, as in `num_params(model, exclude_embeddings=True)`, which this equals
-    for a dense model.
+    per MoE layer, the output head, and the multi-token prediction depths (each a block, its norms,
+    its 2D -> D projection and one more pass through the head). The input embedding is left out,
+    as in `num_params(model, exclude_embeddings=True)`, which this equals for a dense model.
     """
+    D = model_cfg.dim
+    head = D + D * model_cfg.vocab_size  # final norm, output head
+    blocks = sum(_block_active_params(i, model_cfg, attn_cfg, moe_cfg) for i in range(model_cfg.n_layers))
+    n = model_cfg.n_layers
+    mtp = sum(
+        _block_active_params(n + k, model_cfg, attn_cfg, moe_cfg) + 2 * D + 2 * D * D + head
+        for k in range(model_cfg.mtp_depth)
+    )
+    return blocks + head + mtp
+
+
+def _block_active_params(
+    layer_id: int, model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None
+) -> int:
     D = model_cfg.dim
     H, K, d = attn_cfg.n_heads, attn_cfg.kv_heads(), attn_cfg.head_size(D)
     attention = D * H * d + 2 * D * K * d + H * d * D + (2 * d if attn_cfg.qk_norm else 0)
     if attn_cfg.qkv_bias:
         attention += H * d + 2 * K * d
-    norms = 2 * D
-    total = 0
-    for layer_id in range(model_cfg.n_layers):
-        total += attention + norms
-        if moe_cfg is not None and moe_cfg.enabled and layer_id >= moe_cfg.first_k_dense:
-            hidden, R = moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
-            total += D * moe_cfg.routed_experts  # router
-            if moe_cfg.dispatch_dim:
-                total += 2 * D * R  # the descending and ascending projections
-            total += moe_cfg.experts_per_token * _swiglu(R, hidden)
-            if moe_cfg.n_shared_experts:
-                total += _swiglu(D, moe_cfg.n_shared_experts * hidden)
-                if moe_cfg.shared_expert_gate:
-                    total += D
-        else:
-            total += _swiglu(D, model_cfg.ffn_hidden)
-    return total + D + D * model_cfg.vocab_size  # final norm, output head
+    total = attention + 2 * D  # and the two norms
+    if moe_cfg is not None and moe_cfg.enabled and layer_id >= moe_cfg.first_k_dense:
+        hidden, R = moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
+        total += D * moe_cfg.routed_experts  # router
+        if moe_cfg.dispatch_dim:
+            total += 2 * D * R  # the descending and ascending projections
+        total += moe_cfg.experts_per_token * _swiglu(R, hidden)
+        if moe_cfg.n_shared_experts:
+            total += _swiglu(D, moe_cfg.n_shared_experts * hidden)
+            if moe_cfg.shared_expert_gate:
+                total += D
+    else:
+        total += _swiglu(D, model_cfg.ffn_hidden)
+    return total

@@ -11,6 +11,9 @@ context parallelism split it afterwards, pipeline stages each receive it):
   varlen attention and MoBA take,
 - the longest document, which varlen kernels size their grids by.
 
+A training step adds the multi-token prediction targets (`mtp`, model/mtp.py): built on the whole
+sequence too, and sharded and handed to every stage with the rest.
+
 Context parallelism gives each rank a share of every row (`model.sequence_shard.shard_sequence`):
 its SequenceInfo holds the rotary positions of its own tokens and a `ContextShard` (`context`)
 with the whole description; doc_ids, cu_seqlens and max_seqlen stay those of the whole batch.
@@ -29,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
+    from sparsetron.model.mtp import MTPTargets
     from sparsetron.model.sequence_shard import ContextShard
 
 
@@ -64,6 +68,9 @@ class SequenceInfo:
     context: ContextShard | None = None
     """This rank's share of the whole sequences under context parallelism (positions_BS are then its
     tokens' only), else None."""
+    mtp: MTPTargets | None = None
+    """A training step's multi-token prediction inputs and targets (model/mtp.py), sharded like the
+    positions; None otherwise (evaluation, generation, models without MTP)."""
 
     @classmethod
     def build(
@@ -100,4 +107,7 @@ class SequenceInfo:
         if self.context is not None:
             raise ValueError("move the whole SequenceInfo, then shard it (model.sequence_shard.shard_sequence)")
         doc_ids = self.doc_ids_BS.to(device) if self.doc_ids_BS is not None else None
-        return SequenceInfo(self.positions_BS.to(device), doc_ids, self.cu_seqlens_N.to(device), self.max_seqlen)
+        mtp = self.mtp.to(device) if self.mtp is not None else None
+        return SequenceInfo(
+            self.positions_BS.to(device), doc_ids, self.cu_seqlens_N.to(device), self.max_seqlen, mtp=mtp
+        )

@@ -123,4 +123,7 @@ def shard_sequence(whole: SequenceInfo, rank: int, ranks: int) -> SequenceInfo:
     )
     order_S = zigzag_order(S, ranks, device)
     shard = ContextShard(whole, ranks, index_S, order_S, torch.argsort(order_S), chunks)
-    return SequenceInfo(whole.positions_BS[:, index_S], whole.doc_ids_BS, whole.cu_seqlens_N, whole.max_seqlen, shard)
+    mtp = whole.mtp.shard(index_S, ranks) if whole.mtp is not None else None
+    return SequenceInfo(
+        whole.positions_BS[:, index_S], whole.doc_ids_BS, whole.cu_seqlens_N, whole.max_seqlen, shard, mtp
+    )

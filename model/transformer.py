@@ -30,6 +30,7 @@ from torch import nn
 from sparsetron.model.block import Block, uses_moe
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
 from sparsetron.model.layers import RMSNorm
+from sparsetron.model.mtp import MultiTokenPrediction
 from sparsetron.model.params import active_params, num_params
 from sparsetron.model.sequence import SequenceInfo
 
@@ -52,6 +53,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(i, model_cfg, attn_cfg, moe_cfg) for i in range(model_cfg.n_layers)})
         self.norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         self.output = nn.Linear(model_cfg.dim, model_cfg.vocab_size, bias=False)
+        self.mtp = MultiTokenPrediction(model_cfg, attn_cfg, moe_cfg) if model_cfg.mtp_depth else None
         self._tie_embeddings()
         self._share_rope_tables()
 
@@ -68,7 +70,7 @@ class Transformer(nn.Module):
                 f"{list(tokens_BS.shape[:2])}: build it from this batch (Transformer.sequence_info)"
             )
         self._check_length(seq.seq_len)
-        return run_pieces(tokens_BS, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output)
+        return run_pieces(tokens_BS, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output, self.mtp)
 
     def sequence_info(self, tokens_BS: torch.Tensor, doc_ids_BS: torch.Tensor | None = None) -> SequenceInfo:
         """The `SequenceInfo` of a batch of token ids [B, S] whose rows hold the documents `doc_ids_BS`
@@ -90,7 +92,8 @@ class Transformer(nn.Module):
         # stream's variance independent of depth (GPT-2).
         out_std = std / math.sqrt(2 * self.model_cfg.n_layers)
         self._tie_embeddings()
-        # Fixed order: embedding, blocks by index, final norm, head.
+        # Fixed order: embedding, blocks by index, final norm, head, multi-token prediction (last, so
+        # that the main model's initial values do not depend on it).
         if self.tok_embeddings is not None:
             nn.init.normal_(self.tok_embeddings.weight, std=std)
         if self.layers is not None:
@@ -101,6 +104,8 @@ class Transformer(nn.Module):
             self.norm.init_weights()
         if self.output is not None and not self._is_tied():
             nn.init.normal_(self.output.weight, std=std)
+        if self.mtp is not None:
+            self.mtp.init_weights(std, out_std)
         self._share_rope_tables()
 
     def _is_tied(self) -> bool:
@@ -118,7 +123,10 @@ class Transformer(nn.Module):
     def _share_rope_tables(self) -> None:
         # Every layer's rotary tables are equal; one copy saves max_seq_len * head_dim * 4 bytes
         # per layer, which is tens of MB per layer at long context.
-        attentions = [layer.attention for layer in self.layers.values() if layer is not None] if self.layers else []
+        blocks = [layer for layer in self.layers.values() if layer is not None] if self.layers else []
+        if self.mtp is not None:
+            blocks += self.mtp.blocks()
+        attentions = [block.attention for block in blocks]
         for attention in attentions[1:]:
             attention.rope_cos = attentions[0].rope_cos
             attention.rope_sin = attentions[0].rope_sin
@@ -140,21 +148,43 @@ def run_pieces(
     blocks,
     norm: RMSNorm | None,
     output: nn.Linear | None,
+    mtp: MultiTokenPrediction | None = None,
 ) -> torch.Tensor:
     """The forward of a run of the model's pieces: the whole model, or one pipeline stage.
 
     x: token ids [B, S] when `tok_embeddings` is given, else hidden states [B, S, D]. Returns
     logits [B, S, V] when `output` is given, else hidden states. Under autocast the residual
     stream starts in the autocast dtype (see the module docstring).
+
+    Multi-token prediction runs when the batch carries its targets (`seq.mtp`, a training step):
+    the embedding of the depths' input tokens, [B, S, K D], travels beside the hidden state
+    (concatenated to it between pipeline stages: x is then [B, S, (1 + K) D]), and the last
+    piece attaches the MTP loss to the logits' backward (model/mtp.py).
     """
+    carried = None
     if tok_embeddings is not None:
-        x = tok_embeddings(x)
-        if torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = _embed(tok_embeddings, x)
+        if seq.mtp is not None:
+            carried = torch.cat([_embed(tok_embeddings, t) for t in seq.mtp.input_tokens_KBS.unbind(0)], dim=-1)
+    elif seq.mtp is not None:
+        x, carried = x.tensor_split([x.shape[-1] // (1 + seq.mtp.depth)], dim=-1)
     for block in blocks:
         x = block(x, seq)
-    if output is not None:
-        x = output(norm(x))
+    if output is None:
+        return x if carried is None else torch.cat([x, carried], dim=-1)
+    logits = output(norm(x))
+    if carried is not None:
+        if mtp is None:
+            raise ValueError("the batch carries multi-token prediction targets, but the model has no MTP modules")
+        logits = mtp.attach(logits, x, carried, seq, output)
+    return logits
+
+
+def _embed(tok_embeddings: nn.Embedding, tokens: torch.Tensor) -> torch.Tensor:
+    """Token ids -> embeddings, cast to the autocast dtype under autocast (see the module docstring)."""
+    x = tok_embeddings(tokens)
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
 

@@ -137,6 +137,12 @@ def plan_upcycle(
             f"moe.dispatch_dim={moe.dispatch_dim}: a dense FFN has no low-dimension dispatch projections to "
             "start them from, so no upcycled model would compute what the dense one does; set 0"
         )
+    if model.mtp_depth or dense_model.mtp_depth:
+        raise UpcycleError(
+            f"model.mtp_depth: the dense model has {dense_model.mtp_depth} multi-token prediction depths and the "
+            f"MoE recipe {model.mtp_depth}; upcycling covers the main blocks only, so set 0 in both (add MTP "
+            "depths by training from scratch)"
+        )
     if router not in ("auto", "virtual_groups", "zero"):
         raise UpcycleError(f"router must be auto, virtual_groups or zero, got {router!r}")
     shape_problems, inexact = [], []

@@ -1,4 +1,4 @@
-"""torch.compile, applied per transformer block."""
+"""torch.compile, applied per transformer block (the multi-token prediction depths' too)."""
 
 from __future__ import annotations
 
@@ -12,4 +12,7 @@ def apply_compile(model: nn.Module) -> None:
     """
     for block in model.layers.values():
         if block is not None:
+            block.compile()
+    if model.mtp is not None:
+        for block in model.mtp.blocks():
             block.compile()

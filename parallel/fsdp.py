@@ -28,8 +28,8 @@ from sparsetron.parallel.precision import FP32, Precision
 
 
 def apply_fsdp(model: nn.Module, mesh: ParallelMesh, precision: Precision = FP32) -> None:
-    """Shard expert-parallel experts, then every block of `model.layers`, then the rest
-    (embeddings, final norm, head) at the root.
+    """Shard expert-parallel experts, then every block of `model.layers` and every multi-token
+    prediction depth, then the rest (embeddings, final norm, head) at the root.
 
     Inner units first: a block's fully_shard leaves out parameters a nested unit already holds.
     Parameters are all-gathered and computed in the precision policy's compute dtype (bf16
@@ -40,13 +40,15 @@ def apply_fsdp(model: nn.Module, mesh: ParallelMesh, precision: Precision = FP32
     policy = precision.fsdp_policy()
     dense_mesh = mesh["dp_replicate", "dp_shard_cp"] if dims.dp_replicate_enabled else mesh["dp_shard_cp"]
     expert_mesh = mesh["dp_replicate", "edp_shard"] if dims.dp_replicate_enabled else mesh["edp_shard"]
-    for block in model.layers.values():
-        if block is None:
-            continue
-        for layer in moe_layers(block):
+    units = [block for block in model.layers.values() if block is not None]
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        units += mtp.layers.values()  # each depth: its block with its norms and projection
+    for unit in units:
+        for layer in moe_layers(unit):
             if isinstance(layer.experts, ExpertParallelExperts):
                 _shard_experts(layer.experts, expert_mesh, dims.dp_cp, dims.edp_shard, policy)
-        fully_shard(block, mesh=dense_mesh, mp_policy=policy)
+        fully_shard(unit, mesh=dense_mesh, mp_policy=policy)
     fully_shard(model, mesh=dense_mesh, mp_policy=policy)
 
 

@@ -244,7 +244,8 @@ def layer_activation_bytes(
     paths: AttentionPaths = AttentionPaths(),
 ) -> list[int]:
     """Estimated bytes each transformer layer keeps for the backward of `batch` rows of `seq_len`
-    positions, on the context-parallel rank (of `cp`) that keeps most (see the module docstring)."""
+    positions, on the context-parallel rank (of `cp`) that keeps most (see the module docstring);
+    then the blocks of the multi-token prediction depths (layer ids n_layers and up)."""
     b, D = compute_bytes, model_cfg.dim
     tokens = batch * seq_len // cp
     head_dim = attn_cfg.head_size(D)
@@ -254,7 +255,7 @@ def layer_activation_bytes(
         attention += NORM * (d_q + d_kv) + FP32 * (attn_cfg.n_heads + attn_cfg.kv_heads())
     ops = {moba: attention_op_bytes(moba, attn_cfg, D, batch, seq_len, cp, b, paths) for moba in (False, True)}
     layers = []
-    for layer_id in range(model_cfg.n_layers):
+    for layer_id in range(model_cfg.n_layers + model_cfg.mtp_depth):
         if uses_moe(layer_id, moe_cfg):
             k, hidden, R = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
             shared = moe_cfg.n_shared_experts * hidden
@@ -277,6 +278,13 @@ def head_activation_bytes(model_cfg: ModelConfig, compute_bytes: int) -> int:
     return NORM * model_cfg.dim + FP32 + compute_bytes * model_cfg.dim + FP32 * model_cfg.vocab_size
 
 
+def mtp_activation_bytes(model_cfg: ModelConfig, compute_bytes: int) -> int:
+    """Estimated bytes per token of one multi-token prediction depth besides its block: the two
+    norms, the projection's 2D-wide input, and its pass through the head and the loss."""
+    D = model_cfg.dim
+    return 2 * (NORM * D + FP32) + compute_bytes * 2 * D + head_activation_bytes(model_cfg, compute_bytes)
+
+
 def _local_matrix_elements(module: nn.Module | None) -> int:
     """Elements of the matrix weights (linear layers, stacked experts) `module` holds on this rank."""
     if module is None:
@@ -293,6 +301,9 @@ def autocast_weight_bytes(
     if compute_bytes >= FP32 or dims.dp_cp > 1:
         return 0
     blocks = [_local_matrix_elements(block) for block in model.layers.values() if block is not None]
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        blocks += [_local_matrix_elements(layer) for layer in mtp.layers.values()]
     held = (max(blocks, default=0) if activation_checkpointing else sum(blocks)) + _local_matrix_elements(model.output)
     return compute_bytes * held
 
@@ -326,6 +337,8 @@ def memory_plan(
         model_cfg, attn_cfg, moe_cfg, micro_batch_size, seq_len, compute_bytes, dims.cp, paths
     )
     held = [int(key) for key, block in model.layers.items() if block is not None]
+    depths = model_cfg.mtp_depth if getattr(model, "mtp", None) is not None else 0
+    held += range(model_cfg.n_layers, model_cfg.n_layers + depths)
     layers = [per_layer_id[i] // dims.tp for i in held]
     if not layers:
         per_batch = 0
@@ -336,8 +349,10 @@ def memory_plan(
         per_batch = sum(layers)
     if model.output is not None:
         per_batch += head_activation_bytes(model_cfg, compute_bytes) * tokens
+    per_batch += depths * mtp_activation_bytes(model_cfg, compute_bytes) * tokens
     if model.tok_embeddings is not None:
-        per_batch += TOKEN_ID * tokens  # the embedding keeps its token ids
+        # The embedding keeps its token ids, and those of the multi-token prediction inputs.
+        per_batch += TOKEN_ID * tokens * (1 + model_cfg.mtp_depth)
     per_batch += autocast_weight_bytes(model, dims, compute_bytes, activation_checkpointing)
     return MemoryPlan(
         parameters=elements,

@@ -47,6 +47,10 @@ cross-entropy; the schedule (scale_grads=True) divides every gradient by M at th
 the gradient of the mean over micro-batches. It divides the MoE auxiliary losses' gradients too, so
 the caller sets their scale to 1.0 (`set_aux_loss_scale(model, 1.0)`), not 1 / M.
 
+Multi-token prediction (model/mtp.py): its depths sit on the last stage with the head; while
+training, the first stage's embedding of the depths' input tokens travels beside the hidden state,
+so stage boundaries are [B, S, D (1 + mtp_depth)] in training and [B, S, D] in evaluation.
+
 Stage metadata is static (shapes are known from the config), so the schedule never runs its
 metadata-inference forward and backward on the first micro-batch: that would cost one more
 micro-batch's compute and add a forward to the MoE load counts.
@@ -69,8 +73,9 @@ would never compute their gradients.
 Stage split. `split_layers` balances estimated cost per stage; `layer_costs` estimates each piece's
 training FLOPs per token by the 6N + attention rule of train/flops.py: a block 6 x its active
 parameters (top-k experts for MoE) + 12 H d x the keys a query attends (S / 2 causal, fewer in
-MoBA layers: `AttentionConfig.attended_keys`); the head 6 x (D V + D); the
-embedding 0 (a lookup multiplies nothing).
+MoBA layers: `AttentionConfig.attended_keys`); the head 6 x (D V + D), plus the multi-token
+prediction depths that sit on the last stage with it (model/mtp.py); the embedding 0 (a lookup
+multiplies nothing).
 """
 
 from __future__ import annotations
@@ -164,12 +169,16 @@ def layer_costs(
     def active_through(n_blocks: int) -> int:
         # `active_params` is the one definition of what a token multiplies with; a model cut after
         # n blocks gives, by differences, each block's share (dense and MoE blocks differ).
-        return active_params(replace(model_cfg, n_layers=n_blocks), attn_cfg, moe_cfg)
+        return active_params(replace(model_cfg, n_layers=n_blocks, mtp_depth=0), attn_cfg, moe_cfg)
 
-    totals = [active_through(n) for n in range(model_cfg.n_layers + 1)]
-    keys = attn_cfg.attended_keys(model_cfg.n_layers, seq_len)
-    blocks = [6.0 * (totals[i + 1] - totals[i]) + 12.0 * H * d * keys[i] for i in range(model_cfg.n_layers)]
-    head = 6.0 * totals[0]  # the final norm and output head: what a model of no blocks holds
+    n = model_cfg.n_layers
+    totals = [active_through(i) for i in range(n + 1)]
+    keys = attn_cfg.attended_keys(n, seq_len, extra_layers=model_cfg.mtp_depth)
+    blocks = [6.0 * (totals[i + 1] - totals[i]) + 12.0 * H * d * keys[i] for i in range(n)]
+    # The final norm and output head (what a model of no blocks holds), and the multi-token
+    # prediction depths, which sit on the last stage with the head.
+    mtp = active_params(model_cfg, attn_cfg, moe_cfg) - totals[n]
+    head = 6.0 * (totals[0] + mtp) + 12.0 * H * d * sum(keys[n:])
     return 0.0, blocks, head
 
 
@@ -265,6 +274,7 @@ class StageModule(nn.Module):
         self.layers = nn.ModuleDict({str(i): model.layers[str(i)] for i in layer_ids})
         self.norm = model.norm if last else None
         self.output = model.output if last else None
+        self.mtp = model.mtp if last else None
         self.precision: Precision = FP32
         """The forward's precision (set by PipelineSchedule)."""
         self.sequences: list[SequenceInfo] = []
@@ -275,7 +285,7 @@ class StageModule(nn.Module):
         # Autocast here rather than around the schedule keeps the backward out of the autocast
         # region, as in the non-pipelined step.
         with self.precision.autocast(x.device.type):
-            return run_pieces(x, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output)
+            return run_pieces(x, seq, self.tok_embeddings, self.layers.values(), self.norm, self.output, self.mtp)
 
 
 class _Stage(PipelineStage):
@@ -356,8 +366,13 @@ def pipeline_split(model: Transformer, cfg: ParallelConfig, pp_rank: int, pp: in
     holds_first, holds_last = 0 in mine, n_stages - 1 in mine
     unowned = {
         name: getattr(model, name)
-        for name, owned in (("tok_embeddings", holds_first), ("norm", holds_last), ("output", holds_last))
-        if not owned
+        for name, owned in (
+            ("tok_embeddings", holds_first),
+            ("norm", holds_last),
+            ("output", holds_last),
+            ("mtp", holds_last),
+        )
+        if not owned and getattr(model, name) is not None
     }
     owned_layers = {str(i) for s in mine for i in ranges[s]}
     unowned.update({f"layers.{key}": block for key, block in model.layers.items() if key not in owned_layers})
@@ -395,8 +410,10 @@ class PipelineSchedule:
         self.micro_batch_size = micro_batch_size
         cfg = split.stages[0].model_cfg
         B, S, dtype = micro_batch_size, seq_len, precision.activation_dtype
-        # Under tensor + sequence parallelism each rank passes on its S / tp positions.
-        hidden = torch.empty(B, S // tp, cfg.dim, dtype=dtype, device="meta", requires_grad=True)
+        # Under tensor + sequence parallelism each rank passes on its S / tp positions; with
+        # multi-token prediction the depths' input embeddings travel beside the hidden state.
+        width = cfg.dim * (1 + cfg.mtp_depth)
+        hidden = torch.empty(B, S // tp, width, dtype=dtype, device="meta", requires_grad=True)
         tokens = torch.empty(B, S, dtype=torch.int64, device="meta")
         logits = torch.empty(B, S, cfg.vocab_size, dtype=dtype, device="meta", requires_grad=True)
         stages = []

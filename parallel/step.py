@@ -38,6 +38,7 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from sparsetron.model.moe.balancing import set_aux_loss_scale, update_expert_bias
+from sparsetron.model.mtp import MTPTargets
 from sparsetron.model.sequence import SequenceInfo
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.clipping import clip_grad_norm
@@ -98,7 +99,10 @@ class StepRunner:
         # Ranks that saw different tokens of each layer: MoE expert counts are summed over them.
         self.token_group = mesh.group("dp_cp_tp") if mesh is not None else None
         # The pipeline schedule divides every gradient by the micro-batches itself.
-        set_aux_loss_scale(model, 1.0 if self.pipeline is not None else 1.0 / grad_accum_steps)
+        side_loss_scale = 1.0 if self.pipeline is not None else 1.0 / grad_accum_steps
+        set_aux_loss_scale(model, side_loss_scale)
+        if model.mtp is not None:
+            model.mtp.loss_scale = side_loss_scale
 
     # ---- training -------------------------------------------------------------------------
 
@@ -109,7 +113,7 @@ class StepRunner:
         if len(micro_batches) != self.grad_accum_steps:
             raise ValueError(f"a step takes {self.grad_accum_steps} micro-batches, got {len(micro_batches)}")
         self.model.train()
-        batches = [self._prepare(b.to(self.device, non_blocking=True)) for b in micro_batches]
+        batches = [self._prepare(b.to(self.device, non_blocking=True), training=True) for b in micro_batches]
         if self.pipeline is not None:
             tokens = torch.cat([tokens for tokens, _, _ in batches])
             targets = torch.cat([targets for _, targets, _ in batches])
@@ -132,18 +136,31 @@ class StepRunner:
         grad_norm = clip_grad_norm(self.model, grad_clip, self.pp_group)
         return (total / len(batches)).item(), grad_norm.item()
 
-    def _prepare(self, batch: MicroBatch) -> tuple[torch.Tensor, torch.Tensor, SequenceInfo]:
-        """The tokens, targets and SequenceInfo this rank runs of a micro-batch on its device."""
+    def _prepare(self, batch: MicroBatch, training: bool = False) -> tuple[torch.Tensor, torch.Tensor, SequenceInfo]:
+        """The tokens, targets and SequenceInfo this rank runs of a micro-batch on its device; a
+        training micro-batch of a model with multi-token prediction carries its targets (`seq.mtp`)."""
         seq = self.model.sequence_info(batch.tokens, batch.doc_ids)
+        depth = self.model.model_cfg.mtp_depth
+        if training and depth:
+            seq.mtp = MTPTargets.build(batch.tokens, batch.targets, batch.doc_ids, depth)
         if self.cp_rank is None:
             return batch.tokens, batch.targets, seq
         return shard_batch(batch.tokens, batch.targets, seq, self.cp_rank, self.dims.cp)
 
     def close_step(self, applied: bool) -> None:
         """After the optimizer step (or its skip, `applied` False): the MoE layers' step statistics
-        summed over the ranks that saw other tokens, and their expert bias moved when applied."""
+        summed over the ranks that saw other tokens, and their expert bias moved when applied; the
+        multi-token prediction losses averaged like the loss (on the ranks holding them)."""
         reducer = sum_over(self.token_group) if self.token_group is not None else None
         update_expert_bias(self.model, reducer, apply=applied)
+        mtp = self.model.mtp
+        if mtp is not None:
+            losses = mtp.step_means(self.device)
+            if self.dp_group is not None:
+                # Like the next-token loss: the mean of the data and context ranks' means.
+                dist.all_reduce(losses, group=self.dp_group)
+                losses /= dist.get_world_size(self.dp_group)
+            mtp.close_step(losses)
 
     def _loss(self, stage: nn.Module, x: torch.Tensor, targets_BS: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         """Mean cross-entropy of the last stage (the whole model without a pipeline) on input x."""

@@ -74,15 +74,16 @@ def flops_per_token(
 def model_flops_per_token(
     model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig, seq_len: int, moba: bool = True
 ) -> float:
-    """`flops_per_token` of a model training on sequences of `seq_len`; with `moba` False its MoBA
-    layers count full attention (after attention.moba_full_after switches them)."""
+    """`flops_per_token` of a model training on sequences of `seq_len`, its multi-token prediction
+    depths included; with `moba` False its MoBA layers count full attention (after
+    attention.moba_full_after switches them)."""
     return flops_per_token(
         active_params(model_cfg, attn_cfg, moe_cfg),
         model_cfg.n_layers,
         attn_cfg.n_heads,
         attn_cfg.head_size(model_cfg.dim),
         seq_len,
-        attn_cfg.attended_keys(model_cfg.n_layers, seq_len, moba=moba),
+        attn_cfg.attended_keys(model_cfg.n_layers, seq_len, moba=moba, extra_layers=model_cfg.mtp_depth),
     )
 
 

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
+from sparsetron.model.mtp import mtp_metrics
 from sparsetron.model.params import num_params
 from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.init import SingleProcessInit
@@ -533,7 +534,7 @@ class Trainer:
             # tokens_per_s counts every rank's tokens; MFU is per accelerator.
             scalars["mfu"] = mfu(tokens_per_s / self.dims.world_size, self.flops_per_token, self.peak_tflops)
         scalars.update({f"memory/{k}": v for k, v in memory_stats(self.device).items()})
-        scalars.update(self.runner.merge_over_stages(moe_metrics(self.model)))
+        scalars.update(self.runner.merge_over_stages(moe_metrics(self.model) | mtp_metrics(self.model)))
         return scalars
 
 

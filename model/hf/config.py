@@ -181,6 +181,10 @@ def export_family(model: ModelConfig, attention: AttentionConfig, moe: MoEConfig
         raise refuse("attention.backend", attention.backend, "transformers runs full attention")
     if moe.dispatch_dim:
         raise refuse("moe.dispatch_dim", moe.dispatch_dim, "no transformers MoE projects tokens before its experts")
+    if model.mtp_depth:
+        raise refuse(
+            "model.mtp_depth", model.mtp_depth, "the supported families have no multi-token prediction modules"
+        )
     if not moe.enabled:
         if attention.qk_norm:
             raise refuse("attention.qk_norm", True, "a dense model with q/k norm (qwen3) is not supported")
