@@ -33,6 +33,9 @@ MODELS = {
     "recipe": (RECIPE, []),
     "unmasked": (RECIPE, ["attention.document_masking=false"]),
     "global-aux": (RECIPE, ["moe.aux_loss_level=global", "moe.aux_loss_coeff=0.01"]),
+    # Multi-token prediction: each context rank divides its share of a depth's loss by its share of
+    # the whole micro-batch's targets (model/mtp.py).
+    "mtp": (RECIPE, ["model.mtp_depth=2"]),
     "moba-hybrid": (
         RECIPE,
         [
@@ -78,6 +81,7 @@ LAYOUTS = {
     "cp2-ulysses": (2, 1, "recipe", [*CP2, *ULYSSES]),
     "cp2-unmasked": (2, 1, "unmasked", CP2),
     "cp2-global-aux": (2, 1, "global-aux", CP2),
+    "cp2-mtp": (2, 1, "mtp", CP2),
     "cp2-moba-hybrid": (2, 1, "moba-hybrid", CP2),
     "cp2-ulysses-moba-hybrid": (2, 1, "moba-hybrid", [*CP2, *ULYSSES]),
     "cp2xep2": (2, 1, "recipe", [*CP2, "parallel.expert=2"]),

@@ -3,6 +3,8 @@ every gradient they give; the next-token logits and evaluation are untouched; it
 and the pipeline split; activation checkpointing changes no bit; what cannot carry it refuses it."""
 
 import copy
+import json
+import math
 
 import pytest
 import torch
@@ -16,6 +18,9 @@ from sparsetron.model.transformer import materialised_transformer
 from sparsetron.model.upcycle import UpcycleError, plan_upcycle
 from sparsetron.parallel.activation_checkpoint import apply_ac
 from sparsetron.parallel.pipeline import layer_costs
+from sparsetron.parallel.precision import cross_entropy
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.trainer import Trainer
 
 V, S = 61, 23  # odd sizes, so no row or vocabulary length hides an off-by-one
 
@@ -155,3 +160,35 @@ def test_refused_where_it_cannot_be_carried():
     for key, value in (("mtp_depth", -1), ("mtp_loss_weight", -0.1)):
         with pytest.raises(ConfigError, match=f"model.{key}"):
             ModelConfig(vocab_size=V, **{key: value}).validate()
+
+
+def test_the_trainer_logs_each_depths_loss_and_evaluates_the_next_token_loss(tmp_path):
+    job = load_job_config(
+        "debug-dense",
+        [
+            "model.mtp_depth=2",
+            "trainer.steps=2",
+            "trainer.eval_interval=2",
+            "metrics.log_interval=1",
+            "metrics.console=none",
+            "checkpoint.save_final=false",
+            "schedule.warmup_steps=0",
+            f"trainer.run_dir={tmp_path}",
+        ],
+    )
+    trainer = Trainer(job)
+    result = trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    assert len(logged) == 2
+    for record in logged:
+        assert all(math.isfinite(record[f"mtp/loss_{k}"]) and record[f"mtp/loss_{k}"] > 0 for k in (1, 2))
+    # Evaluation is the next-token loss alone: what the model's logits give on the eval batches.
+    batches = trainer.eval_set
+    direct = torch.stack(
+        [
+            cross_entropy(trainer.model(b.tokens, trainer.model.sequence_info(b.tokens, b.doc_ids)), b.targets)
+            for b in batches
+        ]
+    ).mean()
+    assert result.eval_losses[2] == pytest.approx(direct.item(), rel=1e-6)
