@@ -67,6 +67,7 @@ def tokens(gen: torch.Generator, B: int, S: int) -> torch.Tensor:
         ({"route_order": "softmax_then_topk", "norm_topk_prob": True}, False),
         ({"route_order": "softmax_then_topk", "score_func": "sigmoid", "norm_topk_prob": True}, True),
         ({"route_order": "topk_then_softmax", "n_groups": 2, "topk_groups": 1}, False),
+        ({"route_order": "topk_then_softmax", "dispatch_dim": 16}, True),  # experts of 16-dim rows
     ],
 )
 def test_pruning_keeps_the_function_when_pruned_experts_get_no_tokens(moe, merge):
