@@ -37,7 +37,8 @@ VOCAB, E = 96, 8
 
 def build(seed: int, **moe) -> Transformer:
     """3 blocks (the first dense), 8 routed experts of hidden 32 (num_experts 4 x G 2), 2 per token, a
-    shared expert; router rows of std 1 so that routing is decisive."""
+    shared expert; router rows of std 1 so that routing is decisive, and routed experts (with any
+    dispatch projections) of std 0.3 so that which expert a token reaches shows in the logits."""
     model_cfg = ModelConfig(vocab_size=VOCAB, dim=32, n_layers=3, ffn_hidden=64, max_seq_len=64)
     attn_cfg = AttentionConfig(n_heads=4, n_kv_heads=2)
     moe_cfg = MoEConfig(
@@ -46,8 +47,14 @@ def build(seed: int, **moe) -> Transformer:
     moe_cfg.validate(model_cfg)
     torch.manual_seed(seed)
     model = materialised_transformer(model_cfg, attn_cfg, moe_cfg)
-    for layer in moe_layers(model).values():
-        torch.nn.init.normal_(layer.router.gate.weight, std=1.0)
+    with torch.no_grad():
+        for layer in moe_layers(model).values():
+            layer.router.gate.weight.normal_(std=1.0)
+            for projection in (layer.dispatch_down, layer.dispatch_up):
+                if projection is not None:
+                    projection.weight.normal_(std=0.3)
+            for weight in layer.experts.parameters():
+                weight.normal_(std=0.3)
     return model
 
 
