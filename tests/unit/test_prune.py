@@ -148,7 +148,8 @@ def test_usage_statistics_against_a_direct_count():
 def test_plan_keeps_the_most_used_and_merges_into_the_most_similar():
     gen = torch.Generator().manual_seed(random.randrange(1 << 30))
     weight_E = torch.tensor([5.0, 1.0, 3.0, 3.0, 0.5, 7.0, 2.0, 3.0], dtype=torch.float64)
-    tokens_E = torch.tensor([9, 2, 4, 6, 1, 10, 3, 6])  # 3.0 three times: 6 tokens beat 4, then the lower id
+    # 3.0 three times: 6 tokens beat 4, then the lower id. Expert 1 is picked most often, with little weight.
+    tokens_E = torch.tensor([9, 20, 4, 6, 1, 10, 3, 6])
     logits_TE = torch.randn(50, E, generator=gen, dtype=torch.float64)
     layer = LayerUsage(tokens_E, weight_E, logits_TE.T @ logits_TE)
 
