@@ -113,6 +113,12 @@ def test_generate_prints_the_prompt_and_its_continuation(run, capsys):
     first = capsys.readouterr().out
     assert main([*sampled, "--max-new-tokens", "12", "--top-k", "5", "--set", "trainer.device=cpu"]) == 0
     assert first.startswith("import ") and capsys.readouterr().out == first
+    # Another seed, another sample (at a temperature that flattens the distribution, so that 40 tokens
+    # drawn alike are out of reach).
+    hot = ["generate", str(run_dir), "--prompt", "import ", "--max-new-tokens", "40", "--temperature", "2"]
+    assert main([*hot, "--seed", "1"]) == 0 and main([*hot, "--seed", "2"]) == 0
+    one, two = capsys.readouterr().out.split("\nimport ")
+    assert one[len("import ") :] != two.removesuffix("\n"), (one, two)
     assert main(["generate", str(run_dir), "--prompt", "x", "--temperature", "-1"]) == 2
     assert "--temperature must be >= 0" in capsys.readouterr().err
     assert main(["generate", str(run_dir), "--prompt", ""]) == 2

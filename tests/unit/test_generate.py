@@ -68,6 +68,9 @@ def test_sampling_is_reproducible_by_seed():
     first = generate(model, prompt, 20, temperature=1.0, seed=seed)
     assert generate(model, prompt, 20, temperature=1.0, seed=seed) == first
     assert generate(model, prompt, 20, temperature=1.0, seed=seed + 1) != first
+    # Ids past the tokenizer's vocabulary (the model's table is larger) are never drawn.
+    hot = generate(model, prompt, 60, temperature=50.0, seed=seed, vocab_size=VOCAB - 30)
+    assert max(hot[len(prompt) :]) < VOCAB - 30 and max(generate(model, prompt, 60, temperature=50.0)) >= VOCAB - 30
     # top_k=1 is greedy whatever the temperature and seed.
     assert generate(model, prompt, 20, temperature=3.0, top_k=1, seed=seed) == generate(model, prompt, 20)
 
