@@ -46,10 +46,13 @@ def generate(
     seed: int = 0,
     stop_id: int | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
     """The prompt followed by up to `max_new_tokens` generated ids (fewer when `stop_id` is
     generated; it is kept). `autocast` is the precision policy's context for the forward (None:
-    the model's own dtype). The model is put in eval mode for the call and restored."""
+    the model's own dtype). Only ids below `vocab_size` (the tokenizer's; the model's table is
+    rounded up past it, and those rows are never trained) are generated; None: any row of the
+    model's output. The model is put in eval mode for the call and restored."""
     if not prompt_ids:
         raise ValueError("generate needs a prompt of at least one token")
     if temperature < 0:
@@ -66,7 +69,7 @@ def generate(
         with autocast if autocast is not None else contextlib.nullcontext():
             for _ in range(max_new_tokens):
                 tokens_1S = torch.tensor([ids[-window:]], dtype=torch.long, device=device)
-                logits_V = model(tokens_1S)[0, -1]
+                logits_V = model(tokens_1S)[0, -1, :vocab_size]
                 ids.append(next_token(logits_V.float(), temperature, top_k, generator))
                 if ids[-1] == stop_id:
                     break

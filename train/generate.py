@@ -50,5 +50,7 @@ def generate_from_checkpoint(
     model, _ = load_model(manager, folder, job)
     device = next(model.parameters()).device
     autocast = Precision.from_config(job.trainer.precision, device).autocast(device.type)
-    ids = generate(model, prompt_ids, max_new_tokens, temperature, top_k, seed, tokenizer.eos_id, autocast)
+    ids = generate(
+        model, prompt_ids, max_new_tokens, temperature, top_k, seed, tokenizer.eos_id, autocast, tokenizer.vocab_size
+    )
     return tokenizer.decode(ids)
