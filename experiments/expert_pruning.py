@@ -24,8 +24,10 @@ from pathlib import Path
 
 import torch
 
+from sparsetron.model.params import active_params, num_params
+from sparsetron.model.transformer import Transformer
 from sparsetron.train.checkpoint import list_complete
-from sparsetron.train.evaluate import RUN_CHECKPOINTS, evaluate_checkpoint
+from sparsetron.train.evaluate import RUN_CHECKPOINTS, evaluate_checkpoint, open_checkpoint
 from sparsetron.train.plot import DPI
 from sparsetron.train.prune import prune_checkpoint
 
@@ -43,30 +45,48 @@ def ensure_base(base: Path) -> None:
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
 
 
-def run(base: Path, work: Path) -> tuple[float, dict[str, dict[int, float]]]:
-    """The base's eval loss, and each variant's eval loss by experts kept."""
+def parameters(checkpoint: Path) -> tuple[int, int]:
+    """Total and active (per token) parameters of the model a checkpoint's config describes."""
+    _, _, job = open_checkpoint(checkpoint)
+    with torch.device("meta"):
+        model = Transformer(job.model, job.attention, job.moe)
+    return num_params(model), active_params(job.model, job.attention, job.moe)
+
+
+def run(base: Path, work: Path) -> tuple[float, dict[str, dict[int, float]], dict[str, dict[int, tuple[int, int]]]]:
+    """The base's eval loss, and each variant's eval loss and parameters (total, active) by experts kept."""
     base_loss = evaluate_checkpoint(base).loss
     losses: dict[str, dict[int, float]] = {name: {} for name in VARIANTS}
+    params: dict[str, dict[int, tuple[int, int]]] = {name: {} for name in VARIANTS}
     for name, options in VARIANTS.items():
         for keep in KEEP:
             if name == "merge" and keep == KEEP[0]:
                 losses[name][keep] = losses["drop"][keep]  # nothing pruned, nothing to merge
+                params[name][keep] = params["drop"][keep]
                 continue
             out = work / f"{name.replace(' ', '')}-e{keep}"
             if not list_complete(out):
                 prune_checkpoint(base, out, keep, **options)
             losses[name][keep] = evaluate_checkpoint(out).loss
+            params[name][keep] = parameters(out)
             print(f"{name:8s} E'={keep:2d}: eval loss {losses[name][keep]:.4f}", flush=True)
-    return base_loss, losses
+    return base_loss, losses, params
 
 
-def table(base_loss: float, losses: dict[str, dict[int, float]]) -> str:
-    head = "| routed experts kept | " + " | ".join(f"{name}" for name in VARIANTS) + " |"
-    rows = [head, "|" + "---|" * (len(VARIANTS) + 1)]
+def table(base_loss: float, losses: dict[str, dict[int, float]], params: dict[str, dict[int, tuple[int, int]]]) -> str:
+    """Eval loss (its change from the base) per variant and experts kept, with total / active parameters."""
+    head = "| routed experts kept | parameters (total / active) | " + " | ".join(VARIANTS) + " |"
+    rows = [head, "|" + "---|" * (len(VARIANTS) + 2)]
     for keep in KEEP:
+        total, active = params["drop"][keep]
+        sizes = f"{total / 1e6:.2f}M / {active / 1e6:.2f}M"
         cells = [f"{losses[name][keep]:.4f} ({losses[name][keep] - base_loss:+.4f})" for name in VARIANTS]
-        rows.append(f"| {keep} | " + " | ".join(cells) + " |")
-    return "\n".join(rows) + f"\n\nbase `tiny` (16 experts, 4 per token): eval loss {base_loss:.4f}"
+        rows.append(f"| {keep} | {sizes} | " + " | ".join(cells) + " |")
+    top2 = params["top-k 2"][KEEP[0]][1]
+    return "\n".join(rows) + (
+        f"\n\nbase `tiny` (16 experts, 4 per token): eval loss {base_loss:.4f}; "
+        f"with 2 experts per token {top2 / 1e6:.2f}M active parameters"
+    )
 
 
 def plot(base_loss: float, losses: dict[str, dict[int, float]], path: Path) -> None:
@@ -104,8 +124,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     ensure_base(args.base)
-    base_loss, losses = run(args.base, args.work)
-    print(table(base_loss, losses))
+    base_loss, losses, params = run(args.base, args.work)
+    print(table(base_loss, losses, params))
     plot(base_loss, losses, args.plot)
     print(f"wrote {args.plot}")
 
