@@ -302,3 +302,17 @@ def test_prune_never_writes_into_a_folder_that_holds_something(checkpoint, tmp_p
     assert main(["prune", "--from", str(checkpoint), "--keep", "8", "--out", str(out)]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_prune_calibrates_on_data_files_and_writes_the_source_data_section(checkpoint, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("".join(random.choice("def return self.x = 1\n") for _ in range(3000)))
+    out = tmp_path / "out"
+    args = ["prune", "--from", str(checkpoint), "--keep", "8", "--out", str(out), "--batches", "2"]
+    args += ["--data", str(text), "--set", "data.source=text", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    assert main(args) == 0
+    report = json.loads((out / "prune.json").read_text())
+    assert report["calibration"]["data"] == "data.val_paths" and report["calibration"]["batches"] == 2
+    assert all(sum(layer["tokens"]) == 2 * 4 * 64 * 4 for layer in report["layers"].values())
+    data = yaml.safe_load((out / "step_00000000" / "config.yaml").read_text())["data"]
+    assert data["source"] == "stdlib" and data["val_paths"] == [] and data["cache_dir"] != str(tmp_path / "cache")
