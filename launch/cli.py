@@ -14,6 +14,8 @@
     sparsetron convert --from CKPT_DIR --to HF_DIR --format hf           # export one
     sparsetron upcycle --from DENSE --recipe tiny --out DIR              # dense checkpoint -> MoE step 0
     sparsetron train tiny --resume DIR                                   # continue the upcycled MoE
+    sparsetron prune --from runs/tiny --keep 8 --out runs/tiny-e8            # keep the 8 most used experts
+    sparsetron generate runs/tiny --prompt "def " --max-new-tokens 200      # sample from a checkpoint
     sparsetron prepare --input 'c4/*.jsonl.zst' --tokenizer tok/ --out data/c4 --workers 16   # tokenize a corpus
     launch/torchrun.sh 2 tiny --set parallel.data_parallel_shard=2   # FSDP over 2 processes
 
@@ -271,6 +273,54 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept settings that do not preserve the dense function (each is warned about by name)",
     )
+
+    prune = commands.add_parser(
+        "prune",
+        help="keep the most used routed experts of an MoE checkpoint (or merge the rest into them)",
+        description="Measure each routed expert's usage (summed routing weight) on held-out data, keep the E' most "
+        "used per MoE layer, optionally merge the others into them or route each token to fewer experts, and write "
+        "a step-0 checkpoint (evaluate it with `sparsetron eval OUT`).",
+    )
+    prune.add_argument(
+        "--from", dest="source", required=True, metavar="CKPT", help="step folder, checkpoint folder or run folder"
+    )
+    prune.add_argument("--keep", required=True, type=int, metavar="E'", help="routed experts to keep per MoE layer")
+    prune.add_argument(
+        "--top-k", type=int, metavar="K'", help="experts per token after pruning (default: unchanged, top_k x G)"
+    )
+    prune.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge each pruned expert into the kept one with the most similar router logits, weighted by usage",
+    )
+    prune.add_argument(
+        "--batches", type=int, metavar="N", help="calibration micro-batches (default: trainer.eval_batches)"
+    )
+    prune.add_argument(
+        "--data",
+        nargs="+",
+        metavar="PATH",
+        help="calibration files in data.source's format (default: the checkpoint config's validation split)",
+    )
+    prune.add_argument("--out", required=True, metavar="DIR", help="new (or empty) checkpoint folder to write")
+    _add_set_arg(prune, "override a value of the checkpoint's config (repeatable); data.* ones only for calibration")
+
+    generate = commands.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Continue a prompt with a checkpoint's model: greedy at --temperature 0, else sampled.",
+    )
+    generate.add_argument("checkpoint", metavar="CKPT", help="step folder, checkpoint folder or run folder")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=200, metavar="N", help="tokens to add (default 200)")
+    generate.add_argument(
+        "--temperature", type=float, default=0.8, metavar="T", help="softmax temperature; 0 = greedy (default 0.8)"
+    )
+    generate.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens only (0 = all)"
+    )
+    generate.add_argument("--seed", type=int, default=0, metavar="S", help="random seed of the sampling (default 0)")
+    _add_set_arg(generate, "override a value of the checkpoint's config (repeatable), e.g. trainer.device=cuda")
     return parser
 
 
@@ -468,6 +518,52 @@ def _upcycle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prune(args: argparse.Namespace) -> int:
+    from sparsetron.train.checkpoint import CheckpointError
+    from sparsetron.train.data import DataError
+    from sparsetron.train.prune import prune_checkpoint
+
+    try:
+        result = prune_checkpoint(
+            args.source,
+            args.out,
+            args.keep,
+            args.top_k,
+            merge=args.merge,
+            data_paths=args.data,
+            overrides=args.overrides,
+            batches=args.batches,
+        )
+    except (ConfigError, CheckpointError, DataError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(result.describe())
+    print(f"wrote {result.checkpoint}; evaluate with: sparsetron eval {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from sparsetron.train.checkpoint import CheckpointError
+    from sparsetron.train.data import DataError
+    from sparsetron.train.generate import generate_from_checkpoint
+
+    try:
+        text = generate_from_checkpoint(
+            args.checkpoint,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            seed=args.seed,
+            overrides=args.overrides,
+        )
+    except (ConfigError, CheckpointError, DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(text)
+    return 0
+
+
 def _prepare(args: argparse.Namespace) -> int:
     from sparsetron.train.data.errors import DataError
     from sparsetron.train.data.prepare import default_workers, prepare
@@ -521,6 +617,10 @@ def main(argv: list[str] | None = None) -> int:
         return _upcycle(args)
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "prune":
+        return _prune(args)
+    if args.command == "generate":
+        return _generate(args)
     print("\n".join(recipe_names()))
     return 0
 

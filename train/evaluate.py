@@ -25,7 +25,7 @@ import torch
 
 from sparsetron.model.attention import set_full_attention
 from sparsetron.model.config import ConfigError
-from sparsetron.model.transformer import materialised_transformer
+from sparsetron.model.transformer import Transformer, materialised_transformer
 from sparsetron.parallel.dims import ParallelDims
 from sparsetron.parallel.precision import Precision
 from sparsetron.parallel.step import StepRunner
@@ -43,7 +43,16 @@ from sparsetron.train.data import (
 from sparsetron.train.data.packing import IGNORE_TARGET
 from sparsetron.train.trainer import resolve_device
 
-__all__ = ["EvalResult", "evaluate_checkpoint", "find_checkpoint"]
+__all__ = [
+    "EvalResult",
+    "eval_loss",
+    "evaluate_checkpoint",
+    "find_checkpoint",
+    "checkpoint_job",
+    "load_model",
+    "open_checkpoint",
+    "validation_batches",
+]
 
 RUN_CHECKPOINTS = "checkpoints"
 """Where a run folder keeps its step folders by default (JobConfig.checkpoint_folder)."""
@@ -93,35 +102,68 @@ def evaluate_checkpoint(
     data.val_paths and `batches` trainer.eval_batches, after `overrides` (`section.key=value`)
     changed the checkpoint's config. Bad input raises ConfigError, CheckpointError or DataError
     before the model is built where it can."""
+    manager, folder, job = open_checkpoint(path, data_paths, overrides, batches)
+    if job.trainer.eval_batches < 1:
+        raise ConfigError(f"checkpoint {folder}: trainer.eval_batches is 0 in its config; give --batches N")
+    batch_list, data = validation_batches(job)
+    model, step = load_model(manager, folder, job)
+    return EvalResult(
+        folder, step, eval_loss(model, job, batch_list), len(batch_list), _target_tokens(batch_list), data
+    )
+
+
+def open_checkpoint(
+    path: str | Path,
+    data_paths: list[str] | None = None,
+    overrides: list[str] | None = None,
+    batches: int | None = None,
+) -> tuple[CheckpointManager, Path, JobConfig]:
+    """The manager, verified step folder and job config of the checkpoint `path` names, its
+    config changed as `evaluate_checkpoint` describes; nothing is read but its config."""
     manager, folder = find_checkpoint(path)
-    job = _job(manager.read_config(folder), folder, data_paths, overrides or [], batches)
+    return manager, folder, checkpoint_job(manager.read_config(folder), folder, data_paths, overrides or [], batches)
+
+
+def validation_batches(job: JobConfig) -> tuple[list[Batch], str]:
+    """The first trainer.eval_batches micro-batches the trainer evaluates on (data.val_paths, else
+    the held-out split), and which data that is."""
     tc = job.trainer
-    device = resolve_device(tc.device)
-    precision = Precision.from_config(tc.precision, device)
     tokenizer = build_tokenizer(job.data.tokenizer)
     if job.data.val_paths:
         docs = load_documents(job.data, tokenizer, job.data.val_paths)
         val = PackedDataset(docs.tokens, docs.doc_starts, job.data.seq_len, job.data.mask_eos_target)
-        batch_list, data = eval_batches(val, tc.micro_batch_size, tc.eval_batches), "data.val_paths"
-    else:
-        batch_list = build_training_data(job.data, tokenizer, tc.micro_batch_size, tc.eval_batches).eval_set
-        data = "the held-out validation split"
+        return eval_batches(val, tc.micro_batch_size, tc.eval_batches), "data.val_paths"
+    batch_list = build_training_data(job.data, tokenizer, tc.micro_batch_size, tc.eval_batches).eval_set
+    return batch_list, "the held-out validation split"
 
-    model = materialised_transformer(job.model, job.attention, job.moe, device)
+
+def load_model(manager: CheckpointManager, folder: Path, job: JobConfig) -> tuple[Transformer, int]:
+    """The model of `job` on trainer.device with the weights of step folder `folder`, attending as
+    the run's last step before it trained (MoBA's switch to full attention); and that step."""
+    model = materialised_transformer(job.model, job.attention, job.moe, resolve_device(job.trainer.device))
     step = manager.load(folder, model)["step"]
-    switch = job.attention.moba_switch_step(tc.steps)
+    switch = job.attention.moba_switch_step(job.trainer.steps)
     if switch is not None:
         # As the trainer evaluates after `step` steps: attending as its last step trained.
         set_full_attention(model, max(step - 1, 0) >= switch)
+    return model, step
+
+
+def eval_loss(model: Transformer, job: JobConfig, batch_list: list[Batch]) -> float:
+    """The trainer's eval/loss of `model` (on trainer.device, in trainer.precision) over `batch_list`."""
+    tc = job.trainer
+    device = next(model.parameters()).device
+    precision = Precision.from_config(tc.precision, device)
     runner = StepRunner(model, None, None, ParallelDims(), precision, 1, tc.micro_batch_size, job.data.seq_len, device)
     with torch.no_grad():
-        loss = runner.eval_loss(batch_list)
-    return EvalResult(folder, step, loss, len(batch_list), _target_tokens(batch_list), data)
+        return runner.eval_loss(batch_list)
 
 
-def _job(
+def checkpoint_job(
     saved: dict, folder: Path, data_paths: list[str] | None, overrides: list[str], batches: int | None
 ) -> JobConfig:
+    """The validated job of a checkpoint's config.yaml mapping `saved` (changed in place) after
+    `overrides`, with `batches` as trainer.eval_batches and `data_paths` as data.val_paths."""
     for item in overrides:
         apply_override(saved, item)
     if batches is not None:
@@ -143,8 +185,6 @@ def _job(
         job.validate()
     except ConfigError as err:
         raise ConfigError(f"checkpoint {folder}: its config.yaml with the changes given: {err}") from err
-    if job.trainer.eval_batches < 1:
-        raise ConfigError(f"checkpoint {folder}: trainer.eval_batches is 0 in its config; give --batches N")
     return job
 
 

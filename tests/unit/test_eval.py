@@ -1,5 +1,6 @@
 """`sparsetron eval`: a checkpoint's loss on the validation batches equals the eval loss the run
-recorded at that step; other data and bad input."""
+recorded at that step; other data and bad input. `sparsetron generate` on the same run's checkpoint
+(its sampling loop is tested against a manual one in test_generate.py)."""
 
 import random
 import shutil
@@ -98,3 +99,27 @@ def test_bad_input_is_one_error_line(run, tmp_path, case, message, capsys):
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_generate_prints_the_prompt_and_its_continuation(run, capsys):
+    run_dir, _ = run
+    greedy = ["generate", str(run_dir), "--prompt", "def f(x):", "--max-new-tokens", "12", "--temperature", "0"]
+    assert main(greedy) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("def f(x):") and len(text) > len("def f(x):\n"), text
+    assert main(greedy) == 0 and capsys.readouterr().out == text  # greedy: the same text
+    sampled = ["generate", str(run_dir / "checkpoints" / "step_00000002"), "--prompt", "import ", "--seed", "7"]
+    assert main([*sampled, "--max-new-tokens", "12", "--top-k", "5", "--set", "trainer.device=cpu"]) == 0
+    first = capsys.readouterr().out
+    assert main([*sampled, "--max-new-tokens", "12", "--top-k", "5", "--set", "trainer.device=cpu"]) == 0
+    assert first.startswith("import ") and capsys.readouterr().out == first
+    # Another seed, another sample (at a temperature that flattens the distribution, so that 40 tokens
+    # drawn alike are out of reach).
+    hot = ["generate", str(run_dir), "--prompt", "import ", "--max-new-tokens", "40", "--temperature", "2"]
+    assert main([*hot, "--seed", "1"]) == 0 and main([*hot, "--seed", "2"]) == 0
+    one, two = capsys.readouterr().out.split("\nimport ")
+    assert one[len("import ") :] != two.removesuffix("\n"), (one, two)
+    assert main(["generate", str(run_dir), "--prompt", "x", "--temperature", "-1"]) == 2
+    assert "--temperature must be >= 0" in capsys.readouterr().err
+    assert main(["generate", str(run_dir), "--prompt", ""]) == 2
+    assert "--prompt is empty" in capsys.readouterr().err
