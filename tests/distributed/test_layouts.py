@@ -10,7 +10,8 @@ plain all-to-all at ep2, ep2 x tp2 (with activation checkpointing and compile) a
 experts (ep4 and every routing corner: tests/distributed/test_overlapped_dispatch.py).
 Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, pp2 x ep2 and
 ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: every other
-layout and reshard moves them like any other).
+layout and reshard moves them like any other). The pre-attention router (moe.router_input) trains
+like one process at tp2 and ep2.
 """
 
 from pathlib import Path
@@ -66,6 +67,10 @@ CAPACITY = ["moe.capacity_factor=1.0", "moe.drop_policy=position", "moe.n_shared
 # the replicated projections' gradients, a pipeline cuts between blocks that hold them.
 DISPATCH_DIM = ["moe.dispatch_dim=16"]  # debug-deepseek's dim is 64: a quarter, as BigMac's D / 4
 DISPATCH_DIM_LAYOUTS = ["pp2xep2"]  # and ep2 x tp2, with the overlapped dispatcher
+# The pre-attention router (SmallThinker): tensor parallelism hands the MoE its router's input in the
+# sequence-parallel layout of the FFN input, expert parallelism dispatches on that routing.
+PRE_ATTENTION = ["moe.router_input=pre_attention"]
+PRE_ATTENTION_LAYOUTS = ["tp2", "ep2"]
 # The overlapped dispatcher against the plain all-to-all at the same layout:
 # name: (plain layout, its extra overrides, the overlapped run's extra overrides)
 # (ep2 alone is covered by the compositions below, in bf16 by ep2-overlapped-bf16, and exactly at
@@ -120,6 +125,9 @@ def all_layouts() -> dict[str, Layout]:
     for name in DISPATCH_DIM_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
         layouts[f"{name}-dispatch-dim"] = Layout(world, dp, [*overrides, *DISPATCH_DIM])
+    for name in PRE_ATTENTION_LAYOUTS:
+        world, dp, overrides = LAYOUTS[name]
+        layouts[f"{name}-pre_attention"] = Layout(world, dp, [*overrides, *PRE_ATTENTION])
     world, dp, overrides = LAYOUTS["ep2xtp2"]
     layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
     layouts["dp2-global-batch"] = Layout(2, 2, ["parallel.data_parallel_shard=2", *GLOBAL_BATCH_SIZE], "debug-dense")
@@ -190,6 +198,11 @@ def test_layout_with_dispatch_dim_trains_like_one_process(trained, reference, la
     assert any(".dispatch_down." in name for name in single[2])
     run = trained[layout if layout.endswith("overlapped") else f"{layout}-dispatch-dim"]
     assert_same_training(run, single, load_flips=1 if layout.endswith("overlapped") else 0)
+
+
+@pytest.mark.parametrize("layout", PRE_ATTENTION_LAYOUTS)
+def test_layout_with_the_pre_attention_router_trains_like_one_process(trained, reference, layout):
+    assert_same_training(trained[f"{layout}-pre_attention"], reference(*PRE_ATTENTION))
 
 
 @pytest.mark.parametrize("reshard", [name for name in RESHARDS if not name.endswith("global batch")])
