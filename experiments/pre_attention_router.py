@@ -16,8 +16,8 @@ draws both loss curves into docs/plots/pre_attention_router.png.
 A run's step time is the median over its logged windows (evaluation and checkpoints excluded; the
 first window, which holds the warm-up, left out) of tokens per step / tokens per second: a median,
 because the CPU may be shared with other work. The two 300-step runs follow each other, so a busy
-spell may fall on one only; the step times that compare the routers come from short runs
-(--timing-steps) alternating between them, --timing-rounds times each, their medians.
+spell may fall on one only; what compares the routers' cost is `time_steps`: both models in this
+process, the same step's forward and backward timed alternately (--timing-rounds each), the fastest.
 """
 
 from __future__ import annotations
@@ -28,10 +28,16 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
 import yaml
 
+from sparsetron.model.transformer import materialised_transformer
+from sparsetron.train.config_io import load_job_config
 from sparsetron.train.metrics import JSONL_FILE
 from sparsetron.train.plot import DPI, read_series
 from sparsetron.train.trainer import STATUS_FILE
@@ -65,18 +71,27 @@ def step_seconds(run_dir: Path) -> float:
     return statistics.median(tokens_per_step / rate for rate in list(series["tokens_per_s"].values())[1:])
 
 
-def time_steps(runs: Path, rounds: int, steps: int) -> dict[str, float]:
-    """Median step time per router over `rounds` short runs of `steps` steps each, the routers
-    alternating (ffn_input, pre_attention, ffn_input, ...) so that a slow spell of a shared CPU
-    falls on both."""
-    timing = [f"trainer.stop_at={steps}", "trainer.eval_interval=0", "checkpoint.interval=0", "metrics.log_interval=5"]
+def time_steps(rounds: int) -> dict[str, float]:
+    """Fastest forward + backward of one `tiny` step (micro_batch_size x seq_len tokens) per router,
+    in this process on one thread, the routers alternating `rounds` times with the same weights and
+    batch (each row one sequence): the fastest of many alternating tries is what a shared CPU's busy spells disturb least.
+    The optimizer step, the same for both, is left out."""
+    torch.set_num_threads(1)
+    job = load_job_config("tiny", ["model.vocab_size=4096"])
+    tokens_BS = torch.randint(0, 4096, (job.trainer.micro_batch_size, job.data.seq_len + 1))
+    models = {}
+    for name in ROUTERS:
+        torch.manual_seed(0)
+        models[name] = materialised_transformer(job.model, job.attention, replace(job.moe, router_input=name))
     times: dict[str, list[float]] = {name: [] for name in ROUTERS}
-    for round_ in range(rounds):
-        for name in ROUTERS:
-            run_dir = runs / f"timing-{name}-{round_}"
-            train(run_dir, name, *timing)
-            times[name].append(step_seconds(run_dir))
-    return {name: statistics.median(values) for name, values in times.items()}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            logits = model(tokens_BS[:, :-1])
+            F.cross_entropy(logits.flatten(0, 1), tokens_BS[:, 1:].flatten()).backward()
+            times[name].append(time.perf_counter() - start)
+            model.zero_grad(set_to_none=True)
+    return {name: min(values) for name, values in times.items()}
 
 
 def summary(run_dir: Path) -> dict:
@@ -86,13 +101,13 @@ def summary(run_dir: Path) -> dict:
 
 
 def table(results: dict[str, dict], timed: dict[str, float]) -> str:
-    """Markdown: eval loss at each eval step, the 300-step run's step time, the alternating runs' one."""
+    """Markdown: eval loss at each eval step, the 300-step run's step time, the alternating timing's."""
     base = ROUTERS[0]
     steps = list(results[base]["eval"])
     lines = [
         "| router input | "
         + " | ".join(f"eval loss @ {s}" for s in steps)
-        + " | step time, 300-step run | step time, alternating runs |",
+        + " | step time, 300-step run | forward + backward, fastest alternating |",
         "|---" * (len(steps) + 3) + "|",
     ]
     for name, result in results.items():
@@ -134,19 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--plot", type=Path, default=PLOT, help="where to draw the loss curves")
     parser.add_argument("--plot-only", action="store_true", help="read finished runs instead of training")
-    parser.add_argument("--timing-rounds", type=int, default=2, help="alternating short runs per router")
-    parser.add_argument("--timing-steps", type=int, default=30, help="steps of each short timing run")
+    parser.add_argument("--timing-rounds", type=int, default=20, help="alternating timed steps per router")
     args = parser.parse_args(argv)
     if not args.plot_only:
         for router_input in ROUTERS:
             if not finished(args.runs / router_input):
                 train(args.runs / router_input, router_input)
-        timed = time_steps(args.runs, args.timing_rounds, args.timing_steps)
-    else:
-        timed = {
-            name: statistics.median(step_seconds(path) for path in sorted(args.runs.glob(f"timing-{name}-*")))
-            for name in ROUTERS
-        }
+    timed = time_steps(args.timing_rounds)
     results = {name: summary(args.runs / name) for name in ROUTERS}
     print(table(results, timed))
     plot(results, args.plot)
