@@ -21,7 +21,8 @@ def uses_moe(layer_id: int, moe_cfg: MoEConfig | None) -> bool:
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h))."""
+    """Pre-norm residual block: x + attn(norm(x)), then h + ffn(norm(h)); a MoE FFN routes on
+    norm(h), or on attention's input norm(x) with moe.router_input=pre_attention."""
 
     def __init__(
         self, layer_id: int, model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None
@@ -29,6 +30,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         self.is_moe = uses_moe(layer_id, moe_cfg)
+        self.routes_before_attention = self.is_moe and moe_cfg.router_input == "pre_attention"
         self.attention_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
         self.attention = Attention(model_cfg.dim, attn_cfg, model_cfg, layer_id)
         self.ffn_norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
@@ -38,7 +40,11 @@ class Block(nn.Module):
             self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
 
     def forward(self, x_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
-        h_BSD = x_BSD + self.attention(self.attention_norm(x_BSD), seq)
+        a_BSD = self.attention_norm(x_BSD)
+        h_BSD = x_BSD + self.attention(a_BSD, seq)
+        if self.routes_before_attention:
+            # moe.router_input=pre_attention: the router reads what attention read.
+            return h_BSD + self.feed_forward(self.ffn_norm(h_BSD), a_BSD)
         return h_BSD + self.feed_forward(self.ffn_norm(h_BSD))
 
     @torch.no_grad()

@@ -209,6 +209,7 @@ class MoEConfig:
         "granularity",
         "expert_hidden",
         "n_shared_experts",
+        "shared_expert_hidden",
         "shared_expert_gate",
         "first_k_dense",
         "dispatch_dim",
@@ -223,7 +224,9 @@ class MoEConfig:
     expert_hidden: int = 0
     """Hidden size of one routed expert. 0 = model.ffn_hidden // granularity."""
     n_shared_experts: int = 0
-    """Always-active shared experts (each of expert_hidden), computed as one SwiGLU of n_shared x expert_hidden."""
+    """Always-active shared experts, computed together as one SwiGLU (of n_shared x the routed expert's hidden size unless shared_expert_hidden says otherwise)."""
+    shared_expert_hidden: int = 0
+    """Hidden size of the shared experts' one SwiGLU, all of them together (Megatron's moe_shared_expert_intermediate_size; any width, e.g. a Qwen2-MoE shared_expert_intermediate_size that is no multiple of moe_intermediate_size). 0 = n_shared_experts x the routed expert's hidden size. Needs n_shared_experts >= 1."""
     shared_expert_gate: bool = False
     """Scale the shared experts' output by a learned per-token sigmoid gate (Qwen2-MoE)."""
     first_k_dense: int = 0
@@ -265,6 +268,9 @@ class MoEConfig:
     dispatch_dim: int = 0
     """r: low-dimension dispatch (BigMac's descend-communicate-communicate-ascend). Each MoE layer projects its tokens D -> r before dispatch and r -> D after combine, so the dispatcher moves r numbers per token instead of D; routed experts take and return r-dim rows (hidden size unchanged). The router and shared experts keep the D-dim input. 0 = off; else 1 <= r <= model.dim. No dense model or Hugging Face family has it: upcycling and HF conversion refuse it."""
 
+    router_input: Literal["ffn_input", "pre_attention"] = "ffn_input"
+    """What each MoE layer routes on. ffn_input: the FFN's normalised input, after attention (the usual MoE). pre_attention (SmallThinker): the block's normalised input, the tensor attention reads, so the routing is known before attention runs and an inference engine can fetch the chosen experts' weights meanwhile; the experts still compute on the FFN input, and the balancing losses and statistics come from this routing as usual. No Hugging Face family has it: HF conversion refuses it."""
+
     @property
     def enabled(self) -> bool:
         return self.num_experts > 0
@@ -279,6 +285,12 @@ class MoEConfig:
 
     def hidden_size(self, model: ModelConfig) -> int:
         return self.expert_hidden or model.ffn_hidden // self.granularity
+
+    def shared_hidden_size(self, model: ModelConfig) -> int:
+        """Hidden size of the shared experts' one SwiGLU (0 without shared experts)."""
+        if not self.n_shared_experts:
+            return 0
+        return self.shared_expert_hidden or self.n_shared_experts * self.hidden_size(model)
 
     def expert_dim(self, model: ModelConfig) -> int:
         """Width of the rows routed experts take and return: dispatch_dim, or model.dim when it is off."""
@@ -316,6 +328,11 @@ class MoEConfig:
             f"must be 0 (off) or in [1, model.dim={model.dim}] with MoE layers (num_experts={self.num_experts}), "
             f"got {self.dispatch_dim}",
         )
+        check(
+            self.router_input == "ffn_input" or self.enabled,
+            f"{prefix}.router_input",
+            f"{self.router_input} routes MoE layers, but num_experts={self.num_experts} builds none",
+        )
         if not self.enabled:
             return
         check(self.granularity >= 1, f"{prefix}.granularity", f"must be >= 1, got {self.granularity}")
@@ -332,6 +349,12 @@ class MoEConfig:
             f"model.ffn_hidden={model.ffn_hidden} // granularity={self.granularity} leaves no hidden units",
         )
         check(self.n_shared_experts >= 0, f"{prefix}.n_shared_experts", "must be >= 0")
+        check(
+            self.shared_expert_hidden >= 0 and (self.shared_expert_hidden == 0 or self.n_shared_experts >= 1),
+            f"{prefix}.shared_expert_hidden",
+            f"must be 0 (n_shared_experts x the expert hidden size) or a positive width with n_shared_experts >= 1 "
+            f"(n_shared_experts={self.n_shared_experts}), got {self.shared_expert_hidden}",
+        )
         check(
             0 <= self.first_k_dense <= model.n_layers,
             f"{prefix}.first_k_dense",

@@ -62,7 +62,7 @@ def _block_active_params(
             total += 2 * D * R  # the descending and ascending projections
         total += moe_cfg.experts_per_token * _swiglu(R, hidden)
         if moe_cfg.n_shared_experts:
-            total += _swiglu(D, moe_cfg.n_shared_experts * hidden)
+            total += _swiglu(D, moe_cfg.shared_hidden_size(model_cfg))
             if moe_cfg.shared_expert_gate:
                 total += D
     else:

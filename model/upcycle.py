@@ -29,13 +29,16 @@ The transform:
     balancing losses and the expert bias's updates act only from the first optimizer step on.
   * Scale s on the down projection (w2) only, so the result is exact for SwiGLU:
     normalised weights: s = G / route_scale; zero router, unnormalised: s = E*G / (k*route_scale).
-  * Shared experts (n_s of them, one SwiGLU of n_s*f units) hold the dense FFN's first n_s*f
-    hidden units, i.e. shards 0..n_s-1, with their down projection times `shared_fraction` (b).
-    The routed shards j < n_s take the rest: their down projection is times s*(1-b) instead of
-    s. Shared + routed = b*P + (1-b)*P + (the other shards) = dense, exactly. The default
-    b = 1/2 keeps every routed expert non-zero (b = 1 would zero the w2 of shards j < n_s).
-    With shared_expert_gate the gate starts at zero (sigmoid = 1/2) and the shared w2 is
-    doubled to compensate.
+  * Shared experts (one SwiGLU of S = moe.shared_hidden_size units: n_s*f, or any
+    moe.shared_expert_hidden <= F) hold the dense FFN's first S hidden units, with their down
+    projection times `shared_fraction` (b). The routed copies' units 0..S-1 take the rest: those
+    columns of their down projection are times s*(1-b) instead of s (a SwiGLU's hidden units are
+    independent, so the split may cut a shard). Shared + routed = b*P + (1-b)*P + (the other
+    units) = dense, exactly. The default b = 1/2 keeps every routed unit non-zero (b = 1 would
+    zero units 0..S-1 of the routed copies). With shared_expert_gate the gate starts at zero
+    (sigmoid = 1/2) and the shared w2 is doubled to compensate.
+  * moe.router_input=pre_attention changes only what the router reads: every copy still sums
+    to the dense FFN whichever copies a token selects, so the result stays exact.
 
 Settings that cannot preserve the function are refused with UpcycleError naming the key, or,
 with allow_inexact=True, accepted with an UpcycleWarning saying why (see `plan_upcycle`).
@@ -84,9 +87,11 @@ class UpcyclePlan:
     router: str
     """virtual_groups (identical rows per copy, random across copies) or zero (plus the tie-break bias)."""
     scale: float
-    """s: factor on the routed experts' down projection (shards j >= n_shared)."""
+    """s: factor on the routed experts' down projection (hidden units the shared experts do not hold)."""
     shared_fraction: float
-    """b: the shared experts' share of the dense shards 0..n_shared-1 (0 when there are none)."""
+    """b: the shared experts' share of the dense hidden units 0..S-1 they hold (0 when there are none)."""
+    shared_units: int = 0
+    """S: the dense FFN's first S hidden units, which the shared experts start from (0 when there are none)."""
     moe_layers: list[int] = field(default_factory=list)
     dense_layers: list[int] = field(default_factory=list)
     inexact: list[str] = field(default_factory=list)
@@ -103,7 +108,9 @@ class UpcyclePlan:
             f"MoE layers {self.moe_layers}, dense layers {self.dense_layers}",
         ]
         if self.shared_fraction:
-            lines.append(f"shared experts carry {self.shared_fraction:g} of dense shards 0..n_shared-1")
+            lines.append(
+                f"shared experts carry {self.shared_fraction:g} of dense hidden units 0..{self.shared_units - 1}"
+            )
         lines += [f"INEXACT: {reason}" for reason in self.inexact]
         return "\n".join(lines)
 
@@ -173,11 +180,12 @@ def plan_upcycle(
             f"moe.num_experts: {E} routed experts (num_experts x granularity) are not a multiple of "
             f"G = ffn_hidden / expert_hidden = {G}: experts must form whole copies of the dense FFN"
         )
-    n_shared = moe.n_shared_experts
-    if n_shared * f > F:
+    n_shared, shared_hidden = moe.n_shared_experts, moe.shared_hidden_size(model)
+    if shared_hidden > F:
+        key = "moe.shared_expert_hidden" if moe.shared_expert_hidden else "moe.n_shared_experts"
         raise UpcycleError(
-            f"moe.n_shared_experts: {n_shared} shared experts of {f} units ({n_shared * f}) are wider than "
-            f"the dense FFN ({F}); at most {G} can start from it"
+            f"{key}: the shared experts' {shared_hidden} hidden units are more than the dense FFN's {F}; "
+            "they must start from a slice of it"
         )
     if n_shared and not 0 < shared_fraction <= 1:
         raise UpcycleError(f"shared_fraction must be in (0, 1], got {shared_fraction}")
@@ -231,6 +239,7 @@ def plan_upcycle(
         router=router,
         scale=scale,
         shared_fraction=shared_fraction if n_shared else 0.0,
+        shared_units=shared_hidden,
         moe_layers=moe_layers,
         dense_layers=[i for i in range(model.n_layers) if i not in moe_layers],
         inexact=inexact,
@@ -244,16 +253,20 @@ def _moe_ffn_state(
     G, E = plan.shards, plan.experts
     F, D = w1_FD.shape
     f = F // G
-    n_shared = moe.n_shared_experts
+    shared = slice(0, plan.shared_units)
     b = plan.shared_fraction
-    shard_scale = [plan.scale * (1 - b) if j < n_shared else plan.scale for j in range(G)]
+    # Per dense hidden unit: the routed copies' share of it (what the shared experts leave).
+    # In the precision a product with a Python float would use (fp32 for 16-bit weights).
+    opmath = torch.promote_types(w2_DF.dtype, torch.float32)
+    unit_scale_F = torch.full((F, 1), plan.scale, dtype=opmath, device=w2_DF.device)
+    unit_scale_F[shared] = plan.scale * (1 - b)
     w13, w2 = [], []
     for e in range(E):
         j = e % G
         units = slice(j * f, (j + 1) * f)
         # Input-major [D, f] halves, gate then up: the layout GroupedExperts computes x @ w13 with.
         w13.append(torch.cat([w1_FD[units].t(), w3_FD[units].t()], dim=1))
-        w2.append(w2_DF[:, units].t() * shard_scale[j])
+        w2.append((w2_DF[:, units].t() * unit_scale_F[units]).to(w2_DF.dtype))
     out = {prefix + "experts.w13": torch.stack(w13), prefix + "experts.w2": torch.stack(w2)}
 
     gate_EDk = init[prefix + "router.gate.weight"]
@@ -266,13 +279,12 @@ def _moe_ffn_state(
         out[prefix + "router.gate.weight"] = torch.zeros_like(gate_EDk)
         out[prefix + "router.expert_bias"] = -TIE_BREAK * copy_of.to(bias.dtype)
 
-    if n_shared:
-        units = slice(0, n_shared * f)
+    if plan.shared_units:
         # sigmoid(0) = 1/2 exactly, so a zero gate is undone by doubling the down projection.
         gated = 2.0 if moe.shared_expert_gate else 1.0
-        out[prefix + "shared_experts.w1.weight"] = w1_FD[units].clone()
-        out[prefix + "shared_experts.w3.weight"] = w3_FD[units].clone()
-        out[prefix + "shared_experts.w2.weight"] = w2_DF[:, units] * (b * gated)
+        out[prefix + "shared_experts.w1.weight"] = w1_FD[shared].clone()
+        out[prefix + "shared_experts.w3.weight"] = w3_FD[shared].clone()
+        out[prefix + "shared_experts.w2.weight"] = w2_DF[:, shared] * (b * gated)
         if moe.shared_expert_gate:
             out[prefix + "shared_gate.weight"] = torch.zeros_like(init[prefix + "shared_gate.weight"])
     return out

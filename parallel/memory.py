@@ -29,7 +29,8 @@ b is the bytes of the compute dtype (2 under bf16 autocast, else 4), D the width
 dim, D_q = H d and D_kv = K d the query and key/value widths, F the FFN hidden size, E the
 routed experts, k of them per token with hidden H_e and width R (moe.dispatch_dim, else D; the
 ascending projection keeps the R-wide combined rows, and under 16-bit autocast the descending one
-its own b D cast of the normalized input), k_1 = topk - 1 past blocks (fewer where
+its own b D cast of the normalized input), H_shared the shared experts' hidden size
+(moe.shared_expert_hidden, else n_shared_experts x H_e), k_1 = topk - 1 past blocks (fewer where
 a row has fewer blocks). MoBA's reference counts each row as one sequence: packed documents
 keep the sum of their squared lengths instead of S^2, so with documents it is an upper bound.
 
@@ -258,7 +259,7 @@ def layer_activation_bytes(
     for layer_id in range(model_cfg.n_layers + model_cfg.mtp_depth):
         if uses_moe(layer_id, moe_cfg):
             k, hidden, R = moe_cfg.experts_per_token, moe_cfg.hidden_size(model_cfg), moe_cfg.expert_dim(model_cfg)
-            shared = moe_cfg.n_shared_experts * hidden
+            shared = moe_cfg.shared_hidden_size(model_cfg)
             ffn = NORM * D + FP32 + b * D + 2 * FP32 * moe_cfg.routed_experts
             # Per assignment, grouped_swiglu keeps its rows, x w13 and the routing weight (nothing else).
             ffn += k * (b * R + b * 2 * hidden + FP32) + b * 4 * shared

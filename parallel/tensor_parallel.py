@@ -11,6 +11,7 @@ local [B, S/tp, D] tensor and computes the norms on its own tokens:
              -> wo (rows split) --reduce-scatter--> + h
              ffn_norm(h) --all-gather--> w1, w3 (hidden split) -> w2 (rows split) --reduce-scatter--> + h
        or    ffn_norm(h) -> MoE on this rank's own S/tp tokens (no communication) -> + h
+             (router_input=pre_attention: the MoE's router reads attention_norm(h), also its local S/tp tokens)
     norm(h) --all-gather--> output (vocab split) --all-gather--> logits [B, S, V] whole on every rank
 
 MoE layers are not split (Megatron's expert-tensor-parallel size 1, "parallel folding"):
@@ -128,8 +129,10 @@ def _block_plan(block: Block) -> dict[str, object]:
     if isinstance(block.feed_forward, MoE):
         # The MoE sees this rank's tokens as a plain [B, S/tp, D] tensor and returns the same shape,
         # which is what the sequence-parallel residual stream holds: no communication either way.
+        # A pre-attention router's input (attention_norm's output) is this rank's same tokens.
+        layouts = (Shard(1), Shard(1)) if block.routes_before_attention else (Shard(1),)
         plan["feed_forward"] = PrepareModuleInput(
-            input_layouts=(Shard(1),), desired_input_layouts=(Shard(1),), use_local_output=True
+            input_layouts=layouts, desired_input_layouts=layouts, use_local_output=True
         )
     else:
         plan |= {

@@ -156,15 +156,11 @@ def config_from_hf(cfg: dict) -> tuple[str, ModelConfig, AttentionConfig, MoECon
             norm_topk_prob=bool(cfg.get("norm_topk_prob", False)),
         )
         if family == "qwen2_moe":
+            # One gated shared expert of any width (moe.shared_expert_hidden).
             shared = _int(cfg, "shared_expert_intermediate_size")
-            if shared <= 0 or shared % hidden:
-                raise config_error(
-                    "shared_expert_intermediate_size",
-                    shared,
-                    f"must be a positive multiple of moe_intermediate_size={hidden} (sparsetron's shared experts)",
-                )
-            moe.n_shared_experts = shared // hidden
-            moe.shared_expert_gate = True
+            if shared <= 0:
+                raise config_error("shared_expert_intermediate_size", shared, "qwen2_moe's shared expert needs a width")
+            moe.n_shared_experts, moe.shared_expert_hidden, moe.shared_expert_gate = 1, shared, True
     model.validate()
     attention.validate(model)
     moe.validate(model)
@@ -185,6 +181,8 @@ def export_family(model: ModelConfig, attention: AttentionConfig, moe: MoEConfig
         raise refuse(
             "model.mtp_depth", model.mtp_depth, "the supported families have no multi-token prediction modules"
         )
+    if moe.router_input != "ffn_input":
+        raise refuse("moe.router_input", moe.router_input, "every transformers MoE routes on the FFN's input")
     if not moe.enabled:
         if attention.qk_norm:
             raise refuse("attention.qk_norm", True, "a dense model with q/k norm (qwen3) is not supported")
@@ -265,6 +263,6 @@ def config_to_hf(model: ModelConfig, attention: AttentionConfig, moe: MoEConfig,
             cfg["decoder_sparse_step"] = 1
             cfg["mlp_only_layers"] = list(range(moe.first_k_dense))
         if family == "qwen2_moe":
-            cfg["shared_expert_intermediate_size"] = moe.n_shared_experts * hidden
+            cfg["shared_expert_intermediate_size"] = moe.shared_hidden_size(model)
             cfg["qkv_bias"] = attention.qkv_bias
     return cfg

@@ -42,7 +42,9 @@ class MoEStats:
 class MoE(nn.Module):
     """Fine-grained mixture of experts with optional shared experts (see shared/specs/moe.md).
 
-    forward(x_BSD) -> y_BSD. The auxiliary and z losses are attached to the graph (their
+    forward(x_BSD, route_BSD=None) -> y_BSD: the experts compute on x_BSD; the router reads
+    route_BSD when given (moe.router_input=pre_attention: the block's normalised input, in x_BSD's
+    shape and layout), else x_BSD. The auxiliary and z losses are attached to the graph (their
     gradient is `aux_loss_scale`, set by `balancing.set_aux_loss_scale`), not returned.
     `dispatcher` sequences dispatch, expert compute, shared experts and combine: a
     LocalDispatcher here unless moe.dispatcher names one that exchanges tokens between ranks
@@ -64,6 +66,7 @@ class MoE(nn.Module):
         self.num_experts = moe_cfg.routed_experts
         self.top_k = moe_cfg.experts_per_token
         hidden = moe_cfg.hidden_size(model_cfg)
+        shared_hidden = moe_cfg.shared_hidden_size(model_cfg)
         self.router = Router(dim, moe_cfg)
         # BigMac's descend-communicate-communicate-ascend (README, "Low-dimension dispatch"): one
         # projection shared by all experts, so the dispatcher moves R numbers per token, not D.
@@ -71,9 +74,8 @@ class MoE(nn.Module):
         self.dispatch_down = nn.Linear(dim, r, bias=False) if r else None
         self.dispatch_up = nn.Linear(r, dim, bias=False) if r else None
         self.experts = GroupedExperts(self.num_experts, moe_cfg.expert_dim(model_cfg), hidden, moe_cfg.expert_backend)
-        n_shared = moe_cfg.n_shared_experts
-        self.shared_experts = FeedForward(dim, n_shared * hidden) if n_shared > 0 else None
-        self.shared_gate = nn.Linear(dim, 1, bias=False) if n_shared > 0 and moe_cfg.shared_expert_gate else None
+        self.shared_experts = FeedForward(dim, shared_hidden) if shared_hidden > 0 else None
+        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_hidden > 0 and moe_cfg.shared_expert_gate else None
         # The plain model can only move tokens on its own device; a dispatcher that exchanges
         # them between ranks needs a process group, and `parallel.apply_ep` installs it.
         self.dispatcher: Dispatcher | None = (
@@ -93,14 +95,16 @@ class MoE(nn.Module):
         self.step_stats: MoEStats | None = None
         self._reset_step_sums()
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, route_BSD: torch.Tensor | None = None) -> torch.Tensor:
         x_TD = x_BSD.reshape(-1, x_BSD.shape[-1])
+        if route_BSD is not None and route_BSD.shape != x_BSD.shape:
+            raise ValueError(f"the router's input has shape {list(route_BSD.shape)}, the layer's {list(x_BSD.shape)}")
         if self.dispatcher is None:
             raise ConfigError(
                 f"moe.dispatcher={self.moe_cfg.dispatcher}: this layer's experts were not split over expert ranks "
                 "(parallel.apply_ep installs that dispatcher at parallel.expert > 1)"
             )
-        route = self.router(x_TD)
+        route = self.router(x_TD if route_BSD is None else route_BSD.reshape(x_TD.shape))
         # The router and the shared experts read the whole D-dim token; only the routed rows descend.
         x_TR = self.dispatch_down(x_TD) if self.dispatch_down is not None else x_TD
         y_TR, shared_TD, dropped = self.dispatcher.run(x_TR, route, self.experts, lambda: self._shared(x_TD))
@@ -251,6 +255,7 @@ class MoE(nn.Module):
         cfg = self.moe_cfg
         return (
             f"experts={self.num_experts}, top_k={self.top_k}, shared={cfg.n_shared_experts}, "
+            f"router_input={cfg.router_input}, "
             f"dispatch_dim={cfg.dispatch_dim or self.dim}, "
             f"capacity_factor={cfg.capacity_factor}, aux={cfg.aux_loss_coeff}@{cfg.aux_loss_level}, "
             f"z={cfg.z_loss_coeff}, bias_rate={cfg.bias_update_rate}"

@@ -11,7 +11,8 @@ experts (ep4 and every routing corner: tests/distributed/test_overlapped_dispatc
 Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, pp2 x ep2 and
 ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: every other
 layout and reshard moves them like any other). Multi-token prediction (model.mtp_depth) trains like
-one process at tp2, ep2 and pp2 (also in bf16).
+one process at tp2, ep2 and pp2 (also in bf16). The pre-attention router (moe.router_input) trains
+like one process at tp2 and ep2.
 """
 
 from pathlib import Path
@@ -71,6 +72,10 @@ DISPATCH_DIM_LAYOUTS = ["pp2xep2"]  # and ep2 x tp2, with the overlapped dispatc
 # tokens of the depths travel between pipeline stages beside the hidden state (model/mtp.py).
 MTP = ["model.mtp_depth=2"]
 MTP_LAYOUTS = ["tp2", "ep2", "pp2-1f1b"]
+# The pre-attention router (SmallThinker): tensor parallelism hands the MoE its router's input in the
+# sequence-parallel layout of the FFN input, expert parallelism dispatches on that routing.
+PRE_ATTENTION = ["moe.router_input=pre_attention"]
+PRE_ATTENTION_LAYOUTS = ["tp2", "ep2"]
 # The overlapped dispatcher against the plain all-to-all at the same layout:
 # name: (plain layout, its extra overrides, the overlapped run's extra overrides)
 # (ep2 alone is covered by the compositions below, in bf16 by ep2-overlapped-bf16, and exactly at
@@ -130,6 +135,9 @@ def all_layouts() -> dict[str, Layout]:
         layouts[f"{name}-mtp"] = Layout(world, dp, [*overrides, *MTP])
     world, dp, overrides = LAYOUTS["pp2-1f1b"]
     layouts["pp2-1f1b-mtp-bf16"] = Layout(world, dp, [*overrides, *MTP, *BF16])
+    for name in PRE_ATTENTION_LAYOUTS:
+        world, dp, overrides = LAYOUTS[name]
+        layouts[f"{name}-pre_attention"] = Layout(world, dp, [*overrides, *PRE_ATTENTION])
     world, dp, overrides = LAYOUTS["ep2xtp2"]
     layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
     layouts["dp2-global-batch"] = Layout(2, 2, ["parallel.data_parallel_shard=2", *GLOBAL_BATCH_SIZE], "debug-dense")
@@ -212,6 +220,11 @@ def test_layout_with_multi_token_prediction_trains_like_one_process(trained, ref
 def test_pipeline_with_multi_token_prediction_in_bf16_within_bf16_error(trained, reference):
     """The stage boundary carries the depths' embedded inputs in bf16 beside the hidden state."""
     assert_within_bf16_error(trained["pp2-1f1b-mtp-bf16"], reference(*MTP, *BF16), reference(*MTP))
+
+
+@pytest.mark.parametrize("layout", PRE_ATTENTION_LAYOUTS)
+def test_layout_with_the_pre_attention_router_trains_like_one_process(trained, reference, layout):
+    assert_same_training(trained[f"{layout}-pre_attention"], reference(*PRE_ATTENTION))
 
 
 @pytest.mark.parametrize("reshard", [name for name in RESHARDS if not name.endswith("global batch")])

@@ -133,6 +133,37 @@ def test_export_and_reimport_are_exact(saved, family, tmp_path):
     assert config_from_hf(hf_cfg)[1:] == (ckpt.model, ckpt.attention, ckpt.moe)
 
 
+def test_a_shared_expert_of_any_width_imports_and_exports_exactly(tmp_path):
+    # 48 shared units against experts of 32: no whole number of routed experts' widths.
+    hf = hf_model("qwen2_moe", seed=3, shared_expert_intermediate_size=48)
+    hf.save_pretrained(tmp_path / "hf")
+    ckpt = load_hf(tmp_path / "hf")
+    assert (ckpt.moe.n_shared_experts, ckpt.moe.shared_expert_hidden) == (1, 48)
+    model = ckpt.build().eval()
+    assert model.layers["1"].feed_forward.shared_experts.w1.weight.shape == (48, 64)
+    with torch.no_grad():
+        err = logits_error(model(TOKENS), hf(TOKENS).logits)
+    assert err <= 1e-5, f"relative error {err:.2e}"
+    assert num_params(model, exclude_embeddings=True) == sum(p.numel() for p in hf.model.layers.parameters()) + (
+        sum(p.numel() for p in hf.model.norm.parameters()) + hf.lm_head.weight.numel()
+    )
+    # One MoE layer (layer 0 is dense): 2 of its 4 experts, 3 x 64 x 32 each, are not active.
+    assert active_params(ckpt.model, ckpt.attention, ckpt.moe) == num_params(model, exclude_embeddings=True) - (
+        2 * 3 * 64 * 32
+    )
+    save_hf(tmp_path / "out", ckpt.model, ckpt.attention, ckpt.moe, model.state_dict())
+    original, exported = (
+        load_file(tmp_path / "hf" / "model.safetensors"),
+        load_file(tmp_path / "out" / "model.safetensors"),
+    )
+    assert original.keys() == exported.keys()
+    for name in original:
+        assert original[name].dtype == exported[name].dtype and torch.equal(original[name], exported[name]), name
+    hf_cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert hf_cfg["shared_expert_intermediate_size"] == 48
+    assert config_from_hf(hf_cfg)[1:] == (ckpt.model, ckpt.attention, ckpt.moe)
+
+
 def test_sharded_checkpoints_import_and_export(saved, tmp_path):
     hf, folder = saved["qwen2_moe"]
     hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
@@ -204,7 +235,7 @@ REFUSED = [
     ("qwen3_moe", {"attention_bias": True}, "attention_bias=True"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers=[1]"),
     ("qwen3_moe", {"decoder_sparse_step": 2, "num_hidden_layers": 4}, "decoder_sparse_step=2"),
-    ("qwen2_moe", {"shared_expert_intermediate_size": 48}, "shared_expert_intermediate_size=48"),
+    ("qwen2_moe", {"shared_expert_intermediate_size": 0}, "shared_expert_intermediate_size=0"),
 ]
 
 
@@ -254,6 +285,7 @@ EXPORT_REFUSED = [
     (_sparsetron(MoEConfig(num_experts=4, n_shared_experts=1)), "moe.shared_expert_gate=False"),
     (_sparsetron(MoEConfig(num_experts=4, first_k_dense=1, norm_topk_prob=True)), "moe.first_k_dense=1"),
     (_sparsetron(MoEConfig(num_experts=4)), "moe.norm_topk_prob=False"),
+    (_sparsetron(MoEConfig(num_experts=4, norm_topk_prob=True, router_input="pre_attention")), "moe.router_input"),
 ]
 
 

@@ -79,6 +79,8 @@ def op_kept_bytes(op, attn_cfg, B, S, cp, rank, device="cpu", dtype=torch.float3
         ("debug-dense", []),
         ("debug-deepseek", []),  # one k/v head per query head
         ("debug-qwen-moe", ["attention.qk_norm=true"]),  # qk-norm, q/k/v biases, a gated shared expert
+        ("debug-qwen-moe", ["moe.shared_expert_hidden=2000"]),  # a shared expert of its own width
+        ("debug-deepseek", ["moe.router_input=pre_attention"]),  # the router reads attention's input
         ("tiny-moba", MOBA),  # MoBA's reference, then a full-attention layer
     ],
 )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tolerance import assert_within_dtype_error
 from torch.utils.checkpoint import checkpoint
 
-from sparsetron.model.config import ModelConfig, MoEConfig
+from sparsetron.model.config import ConfigError, ModelConfig, MoEConfig
 from sparsetron.model.moe import MoE
 from sparsetron.model.moe.balancing import load_balancing_loss, router_z_loss
 from sparsetron.model.moe.dispatch import LocalDispatcher
@@ -149,6 +149,10 @@ CONFIGS = {
         shared_expert_gate=True,
         expert_hidden=7,
     ),
+    # Two shared experts of 13 units together: no multiple of the routed experts' 7.
+    "shared_any_width": MoEConfig(
+        num_experts=4, top_k=2, expert_hidden=7, n_shared_experts=2, shared_expert_hidden=13, shared_expert_gate=True
+    ),
     "capacity_probability": MoEConfig(num_experts=8, top_k=2, capacity_factor=0.75, drop_policy="probability"),
     "capacity_position": MoEConfig(num_experts=8, top_k=2, capacity_factor=0.75, drop_policy="position"),
 }
@@ -178,6 +182,15 @@ def test_layer_output_and_every_gradient_match_naive_fp64(name):
     assert moe.last_stats.dropped_tokens.item() == dropped
     if cfg.capacity_factor > 0:
         assert dropped > 0  # the case must actually exercise the drop rule
+
+
+def test_shared_expert_width():
+    moe = MoEConfig(num_experts=4, top_k=2, expert_hidden=7, n_shared_experts=2)
+    assert MoE(DIM, MODEL, moe).shared_experts.w1.weight.shape == (14, DIM)  # 0: n_shared x expert_hidden
+    assert MoE(DIM, MODEL, replace(moe, shared_expert_hidden=13)).shared_experts.w1.weight.shape == (13, DIM)
+    for bad in (replace(moe, shared_expert_hidden=-1), replace(moe, n_shared_experts=0, shared_expert_hidden=13)):
+        with pytest.raises(ConfigError, match="moe.shared_expert_hidden"):
+            bad.validate(MODEL)
 
 
 # ------------------------------------------------------------------------------------------

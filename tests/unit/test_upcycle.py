@@ -102,8 +102,38 @@ def test_function_is_preserved(G, order, shared, first_k_dense, dtype):
         },
         # Shared experts as wide as the dense FFN.
         {"num_experts": 4, "top_k": 1, "granularity": 2, "n_shared_experts": 2, "shared_expert_gate": True},
+        # A shared width no multiple of the expert's (24 units of 16-unit shards): it cuts shard 1.
+        {
+            "num_experts": 4,
+            "top_k": 1,
+            "granularity": 4,
+            "n_shared_experts": 1,
+            "shared_expert_hidden": 24,
+            "shared_expert_gate": True,
+            "route_order": "topk_then_softmax",
+        },
+        # Routing before attention: every copy still sums to the dense FFN, whichever is chosen.
+        {
+            "num_experts": 4,
+            "top_k": 2,
+            "granularity": 2,
+            "route_order": "topk_then_softmax",
+            "n_shared_experts": 1,
+            "router_input": "pre_attention",
+        },
+        {"num_experts": 4, "top_k": 1, "granularity": 2, "router_input": "pre_attention"},
     ],
-    ids=["two-copies", "expert-hidden", "expert-hidden-zero", "renormalised", "deepseek", "wide-shared"],
+    ids=[
+        "two-copies",
+        "expert-hidden",
+        "expert-hidden-zero",
+        "renormalised",
+        "deepseek",
+        "wide-shared",
+        "any-width-shared",
+        "pre-attention",
+        "pre-attention-zero",
+    ],
 )
 def test_function_is_preserved_in_other_settings(case, dtype):
     cfg = MoEConfig(**case)
@@ -214,10 +244,17 @@ def test_k_not_divisible_by_G_is_badly_wrong():
     [
         ({"num_experts": 4, "top_k": 1, "expert_hidden": 24}, r"moe\.expert_hidden: the dense FFN hidden size 64"),
         ({"num_experts": 6, "top_k": 1, "expert_hidden": 16}, r"moe\.num_experts: 6 routed experts .* G = .* = 4"),
-        ({"num_experts": 4, "top_k": 1, "granularity": 4, "n_shared_experts": 5}, r"moe\.n_shared_experts: 5"),
+        (
+            {"num_experts": 4, "top_k": 1, "granularity": 4, "n_shared_experts": 5},
+            r"moe\.n_shared_experts: the shared experts\' 80 hidden units",
+        ),
+        (
+            {"num_experts": 4, "top_k": 1, "granularity": 4, "n_shared_experts": 1, "shared_expert_hidden": 72},
+            r"moe\.shared_expert_hidden: the shared experts' 72 hidden units are more than the dense FFN's 64",
+        ),
         ({"num_experts": 0}, r"moe\.num_experts: the target recipe is dense"),
     ],
-    ids=["f-does-not-divide-F", "E-not-whole-copies", "shared-too-wide", "dense-target"],
+    ids=["f-does-not-divide-F", "E-not-whole-copies", "shared-too-wide", "shared-width-too-wide", "dense-target"],
 )
 def test_impossible_shapes_are_refused_even_with_the_flag(case, match):
     refusal(MoEConfig(**case), match, allow_inexact=True)
