@@ -29,6 +29,7 @@ VARIANTS: dict[str, list[str]] = {
     "recipe": [],
     "mtp_depth=1": ["model.mtp_depth=1"],
     "mtp_depth=2": ["model.mtp_depth=2"],
+    "router_input=pre_attention": ["moe.router_input=pre_attention"],
 }
 QUIET = ["metrics.console=none", "metrics.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
 
