@@ -11,36 +11,26 @@ per token and no shared expert, so the routed FFN a token passes through has exa
 FFN's width (its active parameters differ only by the router); tiny's first dense layer and
 balancing losses are kept. Dense is `moe.num_experts=0`. Prints a table (parameters, final eval
 loss, step time, FLOPs) and draws docs/plots/granularity.png. Run folders go under
-/tmp/sparsetron-experiments/granularity.
+/tmp/sparsetron-experiments/granularity/STEPS.
 """
 
 from __future__ import annotations
 
-import argparse
-import shutil
 from pathlib import Path
 
-import torch
-from runs import ROOT, plot_curves, train
+from runs import plot_curves, start, train
 
 GRANULARITIES = (1, 4, 8)
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "plots" / "granularity.png"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every run (tiny: 300)")
-    parser.add_argument("--fresh", action="store_true", help="delete this script's finished runs first")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    root = ROOT / "granularity"
-    if args.fresh:
-        shutil.rmtree(root, ignore_errors=True)
+    args, root = start(__doc__, "granularity", "training steps of every run (tiny: 300)")
     common = [f"trainer.steps={args.steps}", f"trainer.eval_interval={max(args.steps // 6, 1)}"]
-    runs = [train(root / f"dense-{args.steps}", "dense", [*common, "moe.num_experts=0"])]
+    runs = [train(root / "dense", "dense", [*common, "moe.num_experts=0"])]
     for G in GRANULARITIES:
         moe = ["moe.num_experts=4", "moe.top_k=1", f"moe.granularity={G}", "moe.n_shared_experts=0"]
-        runs.append(train(root / f"moe-g{G}-{args.steps}", f"MoE G={G}", [*common, *moe]))
+        runs.append(train(root / f"moe-g{G}", f"MoE G={G}", [*common, *moe]))
 
     print(f"\ngranularity at {args.steps} steps of {runs[0].job.trainer.global_batch_size} x 256 tokens (tiny)")
     print("| model | experts (routed, per token) | total params | active params | eval loss | step time | FLOPs |")

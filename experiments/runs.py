@@ -8,6 +8,7 @@ read back instead of being trained again, so a script interrupted half-way resum
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from sparsetron.train.config_io import from_dict
 from sparsetron.train.flops import model_flops_per_token
 from sparsetron.train.plot import DPI, read_series
 
-__all__ = ["Run", "cli", "plot_curves", "train"]
+__all__ = ["Run", "cli", "plot_curves", "start", "train"]
 
 ROOT = Path("/tmp/sparsetron-experiments")
 """Where the run folders go (a user's /tmp: the checkpoints are throwaway)."""
@@ -75,6 +76,21 @@ class Run:
         rates = list(self.series.get("tokens_per_s", {}).values())[1:]  # the first interval holds the warm-up
         tokens = self.job.trainer.global_batch_size * self.job.data.seq_len
         return tokens / statistics.median(rates)
+
+
+def start(doc: str, experiment: str, steps_help: str) -> tuple[argparse.Namespace, Path]:
+    """Parse a script's --steps and --fresh; returns them and the folder of its runs at that many
+    steps (emptied with --fresh). Runs this process on one thread, as the trainings are."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=300, help=steps_help)
+    parser.add_argument("--fresh", action="store_true", help="delete this script's finished runs first")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    folder = ROOT / experiment / str(args.steps)
+    if args.fresh:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    return args, folder
 
 
 def cli(args: list[str], log: Path) -> float:

@@ -19,33 +19,23 @@ Runs (every MoE run is `tiny` with moe.route_order=topk_then_softmax; N = --step
 
 Prints a table (final eval loss, steps, FLOPs, wall time) and draws docs/plots/upcycling.png (loss
 against step, against MoE steps taken, and against training FLOPs). Run folders go under
-/tmp/sparsetron-experiments/upcycling.
+/tmp/sparsetron-experiments/upcycling/N.
 """
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
-import torch
-from runs import ROOT, cli, plot_curves, train
+from runs import cli, plot_curves, start, train
 
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "plots" / "upcycling.png"
 MOE = ["moe.route_order=topk_then_softmax"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="steps of the full schedule N (tiny: 300; even)")
-    parser.add_argument("--fresh", action="store_true", help="delete this script's finished runs first")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
+    args, root = start(__doc__, "upcycling", "steps of the full schedule N (tiny: 300; even)")
     N, half = args.steps, args.steps // 2
-    root = ROOT / "upcycling" / str(N)
-    if args.fresh:
-        shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True, exist_ok=True)
     common = [f"trainer.eval_interval={max(N // 6, 1)}", f"checkpoint.interval={half}"]
 
     dense = train(
