@@ -2,7 +2,7 @@
 Language Models") at small scale: a dense `tiny` upcycled half-way through its schedule and continued
 as an MoE, against an MoE trained from scratch.
 
-    python experiments/upcycling.py              # 4 runs, 750 steps of `tiny` in all, one at a time
+    python experiments/upcycling.py              # 5 runs, 900 steps of `tiny` in all, one at a time
     python experiments/upcycling.py --steps 60   # a quick look
     python experiments/upcycling.py --fresh      # train again what an earlier call finished
 
@@ -12,6 +12,8 @@ Runs (every MoE run is `tiny` with moe.route_order=topk_then_softmax; N = --step
   identical router rows per copy, so the MoE computes the dense function), then `sparsetron train
   --resume` to step N: the learning-rate schedule continues and the data reads on where the dense
   run stopped (the optimizer is fresh);
+- restarted: the same upcycled MoE trained as the earlier README experiment did, without --continue:
+  its own N/2-step schedule (warm-up again) and the data from its start, which the dense run read;
 - scratch N: the MoE from scratch for N steps (the same steps and tokens as dense + upcycled:
   the equal total budget, though a dense step costs fewer FLOPs);
 - scratch N/2: the MoE from scratch for N/2 steps with its own schedule (as many MoE steps as the
@@ -27,7 +29,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from runs import cli, plot_curves, start, train
+from runs import MARKER, Run, cli, plot_curves, start, train
 
 PLOT = Path(__file__).resolve().parent.parent / "docs" / "plots" / "upcycling.png"
 MOE = ["moe.route_order=topk_then_softmax"]
@@ -42,15 +44,10 @@ def main() -> None:
         root / "dense", "dense", [*common, f"trainer.steps={N}", f"trainer.stop_at={half}", "moe.num_experts=0"]
     )
     moe_sets = [*common, f"trainer.steps={N}", *MOE]
-    init = root / "upcycled-init"
-    upcycle_s = 0.0
-    if not (root / "upcycled" / "experiment.json").is_file():
-        shutil.rmtree(init, ignore_errors=True)
-        command = ["upcycle", "--from", str(dense.folder / "checkpoints"), "--recipe", "tiny", "--out", str(init)]
-        command += ["--continue", *(a for s in moe_sets for a in ("--set", s))]
-        print(f"  upcycling: sparsetron {' '.join(command)}", flush=True)
-        upcycle_s = cli(command, root / "upcycle.log")
-    upcycled = train(root / "upcycled", "upcycled", moe_sets, resume=str(init), before=upcycle_s)
+    dense_checkpoints = dense.folder / "checkpoints"
+    upcycled = _upcycled(root / "upcycled", dense_checkpoints, moe_sets, continue_run=True)
+    restarted_sets = [*common, f"trainer.steps={half}", *MOE]
+    restarted = _upcycled(root / "restarted", dense_checkpoints, restarted_sets, continue_run=False)
     scratch = train(root / "scratch-full", f"scratch MoE {N}", moe_sets)
     short = train(root / "scratch-half", f"scratch MoE {half}", [*common, f"trainer.steps={half}", *MOE])
 
@@ -58,6 +55,7 @@ def main() -> None:
     rows = [
         ("dense (stopped)", dense, f"{half} dense", half * dense_flops),
         ("dense -> upcycled MoE", upcycled, f"{half} dense + {half} MoE", half * (dense_flops + moe_flops)),
+        ("dense -> upcycled, restarted", restarted, f"{half} dense + {half} MoE", half * (dense_flops + moe_flops)),
         (scratch.name, scratch, f"{N} MoE", N * moe_flops),
         (short.name, short, f"{half} MoE", half * moe_flops),
     ]
@@ -70,19 +68,35 @@ def main() -> None:
         print(f"| {label} | {steps} | {run.final_eval():.4f} | {flops:.3g} | {run.wall_s / 60:.1f} min |")
 
     # The upcycled MoE computes the dense function at step N/2 (tests/unit/test_upcycle_continue.py),
-    # so its curve starts from the dense run's last values.
+    # so its curve starts from the dense run's last values; the restarted one counts its steps from 0.
     joined = [{**d, **u} for d, u in zip(_curves(dense), _curves(upcycled), strict=True)]
-    label = "dense -> upcycled"
-    by_step = [(label, *joined), *((run.name, *_curves(run)) for run in (scratch, short))]
-    by_moe_step = [(label, *({s - half: v for s, v in c.items() if s >= half} for c in joined)), *by_step[1:]]
+    shifted = [{half + s: v for s, v in c.items()} for c in _curves(restarted)]
+    upcycles = [("dense -> upcycled", *joined), ("dense -> upcycled, restarted", *shifted)]
+    by_step = [*upcycles, *((run.name, *_curves(run)) for run in (scratch, short))]
+    by_moe_step = [(name, *({s - half: v for s, v in c.items() if s >= half} for c in cs)) for name, *cs in upcycles]
+    by_moe_step += by_step[2:]
     spent = [dense_flops * min(s, half) + moe_flops * max(s - half, 0) for s in range(N + 1)]
-    by_flops = [(label, *({spent[s]: v for s, v in c.items()} for c in joined))]
-    by_flops += [(name, *({moe_flops * s: v for s, v in c.items()} for c in cs)) for name, *cs in by_step[1:]]
+    by_flops = [(name, *({spent[s]: v for s, v in c.items()} for c in cs)) for name, *cs in upcycles]
+    by_flops += [(name, *({moe_flops * s: v for s, v in c.items()} for c in cs)) for name, *cs in by_step[2:]]
     panels = [("step", by_step), ("MoE steps taken", by_moe_step), ("training FLOPs", by_flops)]
     print(f"wrote {plot_curves(PLOT, f'upcycling, {N} steps', panels)}")
 
 
-def _curves(run) -> tuple[dict, dict]:
+def _upcycled(folder: Path, dense_checkpoints: Path, sets: list[str], continue_run: bool) -> Run:
+    """`sparsetron upcycle` of the dense run's checkpoint into `tiny` with `sets` (into `folder`-init),
+    then `sparsetron train --resume` it into `folder`."""
+    init = folder.parent / f"{folder.name}-init"
+    upcycle_s = 0.0
+    if not (folder / MARKER).is_file():
+        shutil.rmtree(init, ignore_errors=True)
+        command = ["upcycle", "--from", str(dense_checkpoints), "--recipe", "tiny", "--out", str(init)]
+        command += [*(["--continue"] if continue_run else []), *(a for s in sets for a in ("--set", s))]
+        print(f"  upcycling: sparsetron {' '.join(command)}", flush=True)
+        upcycle_s = cli(command, folder.parent / f"{folder.name}-upcycle.log")
+    return train(folder, folder.name, sets, resume=str(init), before=upcycle_s)
+
+
+def _curves(run: Run) -> tuple[dict, dict]:
     """(train loss, eval loss) by step."""
     return run.series.get("loss", {}), run.eval_losses()
 
