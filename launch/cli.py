@@ -14,6 +14,7 @@
     sparsetron convert --from CKPT_DIR --to HF_DIR --format hf           # export one
     sparsetron upcycle --from DENSE --recipe tiny --out DIR              # dense checkpoint -> MoE step 0
     sparsetron train tiny --resume DIR                                   # continue the upcycled MoE
+    sparsetron upcycle --from DENSE --recipe tiny --out DIR --continue   # MoE at the dense step: same schedule, next data
     sparsetron prune --from runs/tiny --keep 8 --out runs/tiny-e8            # keep the 8 most used experts
     sparsetron generate runs/tiny --prompt "def " --max-new-tokens 200      # sample from a checkpoint
     sparsetron prepare --input 'c4/*.jsonl.zst' --tokenizer tok/ --out data/c4 --workers 16   # tokenize a corpus
@@ -273,6 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept settings that do not preserve the dense function (each is warned about by name)",
     )
+    upcycle.add_argument(
+        "--continue",
+        dest="continue_run",
+        action="store_true",
+        help="write the MoE at the dense checkpoint's step with its data position, so `train --resume` "
+        "continues the dense run's schedule and reads its next batches (fresh optimizer; needs a sparsetron "
+        "checkpoint with the recipe's data and global batch)",
+    )
 
     prune = commands.add_parser(
         "prune",
@@ -507,6 +516,7 @@ def _upcycle(args: argparse.Namespace) -> int:
                 allow_inexact=args.allow_inexact,
                 router=args.router,
                 shared_fraction=args.shared_fraction,
+                continue_run=args.continue_run,
             )
     except (ConfigError, UpcycleError, HFFormatError, CheckpointError, DataError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)

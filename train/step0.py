@@ -1,5 +1,6 @@
 """A step-0 checkpoint of weights made outside training (imported from Hugging Face, upcycled),
-which `sparsetron train ... --resume` continues with a fresh optimizer and fresh data."""
+which `sparsetron train ... --resume` continues with a fresh optimizer and fresh data; or, for
+`sparsetron upcycle --continue`, the same at the step of a run whose train state it continues."""
 
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ from sparsetron.train.schedule import build_scheduler
 
 
 def save_step0(
-    manager: CheckpointManager, model: nn.Module, job: JobConfig, after_save: Callable[[], None] | None = None
+    manager: CheckpointManager,
+    model: nn.Module,
+    job: JobConfig,
+    after_save: Callable[[], None] | None = None,
+    state: dict | None = None,
 ) -> Path:
     """Save `model` as step 0 of `job` in `manager`'s folder with a never-stepped optimizer; returns
-    the step folder. `after_save` writes any companion file; if anything fails, what this call
+    the step folder. `state`, a train state (train/resume.py), saves at its step instead. `after_save` writes any companion file; if anything fails, what this call
     wrote is removed again (the folder, if it created it), so a failed run leaves nothing behind."""
     optimizer = build_optimizer(model, job.optimizer)
     # The scheduler adds initial_lr to the param groups, which a resumed trainer's optimizer holds.
@@ -29,7 +34,8 @@ def save_step0(
     created = not manager.folder.exists()
     written = None
     try:
-        written = manager.save(0, model, optimizer, train_state(), dump_yaml(job))
+        state = state if state is not None else train_state()
+        written = manager.save(state["step"], model, optimizer, state, dump_yaml(job))
         if after_save is not None:
             after_save()
     except BaseException:

@@ -390,6 +390,10 @@ class CheckpointManager(ResumeFinder):
             raise CheckpointError(f"checkpoint {Path(path)}: {CONFIG_FILE} does not hold a mapping of sections")
         return loaded
 
+    def read_train_state(self, path: str | Path) -> dict[str, Any]:
+        """The train state saved with a checkpoint (this rank's, else rank 0's), without its tensors."""
+        return _read_train_state(Path(path))
+
 
 def _reraise_interrupt(err: BaseException) -> None:
     """Raise the Ctrl-C that DCP caught on this rank and wrapped into a CheckpointException: an
