@@ -19,6 +19,7 @@ from sparsetron.model.attention_ops import attention_op, full_attention
 from sparsetron.model.config import AttentionConfig, ModelConfig
 from sparsetron.model.layers import RMSNorm, apply_rope, rope_tables
 from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sigma_reparam import linear
 
 
 def set_full_attention(model: nn.Module, full: bool) -> int:
@@ -51,11 +52,11 @@ class Attention(nn.Module):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
-        bias = attn_cfg.qkv_bias
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        bias, reparam = attn_cfg.qkv_bias, model_cfg.sigma_reparam
+        self.wq = linear(dim, self.n_heads * self.head_dim, bias, reparam)
+        self.wk = linear(dim, self.n_kv_heads * self.head_dim, bias, reparam)
+        self.wv = linear(dim, self.n_kv_heads * self.head_dim, bias, reparam)
+        self.wo = linear(self.n_heads * self.head_dim, dim, False, reparam)
         self.q_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
 
@@ -86,10 +87,10 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, std=std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        for projection in (self.wq, self.wk, self.wv):
+            nn.init.normal_(projection.weight, std=std)
+            if projection.bias is not None:
+                nn.init.zeros_(projection.bias)
         # wo writes into the residual stream; see FeedForward.init_weights.
         nn.init.normal_(self.wo.weight, std=out_std)
         if self.q_norm is not None:

@@ -43,6 +43,8 @@ class ModelConfig:
     """Standard deviation of the normal initialisation; output projections are scaled by 1/sqrt(2 n_layers)."""
     max_seq_len: int = 4096
     """Longest sequence the rotary tables are built for."""
+    sigma_reparam: bool = False
+    """sigmaReparam (Zhai et al. 2023): every linear layer (attention, FFN, shared and routed experts, router, output head; not the embedding, a lookup) computes with W * gamma / sigma(W), sigma its spectral norm from one power-iteration step per training step and gamma a learned scalar per matrix, initialised to sigma(W) so the model starts unchanged. Prevents attention-entropy collapse at high learning rates. Not exportable to Hugging Face, not upcyclable."""
 
     def validate(self, prefix: str = "model") -> None:
         check(self.vocab_size >= 0, f"{prefix}.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")

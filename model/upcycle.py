@@ -137,6 +137,11 @@ def plan_upcycle(
             f"moe.dispatch_dim={moe.dispatch_dim}: a dense FFN has no low-dimension dispatch projections to "
             "start them from, so no upcycled model would compute what the dense one does; set 0"
         )
+    if dense_model.sigma_reparam or model.sigma_reparam:
+        raise UpcycleError(
+            "model.sigma_reparam: upcycling copies plain dense weights into experts; a reparametrized "
+            "model's weights are not what it computes with (W * gamma / sigma(W)), so set it false on both"
+        )
     if router not in ("auto", "virtual_groups", "zero"):
         raise UpcycleError(f"router must be auto, virtual_groups or zero, got {router!r}")
     shape_problems, inexact = [], []

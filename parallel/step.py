@@ -47,6 +47,7 @@ from sparsetron.parallel.dims import ParallelDims, ParallelMesh
 from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.pipeline import PipelineSchedule, PipelineSplit
 from sparsetron.parallel.precision import Precision, cross_entropy
+from sparsetron.parallel.sigma_reparam import power_iteration_step
 from sparsetron.parallel.tensor_parallel import sum_grads_over_tp
 
 
@@ -109,6 +110,9 @@ class StepRunner:
         if len(micro_batches) != self.grad_accum_steps:
             raise ValueError(f"a step takes {self.grad_accum_steps} micro-batches, got {len(micro_batches)}")
         self.model.train()
+        if self.model.model_cfg.sigma_reparam:
+            # Once per step, before any forward: every micro-batch, stage and recomputation sees one sigma.
+            power_iteration_step(self.model)
         batches = [self._prepare(b.to(self.device, non_blocking=True)) for b in micro_batches]
         if self.pipeline is not None:
             tokens = torch.cat([tokens for tokens, _, _ in batches])

@@ -34,6 +34,7 @@ from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.parallelize import parallelize
 from sparsetron.parallel.precision import Precision
+from sparsetron.parallel.sigma_reparam import init_sigma_reparam
 from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.checkpoint.disk_space import checkpoint_bytes
@@ -208,6 +209,8 @@ class Trainer:
             SingleProcessInit(self.device) if self.mesh is not None else nullcontext(),
         ):
             self.model.init_weights()
+        if job.model.sigma_reparam:
+            init_sigma_reparam(self.model)
         self.runner = StepRunner(
             self.model,
             split,

@@ -1,0 +1,193 @@
+"""model.sigma_reparam (model/sigma_reparam.py): sigma from power iteration is the spectral norm,
+the model at initialisation computes what it computes without the reparametrization, u and v
+move once per training step and survive a resume, activation checkpointing recomputes the same
+sigma, gammas are not decayed, and what cannot represent it refuses it by name."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
+from sparsetron.model.hf.config import export_family
+from sparsetron.model.sigma_reparam import (
+    INIT_ITERATIONS,
+    power_iteration,
+    reparametrized,
+    spectral_norm_estimate,
+)
+from sparsetron.model.transformer import materialised_transformer
+from sparsetron.model.upcycle import UpcycleError, plan_upcycle
+from sparsetron.parallel import sigma_reparam as parallel_sigma
+from sparsetron.parallel.activation_checkpoint import apply_ac
+from sparsetron.train.config_io import load_job_config
+from sparsetron.train.optim import param_groups
+from sparsetron.train.trainer import Trainer
+
+EPS32 = torch.finfo(torch.float32).eps
+V = 97
+MOE = dict(num_experts=4, top_k=2, first_k_dense=1, n_shared_experts=1, shared_expert_gate=True, dispatch_dim=16)
+
+
+def configs(reparam: bool, moe: bool):
+    model = ModelConfig(vocab_size=V, dim=32, n_layers=3, ffn_hidden=48, max_seq_len=64, sigma_reparam=reparam)
+    attn = AttentionConfig(n_heads=4, n_kv_heads=2, qkv_bias=True)
+    moe_cfg = MoEConfig(**MOE) if moe else MoEConfig()
+    model.validate()
+    attn.validate(model)
+    moe_cfg.validate(model)
+    return model, attn, moe_cfg
+
+
+@functools.cache
+def _built(reparam: bool, moe: bool) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return materialised_transformer(*configs(reparam, moe))
+
+
+def build(reparam: bool, moe: bool) -> torch.nn.Module:
+    """A fresh copy of the model built from seed 0 (built once per kind: the CPU is shared)."""
+    return copy.deepcopy(_built(reparam, moe))
+
+
+def tokens(seed: int = 1):
+    return torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(seed))
+
+
+def fp32_tolerance(W: torch.Tensor) -> float:
+    """Relative error of u^T W v in fp32: a dot product of length max(m, n) accumulates ~n eps
+    in the worst case, twice (W v, then u^T)."""
+    return 2 * max(W.shape[-2:]) * EPS32
+
+
+@pytest.mark.parametrize("shape", [(16, 16), (40, 9), (9, 40), (3, 2, 24, 11)], ids=str)
+def test_power_iteration_converges_to_the_spectral_norm(shape):
+    torch.manual_seed(sum(shape))
+    W = torch.randn(shape)
+    u, v = torch.randn(shape[:-1]), torch.randn((*shape[:-2], shape[-1]))
+    # Slow convergence needs sigma_2 / sigma_1 near 1; these draws reach 1e-12 well before 2000.
+    u, v = power_iteration(W, u, v, 2000)
+    sigma = spectral_norm_estimate(W, u, v)
+    exact = torch.linalg.matrix_norm(W.double(), ord=2)
+    torch.testing.assert_close(sigma.double(), exact, rtol=fp32_tolerance(W), atol=0)
+    # And one step from a random start is an underestimate (u^T W v <= sigma for unit u, v).
+    u1, v1 = power_iteration(W, torch.randn(shape[:-1]), torch.randn((*shape[:-2], shape[-1])), 1)
+    assert (spectral_norm_estimate(W, u1, v1).double() <= exact * (1 + fp32_tolerance(W))).all()
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_model_at_init_equals_the_model_without_and_gamma_is_sigma(moe):
+    plain, reparam = build(False, moe), build(True, moe)
+    plain_params = dict(plain.named_parameters())
+    for name, param in reparam.named_parameters():
+        if "sigma_" not in name:
+            assert torch.equal(param, plain_params[name]), name  # the same draws: nothing extra from the RNG
+    # W_hat = W exactly: gamma is u^T W v with the very u, v the forward uses.
+    torch.testing.assert_close(reparam(tokens()), plain(tokens()), rtol=4 * EPS32, atol=0)
+
+    specs = list(reparametrized(reparam))
+    # Attention 4, FFN or (router, dispatch 2, shared 3, shared gate, experts 2) per layer, head.
+    assert len(specs) == 3 * 4 + (3 + 2 * 9 if moe else 3 * 3) + 1
+    for module, spec in specs:
+        W = spec.matrices(getattr(module, spec.weight).detach())
+        exact = torch.linalg.matrix_norm(W.double(), ord=2)
+        gamma = getattr(module, spec.gamma).detach().double().reshape(exact.shape)
+        # Power iteration's error bound: a start's tan^2 (~n for a random one) times ratio^(2 steps).
+        singular = torch.linalg.svdvals(W.double())
+        ratio = (singular[..., 1] / singular[..., 0]).max().item() if singular.shape[-1] > 1 else 0.0
+        bound = fp32_tolerance(W) + max(W.shape[-2:]) * ratio ** (2 * INIT_ITERATIONS)
+        torch.testing.assert_close(gamma, exact, rtol=bound, atol=0, msg=f"{spec.weight}")
+
+
+def test_sigma_scales_the_forward_and_its_gradient_reaches_gamma():
+    model = build(True, True)
+    layer = model.layers["1"].feed_forward
+    with torch.no_grad():
+        layer.experts.sigma_gamma2[1] *= 3.0  # expert 1's w2 computes with 3 W
+        model.layers["0"].attention.wq.sigma_gamma.mul_(0.5)
+    W_hat = layer.experts.weights()[1]
+    torch.testing.assert_close(W_hat[1], 3.0 * layer.experts.w2[1], rtol=4 * EPS32, atol=0)
+    torch.testing.assert_close(W_hat[0], layer.experts.w2[0], rtol=4 * EPS32, atol=0)
+    wq = model.layers["0"].attention.wq
+    torch.testing.assert_close(wq.computed_weight(), 0.5 * wq.weight, rtol=4 * EPS32, atol=0)
+    model(tokens()).square().mean().backward()
+    for module, spec in reparametrized(model):
+        assert getattr(module, spec.gamma).grad.abs().sum() > 0, spec.gamma
+        assert getattr(module, spec.u).grad is None  # buffers: constants of the forward
+
+
+def test_activation_checkpointing_gives_bitwise_the_same_gradients():
+    plain = build(True, True)
+    checkpointed = copy.deepcopy(plain)
+    apply_ac(checkpointed)
+    for model in (plain, checkpointed):
+        parallel_sigma.power_iteration_step(model)  # as a step starts: u moved, then forwards
+        torch.nn.functional.cross_entropy(model(tokens()).flatten(0, 1), tokens(2).flatten()).backward()
+    grads = {name: p.grad for name, p in plain.named_parameters()}
+    for name, param in checkpointed.named_parameters():
+        assert torch.equal(param.grad, grads[name.replace("_checkpoint_wrapped_module.", "")]), name
+
+
+def test_gammas_are_not_decayed():
+    model = build(True, True)
+    decayed = {id(p) for group in param_groups(model, 0.1) if group["weight_decay"] > 0 for p in group["params"]}
+    names = [name for name, p in model.named_parameters() if "sigma_gamma" in name]
+    assert names and not any(id(p) in decayed for name, p in model.named_parameters() if name in names)
+    assert id(model.layers["0"].attention.wq.weight) in decayed
+
+
+SMALL = [
+    "data.max_documents=200",
+    "data.seq_len=32",
+    "model.n_layers=2",
+    "model.dim=64",
+    "model.ffn_hidden=256",
+    "trainer.micro_batch_size=2",
+    "trainer.grad_accum_steps=2",
+    "trainer.eval_batches=1",
+    "trainer.eval_interval=0",
+    "checkpoint.interval=1",
+    "checkpoint.keep_last=0",
+    "metrics.log_interval=1",
+    "metrics.console=none",
+    "model.sigma_reparam=true",
+]
+
+
+def job(run_dir, *overrides, steps=2):
+    return load_job_config("tiny", [*SMALL, f"trainer.steps={steps}", f"trainer.run_dir={run_dir}", *overrides])
+
+
+def vectors(model) -> dict[str, torch.Tensor]:
+    return {name: b.clone() for name, b in model.named_buffers() if "sigma_" in name}
+
+
+def test_u_moves_once_per_step_and_survives_a_resume(tmp_path, monkeypatch):
+    calls = []
+    step = parallel_sigma.power_iteration_step
+    monkeypatch.setattr("sparsetron.parallel.step.power_iteration_step", lambda m: calls.append(1) or step(m))
+
+    straight = Trainer(job(tmp_path / "straight"))
+    at_init = vectors(straight.model)
+    result = straight.run()
+    assert len(calls) == 2  # two steps of two micro-batches: once a step, not once a forward
+    after = vectors(straight.model)
+    assert all(not torch.equal(after[name], at_init[name]) for name in after)
+
+    first = Trainer(job(tmp_path / "split", "trainer.stop_at=1")).run()
+    resumed_trainer = Trainer(job(tmp_path / "split"), resume="auto")
+    resumed = resumed_trainer.run()
+    assert {**first.losses, **resumed.losses} == result.losses  # bitwise: u and v came back exactly
+    assert all(torch.equal(b, after[name]) for name, b in vectors(resumed_trainer.model).items())
+
+
+def test_hf_export_and_upcycling_refuse_it_by_name():
+    model, attn, moe = configs(True, True)
+    with pytest.raises(ConfigError, match="model.sigma_reparam"):
+        export_family(model, attn, MoEConfig(num_experts=4, top_k=2, n_shared_experts=1, shared_expert_gate=True))
+    dense, _, _ = configs(False, False)
+    with pytest.raises(UpcycleError, match="model.sigma_reparam"):
+        plan_upcycle(dense, attn, model, attn, MoEConfig(num_experts=4, top_k=2))
