@@ -10,7 +10,8 @@ plain all-to-all at ep2, ep2 x tp2 (with activation checkpointing and compile) a
 experts (ep4 and every routing corner: tests/distributed/test_overlapped_dispatch.py).
 Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, pp2 x ep2 and
 ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: every other
-layout and reshard moves them like any other).
+layout and reshard moves them like any other). sigmaReparam trains like one process at tp2, ep2
+and pp2 (1f1b).
 """
 
 from pathlib import Path
@@ -80,6 +81,10 @@ OVERLAPPED = {
     # exactly at the layer.
     "ep2-capacity-no-shared": ("ep2", [*CAPACITY, "trainer.stop_at=2"], overlapped(2)),
 }
+# sigmaReparam (model.sigma_reparam): power iteration on whole matrices of split weights, u and v split
+# with the experts, gamma replicated by tensor parallelism, one sigma for every stage and micro-batch.
+SIGMA = ["model.sigma_reparam=true"]
+SIGMA_LAYOUTS = ["tp2", "ep2", "pp2-1f1b"]
 # A checkpoint written at one layout (two steps) resumes at another for the third step.
 RESHARDS = {
     "dp2->one process": ("dp2", None),
@@ -122,6 +127,9 @@ def all_layouts() -> dict[str, Layout]:
         layouts[f"{name}-dispatch-dim"] = Layout(world, dp, [*overrides, *DISPATCH_DIM])
     world, dp, overrides = LAYOUTS["ep2xtp2"]
     layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
+    for name in SIGMA_LAYOUTS:
+        world, dp, overrides = LAYOUTS[name]
+        layouts[f"{name}-sigma"] = Layout(world, dp, [*overrides, *SIGMA])
     layouts["dp2-global-batch"] = Layout(2, 2, ["parallel.data_parallel_shard=2", *GLOBAL_BATCH_SIZE], "debug-dense")
     layouts["one process-global-batch"] = Layout(1, 1, GLOBAL_BATCH_SIZE, "debug-dense")  # only resumed at
     return layouts
@@ -190,6 +198,13 @@ def test_layout_with_dispatch_dim_trains_like_one_process(trained, reference, la
     assert any(".dispatch_down." in name for name in single[2])
     run = trained[layout if layout.endswith("overlapped") else f"{layout}-dispatch-dim"]
     assert_same_training(run, single, load_flips=1 if layout.endswith("overlapped") else 0)
+
+
+@pytest.mark.parametrize("layout", SIGMA_LAYOUTS)
+def test_layout_with_sigma_reparam_trains_like_one_process(trained, reference, layout):
+    single = reference(*SIGMA)
+    assert any(".sigma_gamma" in name for name in single[2])
+    assert_same_training(trained[f"{layout}-sigma"], single)
 
 
 @pytest.mark.parametrize("reshard", [name for name in RESHARDS if not name.endswith("global batch")])
