@@ -44,6 +44,8 @@ class Attention(nn.Module):
         """This layer runs MoBA (backend moba, not a hybrid full-attention layer)."""
         self.full_attention = False
         """Run full attention even though `moba` is set (the end of training, see `set_full_attention`)."""
+        self.entropy_probe = None
+        """At a step that logs attention entropy, what records it (model.attention_entropy.EntropyProbe)."""
         self.n_heads = attn_cfg.n_heads
         self.n_kv_heads = attn_cfg.kv_heads()
         self.head_dim = attn_cfg.head_size(dim)
@@ -77,6 +79,8 @@ class Attention(nn.Module):
         q_BSHd = apply_rope(q_BSHd, self.rope_cos, self.rope_sin, seq.positions_BS)
         k_BSKd = apply_rope(k_BSKd, self.rope_cos, self.rope_sin, seq.positions_BS)
         op = self.op if self.runs_moba else self.full_op
+        if self.entropy_probe is not None:
+            self.entropy_probe.record(q_BSHd, k_BSKd, seq, (op.block_size, op.topk) if self.runs_moba else None)
         o_BSHd = op(q_BSHd, k_BSKd, v_BSKd, seq)
         return self.wo(o_BSHd.reshape(B, S, self.n_heads * self.head_dim))
 

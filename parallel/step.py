@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from sparsetron.model.attention_entropy import attention_entropy
 from sparsetron.model.moe.balancing import set_aux_loss_scale, update_expert_bias
 from sparsetron.model.sequence import SequenceInfo
 from sparsetron.model.transformer import Transformer
@@ -218,6 +219,12 @@ class StepRunner:
         gathered: list[dict] = [{} for _ in range(self.dims.pp)]
         dist.all_gather_object(gathered, values, group=self.pp_group)
         return {key: value for part in gathered for key, value in part.items()}
+
+    def attention_entropy(self) -> dict[str, float]:
+        """Per layer, the mean sampled attention entropy of a probed step (model.attention_entropy)
+        over every rank's rows and heads, merged over the pipeline stages."""
+        reducer = sum_over(self.token_group) if self.token_group is not None else None
+        return self.merge_over_stages(attention_entropy(self.model, reducer))
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` is set on any rank (every rank must leave the loop at the same step)."""
