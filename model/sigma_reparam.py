@@ -168,9 +168,11 @@ def power_iteration_step(model: nn.Module, steps: int = 1, gather: Gather = iden
 def init_sigma_reparam(model: nn.Module, gather: Gather = identity, store: Store = _copy) -> None:
     """After `init_weights`: u, v from INIT_ITERATIONS steps from fixed random vectors, and
     gamma = sigma(W), so that W_hat = W at initialisation (exactly, in one process)."""
-    generator = torch.Generator().manual_seed(START_SEED)
     for module, spec in reparametrized(model):
         W = spec.matrices(gather(getattr(module, spec.weight)))
+        # A fresh generator per matrix: the start depends on the shape alone, not on which other
+        # matrices this rank holds (a pipeline stage), so every layout starts where one process does.
+        generator = torch.Generator().manual_seed(START_SEED)
         u0 = torch.randn(W.shape[:-1], generator=generator).to(W.device)
         v0 = torch.randn((*W.shape[:-2], W.shape[-1]), generator=generator).to(W.device)
         u, v, sigma = u0, v0, None

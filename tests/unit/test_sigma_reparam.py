@@ -15,6 +15,7 @@ from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, M
 from sparsetron.model.hf.config import export_family
 from sparsetron.model.sigma_reparam import (
     INIT_ITERATIONS,
+    init_sigma_reparam,
     power_iteration,
     reparametrized,
     spectral_norm_estimate,
@@ -100,6 +101,22 @@ def test_model_at_init_equals_the_model_without_and_gamma_is_sigma(moe):
         ratio = (singular[..., 1] / singular[..., 0]).max().item() if singular.shape[-1] > 1 else 0.0
         bound = fp32_tolerance(W) + max(W.shape[-2:]) * ratio ** (2 * INIT_ITERATIONS)
         torch.testing.assert_close(gamma, exact, rtol=bound, atol=0, msg=f"{spec.weight}")
+
+
+def test_init_of_a_pipeline_stage_is_what_one_process_computes():
+    whole = build(True, True)
+    stage = build(True, True)
+    del stage.layers["0"]  # the second stage of a pipeline holds layers 1 and 2 only
+    stage.tok_embeddings = None
+    with torch.no_grad():
+        for name, tensor in [*stage.named_buffers(), *stage.named_parameters()]:
+            if "sigma_" in name:
+                tensor.zero_()
+    init_sigma_reparam(stage)
+    expected = {**dict(whole.named_buffers()), **dict(whole.named_parameters())}
+    for name, tensor in [*stage.named_buffers(), *stage.named_parameters()]:
+        if "sigma_" in name:
+            assert torch.equal(tensor, expected[name]), name
 
 
 def test_sigma_scales_the_forward_and_its_gradient_reaches_gamma():
