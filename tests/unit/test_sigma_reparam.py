@@ -10,11 +10,13 @@ import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sparsetron.model.config import AttentionConfig, ConfigError, ModelConfig, MoEConfig
 from sparsetron.model.hf.config import export_family
 from sparsetron.model.sigma_reparam import (
     INIT_ITERATIONS,
+    ReparamLinear,
     init_sigma_reparam,
     power_iteration,
     reparametrized,
@@ -134,6 +136,31 @@ def test_sigma_scales_the_forward_and_its_gradient_reaches_gamma():
     for module, spec in reparametrized(model):
         assert getattr(module, spec.gamma).grad.abs().sum() > 0, spec.gamma
         assert getattr(module, spec.u).grad is None  # buffers: constants of the forward
+
+
+def test_the_gradient_flows_through_sigma_with_u_and_v_constant():
+    """A ReparamLinear's gradients against autograd of gamma / (u^T W v) * W in fp64."""
+    torch.manual_seed(3)
+    layer = ReparamLinear(11, 7)
+    u, v = F.normalize(torch.randn(7), dim=0), F.normalize(torch.randn(11), dim=0)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.sigma_u.copy_(u)
+        layer.sigma_v.copy_(v)
+        layer.sigma_gamma.fill_(1.7)
+    x, g = torch.randn(5, 11), torch.randn(5, 7)
+    (layer(x) * g).sum().backward()
+
+    W = layer.weight.detach().double().requires_grad_()
+    gamma = torch.tensor(1.7, dtype=torch.float64, requires_grad=True)
+    W_hat = gamma / (u.double() @ W @ v.double()) * W
+    ((x.double() @ W_hat.T) * g.double()).sum().backward()
+    # fp32 sums of 11 and 77 terms: well within 1e-5 of the fp64 values.
+    torch.testing.assert_close(layer.weight.grad.double(), W.grad, rtol=1e-5, atol=1e-5 * W.grad.abs().max().item())
+    torch.testing.assert_close(layer.sigma_gamma.grad.double(), gamma.grad.view(1), rtol=1e-5, atol=0)
+    # The sigma path matters: without it the gradient would be (gamma / sigma) G_hat alone.
+    plain = gamma.item() / (u.double() @ W.detach() @ v.double()) * (g.double().T @ x.double())
+    assert (plain - W.grad).abs().max() > 100 * 1e-5 * W.grad.abs().max()
 
 
 def test_activation_checkpointing_gives_bitwise_the_same_gradients():
