@@ -7,7 +7,9 @@ attention rows of QUERIES_PER_ROW query positions per row, evenly spaced and fix
 query head the layer holds, under the exact mask the layer applies: causal, within each
 document when rows hold packed documents, and for a MoBA layer only the keys of the blocks its
 gate selects (`kernels.moba.reference.moba_selection`, the oracle of MoBA's kernels). That costs
-QUERIES_PER_ROW / S of the layer's attention scores; the probe's sums and counts cover every
+QUERIES_PER_ROW / S of the layer's attention scores. Every head rather than a few: the cost is
+already small, and a fixed subset of a rank's heads would be another subset at another tensor-
+parallel degree, so layouts would log different numbers. The probe's sums and counts cover every
 micro-batch of the step (an activation checkpoint's recomputation adds each again, which
 leaves the mean unchanged).
 
