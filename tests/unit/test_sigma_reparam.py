@@ -105,6 +105,35 @@ def test_model_at_init_equals_the_model_without_and_gamma_is_sigma(moe):
         torch.testing.assert_close(gamma, exact, rtol=bound, atol=0, msg=f"{spec.weight}")
 
 
+def test_under_bf16_autocast_it_computes_what_the_plain_model_does_within_bf16_rounding():
+    """Sigma from the bf16-rounded weight (as FSDP gathers it), W_hat rounded back to bf16."""
+    plain, reparam = build(False, True), build(True, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, expected = reparam(tokens()), plain(tokens())
+    assert logits.dtype == torch.bfloat16
+    # gamma / sigma is 1 within bf16's relative step (sigma of the bf16 weights), and W_hat rounds back
+    # to bf16: at most one bf16 step of the logits (measured: bitwise equal; the plain model's bf16
+    # logits are 9e-3 of their scale from its fp32 ones).
+    scale = expected.float().abs().max().item()
+    torch.testing.assert_close(logits.float(), expected.float(), rtol=0, atol=2**-8 * scale)
+
+
+def test_a_bf16_gathered_weight_computes_what_the_fp32_weight_does_under_autocast():
+    """FSDP's mixed precision gathers bf16 weights; one process holds fp32 ones under autocast:
+    both must compute the same W_hat (sigma of the bf16-rounded weight), in bf16."""
+    experts = build(True, True).layers["1"].feed_forward.experts
+    gathered = copy.deepcopy(experts)
+    with torch.no_grad():
+        gathered.w13.data = gathered.w13.data.bfloat16()
+        gathered.w2.data = gathered.w2.data.bfloat16()
+        experts.sigma_gamma13.mul_(1.5)  # away from 1, so that sigma's rounding shows in W_hat
+        gathered.sigma_gamma13.mul_(1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for held, as_gathered in zip(experts.weights(), gathered.weights(), strict=True):
+            assert held.dtype == as_gathered.dtype == torch.bfloat16
+            assert torch.equal(held, as_gathered)
+
+
 def test_init_of_a_pipeline_stage_is_what_one_process_computes():
     whole = build(True, True)
     stage = build(True, True)
