@@ -6,7 +6,7 @@ untimed and one timed step of every variant in turn, so that load from other pro
 all of them alike. Prints each variant's median step time and its ratio to the recipe as shipped
 (above 1: the feature costs that factor).
 
-    python benchmarks/feature_cost.py                        # tiny on the CPU, fp32, 10 rounds
+    python benchmarks/feature_cost.py                        # tiny on the CPU, fp32, 10 rounds (an MoE recipe)
     python benchmarks/feature_cost.py --rounds 20 --threads 1 --clock process   # on a shared CPU
     python benchmarks/feature_cost.py --recipe tiny --set trainer.device=cuda --output $OUT/feature_cost.md
 """
@@ -30,6 +30,8 @@ VARIANTS: dict[str, list[str]] = {
     "mtp_depth=1": ["model.mtp_depth=1"],
     "mtp_depth=2": ["model.mtp_depth=2"],
     "router_input=pre_attention": ["moe.router_input=pre_attention"],
+    "sigma_reparam": ["model.sigma_reparam=true"],
+    "attention_entropy every step": ["metrics.attention_entropy_interval=1"],
 }
 QUIET = ["metrics.console=none", "metrics.tensorboard=false", "checkpoint.interval=0", "checkpoint.save_final=false"]
 

@@ -19,6 +19,7 @@ from sparsetron.model.attention_ops import attention_op, full_attention
 from sparsetron.model.config import AttentionConfig, ModelConfig
 from sparsetron.model.layers import RMSNorm, apply_rope, rope_tables
 from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sigma_reparam import linear
 
 
 def set_full_attention(model: nn.Module, full: bool) -> int:
@@ -43,6 +44,8 @@ class Attention(nn.Module):
         """This layer runs MoBA (backend moba, not a hybrid full-attention layer)."""
         self.full_attention = False
         """Run full attention even though `moba` is set (the end of training, see `set_full_attention`)."""
+        self.entropy_probe = None
+        """At a step that logs attention entropy, what records it (model.attention_entropy.EntropyProbe)."""
         self.n_heads = attn_cfg.n_heads
         self.n_kv_heads = attn_cfg.kv_heads()
         self.head_dim = attn_cfg.head_size(dim)
@@ -51,11 +54,11 @@ class Attention(nn.Module):
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
 
-        bias = attn_cfg.qkv_bias
-        self.wq = nn.Linear(dim, self.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(dim, self.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, dim, bias=False)
+        bias, reparam = attn_cfg.qkv_bias, model_cfg.sigma_reparam
+        self.wq = linear(dim, self.n_heads * self.head_dim, bias, reparam)
+        self.wk = linear(dim, self.n_kv_heads * self.head_dim, bias, reparam)
+        self.wv = linear(dim, self.n_kv_heads * self.head_dim, bias, reparam)
+        self.wo = linear(self.n_heads * self.head_dim, dim, False, reparam)
         self.q_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, model_cfg.norm_eps) if attn_cfg.qk_norm else None
 
@@ -76,6 +79,8 @@ class Attention(nn.Module):
         q_BSHd = apply_rope(q_BSHd, self.rope_cos, self.rope_sin, seq.positions_BS)
         k_BSKd = apply_rope(k_BSKd, self.rope_cos, self.rope_sin, seq.positions_BS)
         op = self.op if self.runs_moba else self.full_op
+        if self.entropy_probe is not None:
+            self.entropy_probe.record(q_BSHd, k_BSKd, seq, (op.block_size, op.topk) if self.runs_moba else None)
         o_BSHd = op(q_BSHd, k_BSKd, v_BSKd, seq)
         return self.wo(o_BSHd.reshape(B, S, self.n_heads * self.head_dim))
 
@@ -86,10 +91,10 @@ class Attention(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float, out_std: float) -> None:
-        for linear in (self.wq, self.wk, self.wv):
-            nn.init.normal_(linear.weight, std=std)
-            if linear.bias is not None:
-                nn.init.zeros_(linear.bias)
+        for projection in (self.wq, self.wk, self.wv):
+            nn.init.normal_(projection.weight, std=std)
+            if projection.bias is not None:
+                nn.init.zeros_(projection.bias)
         # wo writes into the residual stream; see FeedForward.init_weights.
         nn.init.normal_(self.wo.weight, std=out_std)
         if self.q_norm is not None:

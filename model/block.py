@@ -37,7 +37,7 @@ class Block(nn.Module):
         if self.is_moe:
             self.feed_forward = MoE(model_cfg.dim, model_cfg, moe_cfg)
         else:
-            self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden)
+            self.feed_forward = FeedForward(model_cfg.dim, model_cfg.ffn_hidden, model_cfg.sigma_reparam)
 
     def forward(self, x_BSD: torch.Tensor, seq: SequenceInfo) -> torch.Tensor:
         a_BSD = self.attention_norm(x_BSD)

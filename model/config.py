@@ -54,6 +54,8 @@ class ModelConfig:
     """Multi-token prediction (DeepSeek-V3, Ling 2.0): this many sequential modules after the last block, module k predicting the token k + 1 positions ahead (norms of the previous depth's hidden state and of the next token's embedding, a 2D -> D projection of both, one transformer block like the model's last, its own final norm and the shared output head). Training adds their loss; the next-token loss, eval and generation are unchanged. 0 = off."""
     mtp_loss_weight: float = 0.3
     """Multi-token prediction: the training loss adds mtp_loss_weight / mtp_depth x the sum of the depths' losses (DeepSeek-V3: 0.3, later 0.1)."""
+    sigma_reparam: bool = False
+    """sigmaReparam (Zhai et al. 2023): every linear layer (attention, FFN, shared and routed experts, router, output head; not the embedding, a lookup) computes with W * gamma / sigma(W), sigma its spectral norm from one power-iteration step per training step and gamma a learned scalar per matrix, initialised to sigma(W) so the model starts unchanged. Prevents attention-entropy collapse at high learning rates. Not exportable to Hugging Face, not upcyclable."""
 
     def validate(self, prefix: str = "model") -> None:
         check(self.vocab_size >= 0, f"{prefix}.vocab_size", f"must be >= 0 (0 = from tokenizer), got {self.vocab_size}")

@@ -10,15 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sparsetron.model.computed import as_computed
+from sparsetron.model.sigma_reparam import linear
 
-def as_computed(weight: torch.Tensor) -> torch.Tensor:
-    """`weight` as the forward computes with it: rounded to the autocast dtype under autocast, as
-    FSDP's mixed precision gathers every parameter, else unchanged. Norms and routers then up-cast
-    it and do their math in fp32, so they compute the same on every layout (parallel/precision.py)."""
-    device_type = weight.device.type
-    if torch.is_autocast_enabled(device_type):
-        return weight.to(torch.get_autocast_dtype(device_type))
-    return weight
+__all__ = ["FeedForward", "RMSNorm", "apply_rope", "as_computed", "rope_tables"]
 
 
 class AttachLoss(torch.autograd.Function):
@@ -66,11 +61,11 @@ class RMSNorm(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, sigma_reparam: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = linear(dim, hidden, sigma_reparam=sigma_reparam)
+        self.w3 = linear(dim, hidden, sigma_reparam=sigma_reparam)
+        self.w2 = linear(hidden, dim, sigma_reparam=sigma_reparam)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x_BSD)) * self.w3(x_BSD))

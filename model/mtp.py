@@ -41,6 +41,7 @@ from torch import nn
 from sparsetron.model.block import Block
 from sparsetron.model.config import AttentionConfig, ModelConfig, MoEConfig
 from sparsetron.model.layers import AttachLoss, RMSNorm
+from sparsetron.model.sigma_reparam import linear
 
 IGNORE = -100
 """The target id the losses skip (train.data's IGNORE_TARGET, and cross_entropy's default)."""
@@ -110,7 +111,7 @@ class MTPLayer(nn.Module):
         D = model_cfg.dim
         self.hidden_norm = RMSNorm(D, model_cfg.norm_eps)
         self.embed_norm = RMSNorm(D, model_cfg.norm_eps)
-        self.proj = nn.Linear(2 * D, D, bias=False)
+        self.proj = linear(2 * D, D, sigma_reparam=model_cfg.sigma_reparam)
         self.block = Block(layer_id, model_cfg, attn_cfg, moe_cfg)
         self.norm = RMSNorm(D, model_cfg.norm_eps)
 

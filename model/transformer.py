@@ -33,6 +33,7 @@ from sparsetron.model.layers import RMSNorm
 from sparsetron.model.mtp import MultiTokenPrediction
 from sparsetron.model.params import active_params, num_params
 from sparsetron.model.sequence import SequenceInfo
+from sparsetron.model.sigma_reparam import init_sigma_reparam, linear
 
 __all__ = ["Block", "SequenceInfo", "Transformer", "active_params", "num_params", "run_pieces", "uses_moe"]
 
@@ -52,7 +53,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(model_cfg.vocab_size, model_cfg.dim)
         self.layers = nn.ModuleDict({str(i): Block(i, model_cfg, attn_cfg, moe_cfg) for i in range(model_cfg.n_layers)})
         self.norm = RMSNorm(model_cfg.dim, model_cfg.norm_eps)
-        self.output = nn.Linear(model_cfg.dim, model_cfg.vocab_size, bias=False)
+        self.output = linear(model_cfg.dim, model_cfg.vocab_size, sigma_reparam=model_cfg.sigma_reparam)
         self.mtp = MultiTokenPrediction(model_cfg, attn_cfg, moe_cfg) if model_cfg.mtp_depth else None
         self._tie_embeddings()
         self._share_rope_tables()
@@ -192,9 +193,10 @@ def materialised_transformer(
     model_cfg: ModelConfig, attn_cfg: AttentionConfig, moe_cfg: MoEConfig | None = None, device="cpu"
 ) -> Transformer:
     """A whole Transformer built on the meta device, then materialised and initialised on `device`
-    (from torch's current random state)."""
+    (from torch's current random state; model.sigma_reparam's gammas and vectors from the weights)."""
     with torch.device("meta"):
         model = Transformer(model_cfg, attn_cfg, moe_cfg)
     model.to_empty(device=device)
     model.init_weights()
+    init_sigma_reparam(model)
     return model

@@ -150,6 +150,11 @@ def plan_upcycle(
             f"MoE recipe {model.mtp_depth}; upcycling covers the main blocks only, so set 0 in both (add MTP "
             "depths by training from scratch)"
         )
+    if dense_model.sigma_reparam or model.sigma_reparam:
+        raise UpcycleError(
+            "model.sigma_reparam: upcycling copies plain dense weights into experts; a reparametrized "
+            "model's weights are not what it computes with (W * gamma / sigma(W)), so set it false on both"
+        )
     if router not in ("auto", "virtual_groups", "zero"):
         raise UpcycleError(f"router must be auto, virtual_groups or zero, got {router!r}")
     shape_problems, inexact = [], []

@@ -31,15 +31,15 @@ from sparsetron.parallel.overlapped_dispatch import OverlappedDispatcher
 class ExpertParallelExperts(GroupedExperts):
     """GroupedExperts whose w13 [E, D, 2H] and w2 [E, H, D] are DTensors, Shard(0) over ep.
 
-    The parameters keep their global shape (checkpoints hold all E experts, and load at any
+    The parameters (and model.sigma_reparam's buffers) keep their global shape (checkpoints hold all E experts, and load at any
     ep degree); forward computes with this rank's L experts, for rows grouped by local
     expert (tokens_per_expert_L from `AllToAllDispatcher`). `apply_ep` turns a
     GroupedExperts into one in place, so parameter names and the state dict do not change.
     """
 
-    def weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def local(self, tensor: torch.Tensor) -> torch.Tensor:
         # to_local is differentiable: the gradient comes back as a DTensor with the same placements.
-        return self.w13.to_local(), self.w2.to_local()
+        return tensor.to_local()
 
 
 def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
@@ -77,9 +77,11 @@ def apply_ep(model: nn.Module, mesh: ParallelMesh) -> None:
             )
         else:
             layer.dispatcher = AllToAllDispatcher(layer.num_experts, exchange, cfg.capacity_factor, cfg.drop_policy)
-        for name in ("w13", "w2"):
-            weight = getattr(experts, name)
+        # Every parameter and buffer is experts-first: the weights, and model.sigma_reparam's gammas, u and v.
+        for name, weight in list(experts.named_parameters(recurse=False)):
             sharded = distribute_tensor(weight.detach(), ep_mesh, [Shard(0)])
             setattr(experts, name, nn.Parameter(sharded, requires_grad=weight.requires_grad))
+        for name, buffer in list(experts.named_buffers(recurse=False)):
+            experts.register_buffer(name, distribute_tensor(buffer, ep_mesh, [Shard(0)]))
         # A class change, not a new module: parameters, hooks and names stay where they are.
         experts.__class__ = ExpertParallelExperts

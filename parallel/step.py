@@ -37,6 +37,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
+from sparsetron.model.attention_entropy import attention_entropy
 from sparsetron.model.moe.balancing import set_aux_loss_scale, update_expert_bias
 from sparsetron.model.mtp import MTPTargets
 from sparsetron.model.sequence import SequenceInfo
@@ -48,6 +49,7 @@ from sparsetron.parallel.dims import ParallelDims, ParallelMesh
 from sparsetron.parallel.fsdp import reduce_across_replicas
 from sparsetron.parallel.pipeline import PipelineSchedule, PipelineSplit
 from sparsetron.parallel.precision import Precision, cross_entropy
+from sparsetron.parallel.sigma_reparam import power_iteration_step
 from sparsetron.parallel.tensor_parallel import sum_grads_over_tp
 
 
@@ -113,6 +115,9 @@ class StepRunner:
         if len(micro_batches) != self.grad_accum_steps:
             raise ValueError(f"a step takes {self.grad_accum_steps} micro-batches, got {len(micro_batches)}")
         self.model.train()
+        if self.model.model_cfg.sigma_reparam:
+            # Once per step, before any forward: every micro-batch, stage and recomputation sees one sigma.
+            power_iteration_step(self.model)
         batches = [self._prepare(b.to(self.device, non_blocking=True), training=True) for b in micro_batches]
         if self.pipeline is not None:
             tokens = torch.cat([tokens for tokens, _, _ in batches])
@@ -231,6 +236,12 @@ class StepRunner:
         gathered: list[dict] = [{} for _ in range(self.dims.pp)]
         dist.all_gather_object(gathered, values, group=self.pp_group)
         return {key: value for part in gathered for key, value in part.items()}
+
+    def attention_entropy(self) -> dict[str, float]:
+        """Per layer, the mean sampled attention entropy of a probed step (model.attention_entropy)
+        over every rank's rows and heads, merged over the pipeline stages."""
+        reducer = sum_over(self.token_group) if self.token_group is not None else None
+        return self.merge_over_stages(attention_entropy(self.model, reducer))
 
     def any_rank(self, flag: bool) -> bool:
         """Whether `flag` is set on any rank (every rank must leave the loop at the same step)."""

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
@@ -113,6 +113,20 @@ def _wait_for_collective(module: nn.Module, args: tuple, output: torch.Tensor) -
     return _WaitForCollective.apply(output) if isinstance(output, AsyncCollectiveTensor) else output
 
 
+class _Colwise(ColwiseParallel):
+    """ColwiseParallel that splits only a linear's weight and bias (rows): the rest of a
+    model.sigma_reparam linear (gamma, u, v) is then replicated by `distribute_module`, as
+    RowwiseParallel leaves it. Stock ColwiseParallel would split every parameter by rows,
+    gamma included. DTensor's products then give sigma = u^T W v of the global matrix."""
+
+    def _partition_linear_fn(self, name, module, device_mesh):
+        for key in ("weight", "bias"):
+            param = getattr(module, key, None)
+            if param is not None:
+                sharded = distribute_tensor(param, device_mesh, [Shard(0)], src_data_rank=self.src_data_rank)
+                module.register_parameter(key, nn.Parameter(sharded, requires_grad=param.requires_grad))
+
+
 def _block_plan(block: Block) -> dict[str, object]:
     """Parallel styles for one block, keyed by submodule path."""
     plan: dict[str, object] = {
@@ -120,9 +134,9 @@ def _block_plan(block: Block) -> dict[str, object]:
         # The SequenceInfo describes the whole sequences on every rank; only x is gathered.
         # Attention then sees its rank's heads, each computed whole.
         "attention": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
+        "attention.wq": _Colwise(),
+        "attention.wk": _Colwise(),
+        "attention.wv": _Colwise(),
         "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
         "ffn_norm": SequenceParallel(),
     }
@@ -137,8 +151,8 @@ def _block_plan(block: Block) -> dict[str, object]:
     else:
         plan |= {
             "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w1": _Colwise(),
+            "feed_forward.w3": _Colwise(),
             "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
         }
     return plan
@@ -175,7 +189,7 @@ def apply_tp(model: Transformer, tp_mesh: DeviceMesh) -> None:
     if model.norm is not None:
         plan["norm"] = SequenceParallel()
     if model.output is not None:
-        plan["output"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
+        plan["output"] = _Colwise(input_layouts=Shard(1), output_layouts=Replicate())
     parallelize_module(model, tp_mesh, plan)
     if model.tok_embeddings is not None:
         model.register_forward_pre_hook(_check_sequence_split(tp), with_kwargs=True)

@@ -213,6 +213,8 @@ class MetricsConfig:
     """Peak dense bf16 TFLOP/s of one accelerator for MFU (0 = look the device up; MFU is not reported on CPUs)."""
     profile_steps: list[int] = field(default_factory=list)
     """[first, last]: record a torch.profiler trace of these steps (1-based, inclusive) on every rank into <trainer.run_dir>/profile/rank<r>_steps<first>-<last>.pt.trace.json, for Perfetto (ui.perfetto.dev) or TensorBoard's profiler plugin ([] = off). A resumed run records the part of the range it still runs."""
+    attention_entropy_interval: int = 0
+    """Steps between logs of each layer's mean attention entropy (nats), attention/layer<i>/entropy: the entropy-collapse paper's signal (see model.sigma_reparam). Sampled at 16 query positions per row, every head, under the layer's exact mask (MoBA: its selected blocks), so a probed step costs little more. 0 = off. Not with parallel.context > 1."""
     wandb: bool = False
     """Also log the scalars to Weights & Biases (rank 0; needs `pip install 'sparsetron[wandb]'`). The W&B run is named after the run folder, and a resumed run continues it (its id is kept in <trainer.run_dir>/wandb_run_id)."""
     wandb_project: str = "sparsetron"
@@ -222,6 +224,11 @@ class MetricsConfig:
 
     def validate(self, steps: int, prefix: str = "metrics") -> None:
         check(self.log_interval >= 1, f"{prefix}.log_interval", f"must be >= 1, got {self.log_interval}")
+        check(
+            self.attention_entropy_interval >= 0,
+            f"{prefix}.attention_entropy_interval",
+            f"must be >= 0 (0 = off), got {self.attention_entropy_interval}",
+        )
         check(self.peak_tflops >= 0, f"{prefix}.peak_tflops", f"must be >= 0, got {self.peak_tflops}")
         if self.profile_steps:
             window = self.profile_steps
@@ -323,6 +330,12 @@ class JobConfig:
         self.parallel.validate()
         if self.moe.enabled:
             self.moe.dispatcher_for(self.parallel.expert)
+        check(
+            not (self.metrics.attention_entropy_interval and self.parallel.context > 1),
+            "metrics.attention_entropy_interval",
+            f"is not supported with parallel.context={self.parallel.context}: a context rank's queries "
+            "would need the whole keys to compute attention rows exactly; set 0",
+        )
         check(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from sparsetron.model.attention import set_full_attention
+from sparsetron.model.attention_entropy import set_entropy_probes
 from sparsetron.model.config import ConfigError
 from sparsetron.model.moe.balancing import moe_load_histograms, moe_metrics
 from sparsetron.model.mtp import mtp_metrics
@@ -35,6 +36,7 @@ from sparsetron.model.transformer import Transformer
 from sparsetron.parallel.init import SingleProcessInit
 from sparsetron.parallel.parallelize import parallelize
 from sparsetron.parallel.precision import Precision
+from sparsetron.parallel.sigma_reparam import init_sigma_reparam
 from sparsetron.parallel.step import StepRunner
 from sparsetron.train.checkpoint import CheckpointError, CheckpointManager, step_folder_name
 from sparsetron.train.checkpoint.disk_space import checkpoint_bytes
@@ -209,6 +211,8 @@ class Trainer:
             SingleProcessInit(self.device) if self.mesh is not None else nullcontext(),
         ):
             self.model.init_weights()
+        if job.model.sigma_reparam:
+            init_sigma_reparam(self.model)
         self.runner = StepRunner(
             self.model,
             split,
@@ -227,6 +231,8 @@ class Trainer:
         self.tokens_seen = 0
         self.nonfinite_in_a_row = 0
         self.skipped_steps = 0
+        self.probed = False
+        """Whether the last step recorded attention entropy (metrics.attention_entropy_interval)."""
         self.last_lr = self.scheduler.get_last_lr()[0]
         self.set_aside: list[Path] = []
         if self.resume_from is not None:
@@ -322,6 +328,9 @@ class Trainer:
         """One optimizer step over grad_accum_steps micro-batches: (loss, grad norm)."""
         self._phase(f"step {self.step + 1}")
         self._set_attention_mode(self.step)
+        interval = self.job.metrics.attention_entropy_interval
+        self.probed = bool(interval) and (self.step + 1) % interval == 0
+        set_entropy_probes(self.model, self.probed)
         micro_batches = next(self.loader)
         loss_value, grad_norm = self.runner.train_step(micro_batches, self.job.optimizer.grad_clip)
         self.last_lr = self.scheduler.get_last_lr()[0]
@@ -456,6 +465,8 @@ class Trainer:
                 profiler.before_step(self.step + 1)
                 loss, grad_norm = self.train_step()
                 result.losses[self.step] = loss
+                if self.probed:
+                    metrics.log(self.step, self.runner.attention_entropy())
                 while self.loader.notices:
                     progress.message(self.loader.notices.pop(0))
                 window_tokens += self.tokens_per_step

@@ -173,6 +173,8 @@ def export_family(model: ModelConfig, attention: AttentionConfig, moe: MoEConfig
     def refuse(key: str, value: Any, why: str) -> ConfigError:
         return ConfigError(f"{key}={value!r}: {why}; no Hugging Face family represents it exactly")
 
+    if model.sigma_reparam:
+        raise refuse("model.sigma_reparam", True, "transformers computes with plain weights, not W * gamma / sigma(W)")
     if attention.backend != "sdpa":
         raise refuse("attention.backend", attention.backend, "transformers runs full attention")
     if moe.dispatch_dim:

@@ -18,6 +18,7 @@ from sparsetron.model.moe.balancing import Reducer, TokenSplit, expert_counts, l
 from sparsetron.model.moe.dispatch import Dispatcher, LocalDispatcher
 from sparsetron.model.moe.experts import GroupedExperts
 from sparsetron.model.moe.router import Router
+from sparsetron.model.sigma_reparam import linear
 
 
 @dataclass
@@ -66,16 +67,20 @@ class MoE(nn.Module):
         self.num_experts = moe_cfg.routed_experts
         self.top_k = moe_cfg.experts_per_token
         hidden = moe_cfg.hidden_size(model_cfg)
-        shared_hidden = moe_cfg.shared_hidden_size(model_cfg)
-        self.router = Router(dim, moe_cfg)
+        reparam = model_cfg.sigma_reparam
+        self.router = Router(dim, moe_cfg, sigma_reparam=reparam)
         # BigMac's descend-communicate-communicate-ascend (README, "Low-dimension dispatch"): one
         # projection shared by all experts, so the dispatcher moves R numbers per token, not D.
         r = moe_cfg.dispatch_dim
-        self.dispatch_down = nn.Linear(dim, r, bias=False) if r else None
-        self.dispatch_up = nn.Linear(r, dim, bias=False) if r else None
-        self.experts = GroupedExperts(self.num_experts, moe_cfg.expert_dim(model_cfg), hidden, moe_cfg.expert_backend)
-        self.shared_experts = FeedForward(dim, shared_hidden) if shared_hidden > 0 else None
-        self.shared_gate = nn.Linear(dim, 1, bias=False) if shared_hidden > 0 and moe_cfg.shared_expert_gate else None
+        self.dispatch_down = linear(dim, r, sigma_reparam=reparam) if r else None
+        self.dispatch_up = linear(r, dim, sigma_reparam=reparam) if r else None
+        self.experts = GroupedExperts(
+            self.num_experts, moe_cfg.expert_dim(model_cfg), hidden, moe_cfg.expert_backend, sigma_reparam=reparam
+        )
+        shared_hidden = moe_cfg.shared_hidden_size(model_cfg)
+        self.shared_experts = FeedForward(dim, shared_hidden, reparam) if shared_hidden > 0 else None
+        gated = shared_hidden > 0 and moe_cfg.shared_expert_gate
+        self.shared_gate = linear(dim, 1, sigma_reparam=reparam) if gated else None
         # The plain model can only move tokens on its own device; a dispatcher that exchanges
         # them between ranks needs a process group, and `parallel.apply_ep` installs it.
         self.dispatcher: Dispatcher | None = (

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsetron.model.config import MoEConfig
-from sparsetron.model.layers import as_computed
+from sparsetron.model.sigma_reparam import linear, linear_weight
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Router(nn.Module):
     `moe_cfg` is taken as validated (MoEConfig.validate checks n_groups, topk_groups, top_k).
     """
 
-    def __init__(self, dim: int, moe_cfg: MoEConfig):
+    def __init__(self, dim: int, moe_cfg: MoEConfig, sigma_reparam: bool = False):
         super().__init__()
         self.num_experts = moe_cfg.routed_experts
         self.top_k = moe_cfg.experts_per_token
@@ -65,7 +65,7 @@ class Router(nn.Module):
             raise ValueError(f"moe.score_func must be 'softmax' or 'sigmoid', got {self.score_func!r}")
         if self.route_order not in ("softmax_then_topk", "topk_then_softmax"):
             raise ValueError(f"moe.route_order: unknown order {self.route_order!r}")
-        self.gate = nn.Linear(dim, self.num_experts, bias=False)
+        self.gate = linear(dim, self.num_experts, sigma_reparam=sigma_reparam)
         # Persistent: a resumed run must keep steering load the way it was. Kept fp32 because
         # updates of size bias_update_rate would vanish in bf16.
         self.register_buffer("expert_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True)
@@ -74,7 +74,7 @@ class Router(nn.Module):
         if x_TD.dim() != 2:
             raise ValueError(f"router expects tokens flattened to [T, D], got shape {tuple(x_TD.shape)}")
         dtype = torch.promote_types(x_TD.dtype, torch.float32)
-        weight_ED = as_computed(self.gate.weight)  # what FSDP's mixed precision would gather
+        weight_ED = linear_weight(self.gate)  # what FSDP's mixed precision would gather
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.to(dtype), weight_ED.to(dtype))
             if self.score_func == "softmax":

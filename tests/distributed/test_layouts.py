@@ -10,9 +10,9 @@ plain all-to-all at ep2, ep2 x tp2 (with activation checkpointing and compile) a
 experts (ep4 and every routing corner: tests/distributed/test_overlapped_dispatch.py).
 Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, pp2 x ep2 and
 ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: every other
-layout and reshard moves them like any other). Multi-token prediction (model.mtp_depth) trains like
-one process at tp2, ep2 and pp2 (also in bf16). The pre-attention router (moe.router_input) trains
-like one process at tp2 and ep2.
+layout and reshard moves them like any other). Multi-token prediction (model.mtp_depth) and
+sigmaReparam (model.sigma_reparam), together, train like one process at tp2, ep2 and pp2 (also in
+bf16); the pre-attention router (moe.router_input) at tp2 and ep2.
 """
 
 from pathlib import Path
@@ -68,10 +68,12 @@ CAPACITY = ["moe.capacity_factor=1.0", "moe.drop_policy=position", "moe.n_shared
 # the replicated projections' gradients, a pipeline cuts between blocks that hold them.
 DISPATCH_DIM = ["moe.dispatch_dim=16"]  # debug-deepseek's dim is 64: a quarter, as BigMac's D / 4
 DISPATCH_DIM_LAYOUTS = ["pp2xep2"]  # and ep2 x tp2, with the overlapped dispatcher
-# Multi-token prediction: its depths (MoE blocks here) are the last stage's, and the embedded input
-# tokens of the depths travel between pipeline stages beside the hidden state (model/mtp.py).
-MTP = ["model.mtp_depth=2"]
-MTP_LAYOUTS = ["tp2", "ep2", "pp2-1f1b"]
+# Multi-token prediction (its depths, MoE blocks here, are the last stage's, and the embedded input
+# tokens of the depths travel between pipeline stages beside the hidden state: model/mtp.py) and
+# sigmaReparam (power iteration on whole matrices of split weights, u and v split with the experts,
+# gamma replicated by tensor parallelism, one sigma for every stage and micro-batch), in the same runs.
+MTP_SIGMA = ["model.mtp_depth=2", "model.sigma_reparam=true"]
+MTP_SIGMA_LAYOUTS = ["tp2", "ep2", "pp2-1f1b"]
 # The pre-attention router (SmallThinker): tensor parallelism hands the MoE its router's input in the
 # sequence-parallel layout of the FFN input, expert parallelism dispatches on that routing.
 PRE_ATTENTION = ["moe.router_input=pre_attention"]
@@ -130,11 +132,11 @@ def all_layouts() -> dict[str, Layout]:
     for name in DISPATCH_DIM_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
         layouts[f"{name}-dispatch-dim"] = Layout(world, dp, [*overrides, *DISPATCH_DIM])
-    for name in MTP_LAYOUTS:
+    for name in MTP_SIGMA_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
-        layouts[f"{name}-mtp"] = Layout(world, dp, [*overrides, *MTP])
+        layouts[f"{name}-mtp-sigma"] = Layout(world, dp, [*overrides, *MTP_SIGMA])
     world, dp, overrides = LAYOUTS["pp2-1f1b"]
-    layouts["pp2-1f1b-mtp-bf16"] = Layout(world, dp, [*overrides, *MTP, *BF16])
+    layouts["pp2-1f1b-mtp-sigma-bf16"] = Layout(world, dp, [*overrides, *MTP_SIGMA, *BF16])
     for name in PRE_ATTENTION_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
         layouts[f"{name}-pre_attention"] = Layout(world, dp, [*overrides, *PRE_ATTENTION])
@@ -210,16 +212,17 @@ def test_layout_with_dispatch_dim_trains_like_one_process(trained, reference, la
     assert_same_training(run, single, load_flips=1 if layout.endswith("overlapped") else 0)
 
 
-@pytest.mark.parametrize("layout", MTP_LAYOUTS)
-def test_layout_with_multi_token_prediction_trains_like_one_process(trained, reference, layout):
-    single = reference(*MTP)
+@pytest.mark.parametrize("layout", MTP_SIGMA_LAYOUTS)
+def test_layout_with_multi_token_prediction_and_sigma_reparam_trains_like_one_process(trained, reference, layout):
+    single = reference(*MTP_SIGMA)
     assert any(name.startswith("mtp.layers.1.") for name in single[2])
-    assert_same_training(trained[f"{layout}-mtp"], single)
+    assert any(".sigma_gamma" in name for name in single[2])
+    assert_same_training(trained[f"{layout}-mtp-sigma"], single)
 
 
-def test_pipeline_with_multi_token_prediction_in_bf16_within_bf16_error(trained, reference):
+def test_pipeline_with_multi_token_prediction_and_sigma_reparam_in_bf16_within_bf16_error(trained, reference):
     """The stage boundary carries the depths' embedded inputs in bf16 beside the hidden state."""
-    assert_within_bf16_error(trained["pp2-1f1b-mtp-bf16"], reference(*MTP, *BF16), reference(*MTP))
+    assert_within_bf16_error(trained["pp2-1f1b-mtp-sigma-bf16"], reference(*MTP_SIGMA, *BF16), reference(*MTP_SIGMA))
 
 
 @pytest.mark.parametrize("layout", PRE_ATTENTION_LAYOUTS)

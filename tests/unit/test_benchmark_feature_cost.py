@@ -12,7 +12,7 @@ def test_every_variant_trains_and_is_reported(tmp_path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     output = tmp_path / "cost.md"
-    report = module.main(["--recipe", "debug-dense", "--rounds", "1", "--output", str(output)])
+    report = module.main(["--recipe", "debug-deepseek", "--rounds", "1", "--output", str(output)])
     rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
     assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == list(module.VARIANTS)
     assert rows[0].endswith("| 1.00 |")
