@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*"])
+SUBPACKAGES = find_packages(exclude=["tests", "tests.*", "benchmarks", "benchmarks.*", "experiments", "experiments.*"])
 
 setup(
     name="sparsetron",

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-NOT_INSTALLED = {"tests", "benchmarks"}  # setup.py's find_packages excludes them
+NOT_INSTALLED = {"tests", "benchmarks", "experiments"}  # setup.py's find_packages excludes them
 
 
 def setup_keyword(name: str):
