@@ -12,7 +12,8 @@ Low-dimension dispatch (moe.dispatch_dim) trains like one process at ep2, pp2 x 
 ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: every other
 layout and reshard moves them like any other). Multi-token prediction (model.mtp_depth) and
 sigmaReparam (model.sigma_reparam), together, train like one process at tp2, ep2 and pp2 (also in
-bf16); the pre-attention router (moe.router_input) at tp2 and ep2.
+bf16), logging the attention entropy one process logs; the pre-attention router (moe.router_input)
+at tp2 and ep2.
 """
 
 from pathlib import Path
@@ -72,7 +73,9 @@ DISPATCH_DIM_LAYOUTS = ["pp2xep2"]  # and ep2 x tp2, with the overlapped dispatc
 # tokens of the depths travel between pipeline stages beside the hidden state: model/mtp.py) and
 # sigmaReparam (power iteration on whole matrices of split weights, u and v split with the experts,
 # gamma replicated by tensor parallelism, one sigma for every stage and micro-batch), in the same runs.
-MTP_SIGMA = ["model.mtp_depth=2", "model.sigma_reparam=true"]
+# Their runs also log every layer's sampled attention entropy at every step (tensor ranks hold other
+# heads, data ranks other rows, pipeline stages other layers), which must equal one process's.
+MTP_SIGMA = ["model.mtp_depth=2", "model.sigma_reparam=true", "metrics.attention_entropy_interval=1"]
 MTP_SIGMA_LAYOUTS = ["tp2", "ep2", "pp2-1f1b"]
 # The pre-attention router (SmallThinker): tensor parallelism hands the MoE its router's input in the
 # sequence-parallel layout of the FFN input, expert parallelism dispatches on that routing.
@@ -217,6 +220,8 @@ def test_layout_with_multi_token_prediction_and_sigma_reparam_trains_like_one_pr
     single = reference(*MTP_SIGMA)
     assert any(name.startswith("mtp.layers.1.") for name in single[2])
     assert any(".sigma_gamma" in name for name in single[2])
+    # Every layer's entropy at each of the three steps, the MTP depths' blocks (layers 4 and 5) included.
+    assert sum(key.startswith("attention/layer5/") for key in single[3]) == 3
     assert_same_training(trained[f"{layout}-mtp-sigma"], single)
 
 

@@ -117,11 +117,19 @@ def train_worker(run_dir, dp, overrides, resume=None, recipe=RECIPE, save=False)
     return result.losses, result.eval_losses, full_parameters(trainer.model)
 
 
+ENTROPY = "attention/"
+
+
 def expert_loads(run_dir):
-    """Tokens per expert of every MoE layer in the last step rank 0 logged (metrics.jsonl)."""
+    """Tokens per expert of every MoE layer in the last step rank 0 logged (metrics.jsonl), and each
+    layer's sampled attention entropy at every step that logged one (metrics.attention_entropy_interval),
+    keyed "<metric>@<step>"."""
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in records if "loss" in r][-1]
-    return {key: value for key, value in last.items() if key.endswith("tokens_per_expert")}
+    logged = {key: value for key, value in last.items() if key.endswith("tokens_per_expert")}
+    for record in records:
+        logged |= {f"{key}@{record['step']}": v for key, v in record.items() if key.startswith(ENTROPY)}
+    return logged
 
 
 def single_process(run_dir, *overrides, resume=None, recipe=RECIPE, save=False):
@@ -139,6 +147,9 @@ def assert_same_training(parallel, single, load_flips=0):
     # Every layer's expert load summed over all ranks, whichever stage holds the layer, as one process counts it.
     assert loads.keys() == ref_loads.keys() and ref_loads
     for layer, ref in ref_loads.items():
+        if layer.startswith(ENTROPY):  # a sampled attention entropy, summed over ranks as one process has it
+            assert loads[layer] == pytest.approx(ref, rel=1e-5), layer
+            continue
         moved = sum(abs(a - b) for a, b in zip(loads[layer], ref, strict=True)) / 2
         assert sum(loads[layer]) == sum(ref) and moved <= load_flips, (layer, loads[layer], ref)
     assert losses.keys() == ref_losses.keys()
