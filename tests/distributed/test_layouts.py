@@ -13,7 +13,7 @@ ep2 x tp2 with the overlapped dispatcher (its projections are dense parameters: 
 layout and reshard moves them like any other). Multi-token prediction (model.mtp_depth) and
 sigmaReparam (model.sigma_reparam), together, train like one process at tp2, ep2 and pp2 (also in
 bf16), logging the attention entropy one process logs; the pre-attention router (moe.router_input)
-at tp2 and ep2.
+at tp2 (also in bf16) and ep2.
 """
 
 from pathlib import Path
@@ -143,6 +143,8 @@ def all_layouts() -> dict[str, Layout]:
     for name in PRE_ATTENTION_LAYOUTS:
         world, dp, overrides = LAYOUTS[name]
         layouts[f"{name}-pre_attention"] = Layout(world, dp, [*overrides, *PRE_ATTENTION])
+    world, dp, overrides = LAYOUTS["tp2"]
+    layouts["tp2-pre_attention-bf16"] = Layout(world, dp, [*overrides, *PRE_ATTENTION, *BF16])
     world, dp, overrides = LAYOUTS["ep2xtp2"]
     layouts["ep2xtp2-dispatch-dim-overlapped"] = Layout(world, dp, [*overrides, *DISPATCH_DIM, *overlapped(3)])
     layouts["dp2-global-batch"] = Layout(2, 2, ["parallel.data_parallel_shard=2", *GLOBAL_BATCH_SIZE], "debug-dense")
@@ -233,6 +235,14 @@ def test_pipeline_with_multi_token_prediction_and_sigma_reparam_in_bf16_within_b
 @pytest.mark.parametrize("layout", PRE_ATTENTION_LAYOUTS)
 def test_layout_with_the_pre_attention_router_trains_like_one_process(trained, reference, layout):
     assert_same_training(trained[f"{layout}-pre_attention"], reference(*PRE_ATTENTION))
+
+
+def test_the_pre_attention_router_in_bf16_within_bf16_error(trained, reference):
+    """What a GPU runs by default: tensor parallelism hands the router its bf16 input in the
+    sequence-parallel layout."""
+    assert_within_bf16_error(
+        trained["tp2-pre_attention-bf16"], reference(*PRE_ATTENTION, *BF16), reference(*PRE_ATTENTION)
+    )
 
 
 @pytest.mark.parametrize("reshard", [name for name in RESHARDS if not name.endswith("global batch")])
